@@ -1,0 +1,139 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * isoscope: event layouts shared by every bpf/<subsystem>.bpf.c and by
+ * collector/probes/decode.py.  This header is the single source of truth for
+ * what crosses from the kernel to user space: fixed-width types only, explicit
+ * padding, every struct a multiple of 8 bytes.  decode.py checks its ctypes
+ * mirrors against the sizes below at import time (ISO_*_SIZE).
+ *
+ * Conventions every probe follows:
+ *   - timestamps are bpf_ktime_get_ns() (CLOCK_MONOTONIC);
+ *   - pid = tgid, tid = kernel pid, both in the host (init) PID namespace;
+ *   - cgroup_id is bpf_get_current_cgroup_id() (the cgroup v2 id);
+ *   - one ring buffer named `events` per probe (declared here); a failed reserve
+ *     calls iso_lost_inc(), which counts in the per-CPU array `lost_events`;
+ *   - every map is bounded and per-task entries are deleted on exit.
+ */
+#ifndef ISOSCOPE_H
+#define ISOSCOPE_H
+
+/* ---- event kinds (first u32 of every record) ---- */
+#define ISO_EV_STALL      1u
+#define ISO_EV_LIFECYCLE  2u
+#define ISO_EV_RUN        3u   /* on-CPU run segment of a watched thread (steal overlay) */
+#define ISO_EV_PACKET     4u   /* veth crossing of one packet (netns) */
+
+/* ---- stall components (collector/model.py COMPONENT_LAYER) ---- */
+#define ISO_C_RUNQUEUE        1u
+#define ISO_C_CPU_THROTTLE    2u
+#define ISO_C_MEMORY_RECLAIM  3u
+#define ISO_C_SYSCALL         4u
+#define ISO_C_VIRTIO_IO       5u
+#define ISO_C_NETNS           6u
+#define ISO_C_VM_EXIT         7u
+#define ISO_C_PV_EXIT         8u
+#define ISO_C_EPT             9u
+#define ISO_C_SANDBOX        10u
+#define ISO_C_STEAL          11u
+
+/* ---- lifecycle types ---- */
+#define ISO_LC_FORK           1u
+#define ISO_LC_EXEC           2u
+#define ISO_LC_EXIT           3u
+#define ISO_LC_UNSHARE        4u
+#define ISO_LC_SETNS          5u
+#define ISO_LC_CLONE_NS       6u
+#define ISO_LC_CGROUP_MKDIR   7u
+#define ISO_LC_CGROUP_RMDIR   8u
+#define ISO_LC_CGROUP_ATTACH  9u
+
+/* ---- syscall classes (detail of ISO_C_SYSCALL stalls, histogram key) ---- */
+#define ISO_SC_OTHER  0u
+#define ISO_SC_NET    1u
+#define ISO_SC_FILE   2u
+#define ISO_SC_LOCK   3u
+#define ISO_SC_SLEEP  4u
+#define ISO_SC_NCLASS 5u
+
+#define ISO_COMM_LEN 16
+#define ISO_PATH_LEN 128
+#define ISO_HIST_SLOTS 32
+
+/* A stall interval: a thread was held back by one component. 56 bytes. */
+struct iso_stall_event {
+	__u32 kind;        /* ISO_EV_STALL */
+	__u32 component;   /* ISO_C_* */
+	__u64 start_ns;
+	__u64 end_ns;
+	__u64 cgroup_id;
+	__u32 pid;
+	__u32 tid;
+	__s32 cpu;
+	__u32 detail;      /* syscall nr | kvm exit reason | dev_t | syscall class ... */
+	__u64 detail2;     /* component-specific: bytes, sector, ifindex pair ... */
+};
+#define ISO_STALL_SIZE 56
+
+/* A process / namespace / cgroup lifecycle event. 184 bytes. */
+struct iso_lifecycle_event {
+	__u32 kind;        /* ISO_EV_LIFECYCLE */
+	__u32 type;        /* ISO_LC_* */
+	__u64 ts_ns;
+	__u64 cgroup_id;
+	__u32 pid;
+	__u32 tid;
+	__u32 ppid;
+	__u32 flags;       /* CLONE_NEW* flags, or exit code */
+	char comm[ISO_COMM_LEN];
+	char path[ISO_PATH_LEN];
+};
+#define ISO_LIFECYCLE_SIZE 184
+
+/* An on-CPU segment of a watched thread (for laying steal over it). 40 bytes. */
+struct iso_run_event {
+	__u32 kind;        /* ISO_EV_RUN */
+	__u32 tid;
+	__u64 start_ns;
+	__u64 end_ns;
+	__u64 cgroup_id;
+	__u32 pid;
+	__s32 cpu;
+};
+#define ISO_RUN_SIZE 40
+
+/* Log2 histogram key: per cgroup (and class for syscalls). 16 bytes. */
+struct iso_hist_key {
+	__u64 cgroup_id;
+	__u32 class_id;    /* ISO_SC_* for syscalls, 0 otherwise */
+	__u32 slot;        /* log2(ns) bucket */
+};
+
+
+#ifndef ISO_MIN_STALL_NS
+#define ISO_MIN_STALL_NS 1000000ull   /* stalls shorter than this stay in kernel aggregates */
+#endif
+#ifndef ISO_RINGBUF_PAGES
+#define ISO_RINGBUF_PAGES 64
+#endif
+
+/*
+ * Maps every probe declares in its own .bpf.c file.  (bcc rewrites map calls
+ * only in the main source file, so the maps and the few lines that touch them
+ * cannot live in this header.)  User space relies on these names:
+ *
+ *   BPF_RINGBUF_OUTPUT(events, ISO_RINGBUF_PAGES);   records to user space
+ *   BPF_PERCPU_ARRAY(lost_events, __u64, 1);         slot 0: reserve failures,
+ *                                                    exported as
+ *                                                    isoscope_kernel_events_lost_total{probe}
+ *
+ * Probes that only follow watched workloads (user space fills the maps from
+ * collector/probes/watch.py; `watch_all` slot 0 = 1 turns the filter off):
+ *
+ *   BPF_HASH(watched_tgids, __u32, __u8, ISO_MAX_WATCHED_TGIDS);
+ *   BPF_HASH(watched_cgroups, __u64, __u8, ISO_MAX_WATCHED_CGROUPS);
+ *   BPF_ARRAY(watch_all, __u32, 1);
+ */
+#define ISO_MAX_WATCHED_TGIDS   16384
+#define ISO_MAX_WATCHED_CGROUPS 4096
+
+#endif /* ISOSCOPE_H */

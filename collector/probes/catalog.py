@@ -1,0 +1,120 @@
+"""Every probe isoscope knows, declared in one place.
+
+Order matters only for start-up logs. Required probes make the daemon report
+itself degraded when missing; optional extras (kprobe/fentry) only improve
+precision where the kernel allows them.
+"""
+
+from __future__ import annotations
+
+from collector.probes.spec import AttachPoint, ProbeSpec, kprobe, raw_tp, tp
+
+SCHED = ProbeSpec(
+    name="sched",
+    source="sched.bpf.c",
+    summary="run-queue waits per thread and cgroup; CFS throttling told apart from CPU contention "
+            "(tracepoint method); on-CPU segments of watched threads for steal",
+    attach=(raw_tp("sched:sched_wakeup"), raw_tp("sched:sched_wakeup_new"), raw_tp("sched:sched_switch"),
+            raw_tp("sched:sched_process_exit")),
+    fallback="no run-queue, throttling or steal attribution",
+    ringbuf_pages=256,
+)
+
+SYSCALLS = ProbeSpec(
+    name="syscalls",
+    source="syscalls.bpf.c",
+    summary="per-class syscall latency histograms per cgroup; blocked-in-syscall intervals of watched workloads",
+    attach=(raw_tp("raw_syscalls:sys_enter"), raw_tp("raw_syscalls:sys_exit")),
+    fallback="no kernel.syscall baseline",
+    ringbuf_pages=256,
+)
+
+VMSCAN = ProbeSpec(
+    name="vmscan",
+    source="vmscan.bpf.c",
+    summary="direct and memcg reclaim stalls",
+    attach=(tp("vmscan:mm_vmscan_direct_reclaim_begin"), tp("vmscan:mm_vmscan_direct_reclaim_end"),
+            tp("vmscan:mm_vmscan_memcg_reclaim_begin", required=False),
+            tp("vmscan:mm_vmscan_memcg_reclaim_end", required=False),
+            tp("vmscan:mm_vmscan_memcg_softlimit_reclaim_begin", required=False),
+            tp("vmscan:mm_vmscan_memcg_softlimit_reclaim_end", required=False)),
+    features=("bpf", "tracepoint", "ringbuf"),
+    fallback="no memory-reclaim attribution",
+)
+
+BLOCK = ProbeSpec(
+    name="block",
+    source="block.bpf.c",
+    summary="block request time per device; time on virtio disks attributed to the waiting thread",
+    attach=(tp("block:block_rq_issue"), tp("block:block_rq_complete"), tp("block:block_io_start", required=False)),
+    features=("bpf", "tracepoint", "ringbuf"),
+    fallback="no virtio_io attribution",
+)
+
+LIFECYCLE = ProbeSpec(
+    name="lifecycle",
+    source="lifecycle.bpf.c",
+    summary="process exec/exit/fork, namespace changes (unshare, setns, clone with CLONE_NEW*) and cgroup "
+            "mkdir/rmdir/attach, so tracked sets follow workloads as they come and go",
+    attach=(tp("sched:sched_process_fork"), tp("sched:sched_process_exec"), tp("sched:sched_process_exit"),
+            tp("syscalls:sys_enter_unshare"), tp("syscalls:sys_enter_setns"),
+            tp("syscalls:sys_enter_clone", required=False), tp("syscalls:sys_enter_clone3", required=False),
+            tp("cgroup:cgroup_mkdir", required=False), tp("cgroup:cgroup_rmdir", required=False),
+            tp("cgroup:cgroup_attach_task", required=False)),
+    features=("bpf", "tracepoint", "ringbuf"),
+    fallback="workloads are discovered from /proc scans only",
+)
+
+NETNS = ProbeSpec(
+    name="netns",
+    source="netns.bpf.c",
+    summary="per-packet veth crossing time between network namespaces (l3.netns), per pod",
+    attach=(tp("net:net_dev_queue"), tp("net:netif_receive_skb"), tp("net:netif_rx", required=False)),
+    features=("bpf", "tracepoint", "ringbuf"),
+    required=False,
+    fallback="no netns crossing attribution",
+)
+
+KVM = ProbeSpec(
+    name="kvm",
+    source="kvm.bpf.c",
+    summary="KVM exits per vCPU thread by reason (host side): EPT → L-0, HLT/MSR/CPUID/... → L-1, "
+            "PIO/MMIO/hypercall → L-2",
+    attach=(tp("kvm:kvm_exit"), tp("kvm:kvm_entry"), tp("kvm:kvm_pio", required=False),
+            tp("kvm:kvm_mmio", required=False), tp("kvm:kvm_hypercall", required=False)),
+    features=("bpf", "tracepoint", "ringbuf"),
+    required=False,
+    fallback="no host-side VM-exit attribution (only matters on nodes that run VMs)",
+)
+
+CFS_THROTTLE_FENTRY = ProbeSpec(
+    name="cfs_throttle_fentry",
+    source="cfs_throttle_fentry.bpf.c",
+    summary="exact CFS throttle/unthrottle events per cgroup via fentry (cheapest exact method)",
+    attach=(AttachPoint("fentry", "throttle_cfs_rq", True), AttachPoint("fentry", "unthrottle_cfs_rq", True)),
+    features=("bpf", "fentry", "ringbuf"),
+    required=False,
+    fallback="CFS throttling measured with the tracepoint method",
+)
+
+CFS_THROTTLE_KPROBE = ProbeSpec(
+    name="cfs_throttle_kprobe",
+    source="cfs_throttle_kprobe.bpf.c",
+    summary="exact CFS throttle/unthrottle events per cgroup via kprobes",
+    attach=(kprobe("throttle_cfs_rq", required=True), kprobe("unthrottle_cfs_rq", required=True)),
+    features=("bpf", "kprobes", "ringbuf"),
+    required=False,
+    fallback="CFS throttling measured with the tracepoint method",
+)
+
+ALL_PROBES: tuple[ProbeSpec, ...] = (
+    SCHED, SYSCALLS, VMSCAN, BLOCK, LIFECYCLE, NETNS, KVM, CFS_THROTTLE_FENTRY, CFS_THROTTLE_KPROBE,
+)
+
+
+def by_name(names: list[str] | None = None) -> list[ProbeSpec]:
+    """The declared probes, optionally restricted to ``names`` (unknown names raise ``KeyError``)."""
+    if not names:
+        return list(ALL_PROBES)
+    index = {p.name: p for p in ALL_PROBES}
+    return [index[n] for n in names]

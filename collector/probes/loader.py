@@ -1,0 +1,279 @@
+"""Load, attach and drain the declared probes with bcc.
+
+One loader for every probe: it checks each probe's features and attach points
+against the running kernel, compiles the real ``bpf/<subsystem>.bpf.c`` file
+with ``cflags`` (never by editing C source), attaches, opens its ``events``
+ring buffer, and turns records into domain events through
+:func:`collector.probes.decode.decode_record`. A probe that cannot load
+degrades with a reason; the others keep running.
+
+Kernel-side losses (ring-buffer reserve failures, counted by every probe in
+its ``lost_events`` per-CPU array) are read periodically and reported both as
+``kernel_events_lost_total{probe}`` and to a loss listener, so the timeline
+can lower the coverage of the affected windows.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol, Sequence
+
+from collector.model import ProbeStatus, Stats
+from collector.probes.decode import DecodeError, decode_record
+from collector.probes.spec import ProbeSpec
+
+logger = logging.getLogger(__name__)
+
+BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+
+
+class KernelFeatures(Protocol):
+    """What the loader needs to know about the running kernel (see ``collector.kernelenv.Features``)."""
+
+    def has_tracepoint(self, category: str, event: str) -> bool: ...
+
+    def missing_reason(self, feature: str) -> str: ...
+
+
+EventSink = Callable[[Any], None]
+"""Receives every decoded domain event (Stall, LifecycleEvent, RunSegment)."""
+
+LossListener = Callable[[str, int, int, int], None]
+"""Called as ``(probe, lost_since_last, window_start_mono_ns, window_end_mono_ns)`` when a probe lost events."""
+
+
+@dataclass
+class LoadedProbe:
+    spec: ProbeSpec
+    status: ProbeStatus
+    bpf: Any = None
+    lost_seen: int = 0
+    decode_errors: int = 0
+
+
+def _define(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).upper()
+
+
+class ProbeManager:
+    """Loads probes and drains their ring buffers.
+
+    Args:
+        specs: the probes to load, in order.
+        features: the running kernel's features.
+        sink: receives decoded events (called on the polling thread).
+        stats: shared self-telemetry.
+        bpf_dir: where the ``.bpf.c`` files and ``include/`` live.
+        defines: extra ``-D`` definitions for every probe (e.g. ``ISO_MIN_STALL_NS``).
+        on_loss: notified of kernel-side losses.
+    """
+
+    def __init__(self, specs: Sequence[ProbeSpec], features: KernelFeatures, sink: EventSink, stats: Stats, *,
+                 bpf_dir: Path = BPF_DIR, defines: dict[str, int | str] | None = None,
+                 on_loss: LossListener | None = None) -> None:
+        self._specs = list(specs)
+        self._features = features
+        self._sink = sink
+        self._stats = stats
+        self._bpf_dir = Path(bpf_dir)
+        self._defines = dict(defines or {})
+        self._on_loss = on_loss
+        self._probes: dict[str, LoadedProbe] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._last_loss_check = time.monotonic_ns()
+        self.drained_until_mono_ns = 0
+        """Every event submitted before this CLOCK_MONOTONIC time has been handed to the sink."""
+
+    # -- loading ------------------------------------------------------------
+
+    def _precheck(self, spec: ProbeSpec) -> tuple[str, list[str]]:
+        """Return (reason it cannot load or "", -D flags for present optional attach points)."""
+        for feat in spec.features:
+            if not getattr(self._features, feat, False):
+                reason = self._features.missing_reason(feat)
+                return (f"{reason}: {spec.fallback}" if spec.fallback else reason), []
+        flags = []
+        for ap in spec.attach:
+            if ap.kind in ("tracepoint", "raw_tracepoint"):
+                present = self._features.has_tracepoint(ap.category, ap.event)
+            elif ap.kind == "kprobe":
+                present = bool(getattr(self._features, "kprobes", False))
+            elif ap.kind == "fentry":
+                present = bool(getattr(self._features, "fentry", False))
+            else:
+                present = True
+            if present:
+                flags.append(f"-DISO_HAVE_{_define(ap.target)}=1")
+            elif ap.required:
+                reason = f"{ap.kind} {ap.target} is not present in this kernel"
+                return (f"{reason}: {spec.fallback}" if spec.fallback else reason), []
+            else:
+                logger.info("probe %s: optional %s missing, continuing without it", spec.name, ap)
+        return "", flags
+
+    def cflags_for(self, spec: ProbeSpec, have_flags: Iterable[str] = ()) -> list[str]:
+        """The compiler flags a probe is built with."""
+        flags = [f"-I{self._bpf_dir / 'include'}", f"-DISO_RINGBUF_PAGES={spec.ringbuf_pages}"]
+        flags += [f"-D{k}={v}" for k, v in self._defines.items()]
+        flags += list(spec.cflags) + list(have_flags)
+        return flags
+
+    def load(self) -> list[ProbeStatus]:
+        """Load every declared probe; never raises for a probe that cannot load."""
+        for spec in self._specs:
+            status = ProbeStatus(name=spec.name, source=f"bpf/{spec.source}", required=spec.required,
+                                 attached=False, attach_points=spec.attach_strings())
+            loaded = LoadedProbe(spec, status)
+            self._probes[spec.name] = loaded
+            reason, have = self._precheck(spec)
+            if reason:
+                status.reason = reason
+                logger.warning("probe %s not attached: %s", spec.name, reason)
+            else:
+                self._compile(loaded, have)
+            self._stats.set_gauge("probe_attached", (spec.name,), 1.0 if status.attached else 0.0)
+        self._free_llvm()
+        return self.statuses()
+
+    def _compile(self, loaded: LoadedProbe, have: list[str]) -> None:
+        from bcc import BPF  # imported late: tracefs and headers must be prepared first
+
+        spec = loaded.spec
+        src = self._bpf_dir / spec.source
+        try:
+            bpf = BPF(src_file=str(src).encode(), cflags=self.cflags_for(spec, have))
+        except Exception as exc:  # bcc raises bare Exception for compile and attach errors
+            loaded.status.reason = f"could not compile/attach {src.name}: {str(exc).strip().splitlines()[-1]}"
+            if spec.fallback:
+                loaded.status.reason += f"; {spec.fallback}"
+            logger.warning("probe %s: %s", spec.name, loaded.status.reason)
+            return
+        loaded.bpf = bpf
+        try:
+            events = bpf["events"]
+        except KeyError:  # a probe that only aggregates in maps has no ring buffer
+            events = None
+        if events is not None:
+            events.open_ring_buffer(self._make_callback(loaded))
+        loaded.status.attached = True
+        loaded.status.method = "kprobe" if any(a.kind == "kprobe" for a in spec.attach) else "tracepoint"
+        logger.info("probe %s attached (%s)", spec.name, ", ".join(spec.attach_strings()))
+
+    @staticmethod
+    def _free_llvm() -> None:
+        try:
+            from bcc import BPF
+            BPF.free_bcc_memory(None)  # releases LLVM's memory once nothing more is compiled
+        except Exception:  # pragma: no cover - older bcc without it
+            logger.debug("free_bcc_memory unavailable", exc_info=True)
+
+    def _make_callback(self, loaded: LoadedProbe):
+        sink = self._sink
+
+        def _on_record(_ctx, data, size):
+            try:
+                event = decode_record(ctypes.string_at(data, size))
+            except DecodeError as exc:
+                loaded.decode_errors += 1
+                if loaded.decode_errors <= 3:
+                    logger.warning("probe %s: undecodable record: %s", loaded.spec.name, exc)
+                return 0
+            try:
+                sink(event)
+            except Exception:
+                logger.exception("event sink failed for probe %s", loaded.spec.name)
+            return 0
+
+        return _on_record
+
+    # -- access -------------------------------------------------------------
+
+    def statuses(self) -> list[ProbeStatus]:
+        return [p.status for p in self._probes.values()]
+
+    def bpf(self, name: str) -> Any | None:
+        """The loaded bcc module of a probe (to read its maps), or None."""
+        p = self._probes.get(name)
+        return p.bpf if p else None
+
+    def loaded_modules(self) -> list[Any]:
+        """Every loaded bcc module (for writers of shared maps such as the watch set)."""
+        return [p.bpf for p in self._probes.values() if p.bpf is not None]
+
+    def attached(self, name: str) -> bool:
+        p = self._probes.get(name)
+        return bool(p and p.status.attached)
+
+    # -- draining -----------------------------------------------------------
+
+    def poll(self) -> None:
+        """Drain every ring buffer once and advance ``drained_until_mono_ns``."""
+        t0 = time.monotonic_ns()
+        with self._lock:
+            for p in self._probes.values():
+                if p.bpf is not None and p.bpf._ringbuf_manager:
+                    p.bpf.ring_buffer_consume()
+        self.drained_until_mono_ns = t0
+
+    def check_losses(self) -> dict[str, int]:
+        """Read each probe's kernel-side loss counter; report increases. Returns totals."""
+        now = time.monotonic_ns()
+        totals: dict[str, int] = {}
+        for p in self._probes.values():
+            if p.bpf is None:
+                continue
+            try:
+                table = p.bpf["lost_events"]
+            except KeyError:
+                continue
+            total = int(sum(table[table.Key(0)]))
+            totals[p.spec.name] = total
+            p.status.lost_events = total
+            if total > p.lost_seen:
+                delta = total - p.lost_seen
+                p.lost_seen = total
+                self._stats.inc("kernel_events_lost_total", (p.spec.name,), delta)
+                if self._on_loss:
+                    self._on_loss(p.spec.name, delta, self._last_loss_check, now)
+        self._last_loss_check = now
+        return totals
+
+    def start(self, poll_interval_s: float = 0.02, loss_interval_s: float = 0.5) -> None:
+        """Drain in a background thread until :meth:`shutdown`."""
+        def _run() -> None:
+            next_loss = time.monotonic() + loss_interval_s
+            while not self._stop.is_set():
+                try:
+                    self.poll()
+                    if time.monotonic() >= next_loss:
+                        self.check_losses()
+                        next_loss = time.monotonic() + loss_interval_s
+                except Exception:
+                    logger.exception("probe polling failed")
+                self._stop.wait(poll_interval_s)
+
+        self._thread = threading.Thread(target=_run, name="isoscope-probes", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        """Stop draining and detach every probe (bcc removes its programs and maps)."""
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+        with self._lock:
+            for p in self._probes.values():
+                if p.bpf is not None:
+                    try:
+                        p.bpf.cleanup()
+                    except Exception:
+                        logger.debug("cleanup of %s failed", p.spec.name, exc_info=True)
+                    p.bpf = None
+                    p.status.attached = False
+

@@ -1,0 +1,83 @@
+"""Declarations of kernel probes: what each attaches to, what it needs, what it falls back to.
+
+A probe is one ``bpf/<subsystem>.bpf.c`` compiled as its own bcc module, so a
+probe that fails to compile or attach degrades alone while the others run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class AttachPoint:
+    """One kernel hook a probe uses.
+
+    Attributes:
+        kind: ``"tracepoint"``, ``"raw_tracepoint"``, ``"kprobe"`` or ``"uprobe"``.
+        target: ``"category:event"`` for tracepoints (raw tracepoints use the
+            same spelling; the category tells where to look in tracefs), the
+            kernel function for kprobes.
+        required: whether the probe is useless without it. An optional attach
+            point that is missing is only reported.
+    """
+
+    kind: str
+    target: str
+    required: bool = True
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.target}"
+
+    @property
+    def category(self) -> str:
+        return self.target.split(":", 1)[0]
+
+    @property
+    def event(self) -> str:
+        return self.target.split(":", 1)[-1]
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeSpec:
+    """A declared probe.
+
+    Attributes:
+        name: short name used in metrics labels (``probe_attached{probe=...}``) and the CLI.
+        source: file name under ``bpf/``.
+        summary: what the probe measures, for ``isoscope probes``.
+        attach: the hooks it uses.
+        features: kernel features it needs (names of ``kernelenv.Features`` fields).
+        required: the daemon reports itself degraded (not failed) without it.
+        fallback: what isoscope does when the probe cannot run, in operator words.
+        cflags: extra ``-D`` flags for the compiler.
+        ringbuf_pages: ring buffer size (pages, power of two) for the ``events`` ring.
+    """
+
+    name: str
+    source: str
+    summary: str
+    attach: tuple[AttachPoint, ...]
+    features: tuple[str, ...] = ("bpf", "raw_tracepoint", "ringbuf")
+    required: bool = True
+    fallback: str = ""
+    cflags: tuple[str, ...] = field(default_factory=tuple)
+    ringbuf_pages: int = 64
+
+    def attach_strings(self) -> list[str]:
+        return [str(a) for a in self.attach]
+
+
+def tp(target: str, required: bool = True) -> AttachPoint:
+    """A tracepoint attach point (``TRACEPOINT_PROBE``)."""
+    return AttachPoint("tracepoint", target, required)
+
+
+def raw_tp(target: str, required: bool = True) -> AttachPoint:
+    """A raw tracepoint attach point (``RAW_TRACEPOINT_PROBE``); ``target`` is ``category:event``."""
+    return AttachPoint("raw_tracepoint", target, required)
+
+
+def kprobe(function: str, required: bool = False) -> AttachPoint:
+    """A kprobe attach point: only ever an optional extra (many kernels have no kprobes)."""
+    return AttachPoint("kprobe", function, required)
