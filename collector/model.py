@@ -51,7 +51,7 @@ RUNTIMES: tuple[str, ...] = (
     "wasmtime", "wasmedge", "systemd", "none",
 )
 HYPERVISORS: tuple[str, ...] = (
-    "kvm", "firecracker", "xen", "hyperv", "vmware", "amazon", "google", "none",
+    "kvm", "firecracker", "xen", "hyperv", "vmware", "amazon", "google", "other", "none",
 )
 
 
@@ -372,11 +372,13 @@ class ExportOutcome:
         result: success, retryable or failed.
         retry_after_s: server-suggested delay (``Retry-After`` / ``RetryInfo``), if any.
         message: detail for logs.
+        rejected_spans: spans the backend refused in a partial success.
     """
 
     result: ExportResult
     retry_after_s: float | None = None
     message: str = ""
+    rejected_spans: int = 0
 
 
 class SpanExporter(Protocol):
@@ -409,7 +411,8 @@ class Stats:
         ``spans_received_total`` [protocol], ``spans_enriched_total`` [scope],
         ``spans_exported_total`` [exporter, outcome], ``spans_dropped_total`` [reason],
         ``kernel_events_lost_total`` [probe], ``enrichment_failures_total`` [stage],
-        ``requests_rejected_total`` [protocol, reason].
+        ``requests_rejected_total`` [protocol, reason], ``queue_files_quarantined_total`` [queue],
+        ``clock_steps_total`` [].
     Gauges: ``probe_attached`` [probe], ``queue_size`` [queue].
     """
 

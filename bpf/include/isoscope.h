@@ -109,9 +109,31 @@ struct iso_hist_key {
 };
 
 
+/* ---- memory-reclaim kinds (detail of ISO_C_MEMORY_RECLAIM stalls, histogram class_id) ---- */
+#define ISO_RECLAIM_DIRECT     0u
+#define ISO_RECLAIM_MEMCG      1u
+#define ISO_RECLAIM_SOFTLIMIT  2u
+
+/* Per-key running totals (exact sums for isoscope_layer_stall_seconds_total). 16 bytes. */
+struct iso_total {
+	__u64 count;
+	__u64 sum_ns;
+};
+#define ISO_TOTAL_SIZE 16
+
+#ifndef ISO_WATCHED_MIN_STALL_NS
+#define ISO_WATCHED_MIN_STALL_NS 100000ull  /* watched workloads: finer stalls (reclaim, netns) still cross */
+#endif
+
 #ifndef ISO_MIN_STALL_NS
 #define ISO_MIN_STALL_NS 1000000ull   /* stalls shorter than this stay in kernel aggregates */
 #endif
+/* ---- sched probe: how a wait's throttled share was determined (stall detail) ---- */
+#define ISO_SCHED_M_NONE       0u   /* no throttling in this wait */
+#define ISO_SCHED_M_TASK_FLAG  1u   /* task_struct.throttled seen at switch-out (exact, 6.18+) */
+#define ISO_SCHED_M_IDLE       2u   /* CPU idle while the preempted thread waited (inferred) */
+#define ISO_SCHED_M_KPROBE     3u   /* throttle_cfs_rq/unthrottle_cfs_rq events */
+
 #ifndef ISO_RINGBUF_PAGES
 #define ISO_RINGBUF_PAGES 64
 #endif
@@ -135,5 +157,42 @@ struct iso_hist_key {
  */
 #define ISO_MAX_WATCHED_TGIDS   16384
 #define ISO_MAX_WATCHED_CGROUPS 4096
+
+/* ---- kvm probe (bpf/kvm.bpf.c, collector/kvm_reasons.py) ---- */
+#define ISO_KVM_ISA_VMX       1u   /* KVM_ISA_VMX in arch/x86/kvm/trace.h */
+#define ISO_KVM_ISA_SVM       2u   /* KVM_ISA_SVM */
+/*
+ * kvm_class: component of each exit reason, filled from user space (the
+ * overridable classification table).  Slot of (isa, reason):
+ *   VMX  basic reason (reason & 0xffff) < 128          -> reason
+ *   SVM  exit code < 0x100                              -> 128 + code
+ *   SVM  0x400 <= exit code < 0x480 (npf, avic, vmgexit) -> 384 + (code - 0x400)
+ *   anything else: no slot, classified ISO_C_VM_EXIT.
+ * Value: ISO_C_* in the low byte; ISO_KVM_CLASS_IDLE set = the exit is the
+ * guest's own idle time (HLT): counted in the totals, never emitted as a stall.
+ * An unfilled slot (0) means ISO_C_VM_EXIT.
+ */
+#define ISO_KVM_CLASS_SLOTS   512
+#define ISO_KVM_CLASS_IDLE    256u   /* 0x100 */
+/* PV marks: set when kvm_pio / kvm_mmio / kvm_fast_mmio / kvm_hypercall fire
+ * between an exit and the next entry; any mark makes the exit ISO_C_PV_EXIT. */
+#define ISO_KVM_PV_PIO        1u
+#define ISO_KVM_PV_MMIO       2u
+#define ISO_KVM_PV_FAST_MMIO  4u
+#define ISO_KVM_PV_HYPERCALL  8u
+#define ISO_KVM_MAX_VCPUS     8192   /* in-flight exits (one per vCPU thread) */
+#define ISO_KVM_MAX_KEYS      16384  /* exit totals keys */
+/* Stall record of a KVM exit: detail = exit reason as traced (VMX: full value,
+ * bit 31 = failed VM entry), detail2 = isa | pv marks << 8 | vcpu_id << 32. */
+
+/* Exit totals key: per VMM process, reason and resulting component. 16 bytes.
+ * Value: struct iso_total. */
+struct iso_kvm_key {
+	__u32 tgid;        /* VMM process (host PID namespace) */
+	__u32 reason;      /* VMX basic reason or SVM exit code */
+	__u32 isa;         /* ISO_KVM_ISA_* */
+	__u32 component;   /* ISO_C_EPT / ISO_C_VM_EXIT / ISO_C_PV_EXIT ... | ISO_KVM_CLASS_IDLE */
+};
+#define ISO_KVM_KEY_SIZE 16
 
 #endif /* ISOSCOPE_H */

@@ -24,7 +24,8 @@ SYSCALLS = ProbeSpec(
     name="syscalls",
     source="syscalls.bpf.c",
     summary="per-class syscall latency histograms per cgroup; blocked-in-syscall intervals of watched workloads",
-    attach=(raw_tp("raw_syscalls:sys_enter"), raw_tp("raw_syscalls:sys_exit")),
+    attach=(raw_tp("raw_syscalls:sys_enter"), raw_tp("raw_syscalls:sys_exit"),
+            raw_tp("sched:sched_process_exit")),
     fallback="no kernel.syscall baseline",
     ringbuf_pages=256,
 )
@@ -57,7 +58,8 @@ LIFECYCLE = ProbeSpec(
     summary="process exec/exit/fork, namespace changes (unshare, setns, clone with CLONE_NEW*) and cgroup "
             "mkdir/rmdir/attach, so tracked sets follow workloads as they come and go",
     attach=(tp("sched:sched_process_fork"), tp("sched:sched_process_exec"), tp("sched:sched_process_exit"),
-            tp("syscalls:sys_enter_unshare"), tp("syscalls:sys_enter_setns"),
+            tp("syscalls:sys_enter_unshare"), tp("syscalls:sys_exit_unshare"),
+            tp("syscalls:sys_enter_setns"), tp("syscalls:sys_exit_setns"),
             tp("syscalls:sys_enter_clone", required=False), tp("syscalls:sys_enter_clone3", required=False),
             tp("cgroup:cgroup_mkdir", required=False), tp("cgroup:cgroup_rmdir", required=False),
             tp("cgroup:cgroup_attach_task", required=False)),
@@ -81,7 +83,8 @@ KVM = ProbeSpec(
     summary="KVM exits per vCPU thread by reason (host side): EPT → L-0, HLT/MSR/CPUID/... → L-1, "
             "PIO/MMIO/hypercall → L-2",
     attach=(tp("kvm:kvm_exit"), tp("kvm:kvm_entry"), tp("kvm:kvm_pio", required=False),
-            tp("kvm:kvm_mmio", required=False), tp("kvm:kvm_hypercall", required=False)),
+            tp("kvm:kvm_mmio", required=False), tp("kvm:kvm_fast_mmio", required=False),
+            tp("kvm:kvm_hypercall", required=False), tp("sched:sched_process_exit")),
     features=("bpf", "tracepoint", "ringbuf"),
     required=False,
     fallback="no host-side VM-exit attribution (only matters on nodes that run VMs)",

@@ -63,6 +63,15 @@ class RunRecord(ctypes.Structure):
     ]
 
 
+class TotalRecord(ctypes.Structure):
+    """``struct iso_total``: exact per-key count and sum kept next to the log2 histograms."""
+
+    _fields_ = [
+        ("count", ctypes.c_uint64),
+        ("sum_ns", ctypes.c_uint64),
+    ]
+
+
 def header_constants(path: Path = HEADER) -> dict[str, int]:
     """The ``#define NAME <unsigned int>`` constants of the shared header."""
     consts: dict[str, int] = {}
@@ -78,7 +87,7 @@ EV_LIFECYCLE = _C["ISO_EV_LIFECYCLE"]
 EV_RUN = _C["ISO_EV_RUN"]
 
 for _struct, _const in ((StallRecord, "ISO_STALL_SIZE"), (LifecycleRecord, "ISO_LIFECYCLE_SIZE"),
-                        (RunRecord, "ISO_RUN_SIZE")):
+                        (RunRecord, "ISO_RUN_SIZE"), (TotalRecord, "ISO_TOTAL_SIZE")):
     if ctypes.sizeof(_struct) != _C[_const]:
         raise ImportError(f"{_struct.__name__} is {ctypes.sizeof(_struct)} bytes but isoscope.h says "
                           f"{_const}={_C[_const]}: the header and decode.py disagree")
@@ -131,18 +140,39 @@ def _block_details(detail: int, detail2: int) -> dict:
     return {"block.dev": f"{detail >> 20}:{detail & 0xFFFFF}", "block.bytes": detail2}
 
 
+RECLAIM_KINDS: Mapping[int, str] = {
+    _C["ISO_RECLAIM_DIRECT"]: "direct",
+    _C["ISO_RECLAIM_MEMCG"]: "memcg",
+    _C["ISO_RECLAIM_SOFTLIMIT"]: "memcg_softlimit",
+}
+
+
+def _reclaim_details(detail: int, detail2: int) -> dict:
+    return {"reclaim.kind": RECLAIM_KINDS.get(detail, "direct"), "reclaim.pages": detail2}
+
+
 def _netns_details(detail: int, detail2: int) -> dict:
     return {"net.ifindex": detail, "net.peer_ifindex": detail2}
 
 
+SCHED_THROTTLE_METHODS: Mapping[int, str] = {
+    _C["ISO_SCHED_M_NONE"]: "none",
+    _C["ISO_SCHED_M_TASK_FLAG"]: "task_flag",
+    _C["ISO_SCHED_M_IDLE"]: "idle",
+    _C["ISO_SCHED_M_KPROBE"]: "kprobe",
+}
+
+
 def _sched_details(detail: int, detail2: int) -> dict:
-    return {}
+    # A split wait arrives as one record per component; detail2 is the whole wait.
+    return {"sched.wait_ns": detail2, "sched.throttle_method": SCHED_THROTTLE_METHODS.get(detail, "none")}
 
 
 DETAIL_DECODERS: dict[str, DetailDecoder] = {
     "syscall": _syscall_details,
     "virtio_io": _block_details,
     "netns": _netns_details,
+    "memory_reclaim": _reclaim_details,
     "runqueue": _sched_details,
     "cpu_throttle": _sched_details,
 }

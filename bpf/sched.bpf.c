@@ -1,0 +1,416 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * isoscope sched probe: run-queue waits per thread, split into CFS throttling
+ * (l3.cpu_throttle) and CPU contention (l3.runqueue); on-CPU segments of
+ * watched threads so user space can lay the per-CPU steal clock over them.
+ *
+ * Hooks (raw tracepoints only, no kprobes): sched_wakeup, sched_wakeup_new,
+ * sched_switch, sched_process_exit.
+ *
+ * Kernel struct access: raw tracepoints hand us task_struct pointers. The only
+ * fields read through them are task_struct.pid / .tgid / .thread_info.cpu /
+ * .throttled, at byte offsets user space took from the running kernel's BTF
+ * (collector/btf.py) and passes as ISO_OFF_* defines. The generic headers'
+ * layouts are never used. sched_process_exit cross-checks the pid/tgid offsets
+ * against bpf_get_current_pid_tgid() and counts the result in `btf_check`.
+ *
+ * A wait starts when a thread becomes runnable (wakeup / wakeup_new) or is
+ * switched out while still runnable (prev_state == TASK_RUNNING: preempted,
+ * or throttled) and ends when it is switched in. This is the same interval
+ * schedstat accumulates into /proc/<tid>/schedstat run_delay.
+ *
+ * Throttling vs contention, two methods:
+ *   task flag (ISO_OFF_TASK_THROTTLED defined; kernels with task-based CFS
+ *     throttling, 6.18+): a throttled task is dequeued with p->throttled set
+ *     and switched out while TASK_RUNNING. A wait that starts with the flag
+ *     set is CFS throttling, all of it. Limit: time spent queued behind other
+ *     tasks after the unthrottle (no tracepoint marks it) is counted as
+ *     throttling too; it is bounded by one scheduling latency per period.
+ *   idle (fallback): keep per-CPU cumulative idle ns (time the CPU ran pid 0).
+ *     A preempted thread that waited while the CPU it was queued on sat idle
+ *     can only have been held back by its throttled cfs_rq: that idle share
+ *     is throttling, the rest contention. Limits: a thread migrated while
+ *     waiting is judged by the idle time of the CPU it was queued on first;
+ *     SMT siblings are separate CPUs (a sibling's load is not seen as
+ *     contention); RT/DL tasks and other load running on the CPU while the
+ *     cfs_rq is throttled make throttling look like contention; wake-ups
+ *     (not preemptions) are never counted as throttling, so wake-up latency
+ *     from an idle CPU stays runqueue time.
+ *
+ * Emitted records: a wait >= the threshold (ISO_MIN_STALL_NS, or
+ * ISO_WATCHED_MIN_STALL_NS for watched threads) is sent as sub-intervals, one
+ * stall record per non-zero component: [start, start + throttle_ns] as
+ * ISO_C_CPU_THROTTLE, then [start + throttle_ns, end] as ISO_C_RUNQUEUE
+ * (throttling precedes the queueing that follows an unthrottle). Durations
+ * sum to the wait exactly. detail = throttle method (ISO_SCHED_M_*),
+ * detail2 = the whole wait in ns.
+ *
+ * Aggregates (always, for every thread): per-thread cumulative counters in
+ * `tasks` (deleted at exit), per-cgroup totals in `cgroup_totals` and
+ * per-cgroup log2 histograms of whole waits in `runq_hist` (LRU, bounded).
+ */
+#include <uapi/linux/ptrace.h>
+#include "isoscope.h"
+
+#ifndef ISO_OFF_TASK_PID
+#error "ISO_OFF_TASK_PID (task_struct.pid offset from BTF) must be defined"
+#endif
+#ifndef ISO_OFF_TASK_TGID
+#error "ISO_OFF_TASK_TGID (task_struct.tgid offset from BTF) must be defined"
+#endif
+#ifndef ISO_MAX_TASKS
+#define ISO_MAX_TASKS 65536
+#endif
+#ifndef ISO_MAX_CGROUPS
+#define ISO_MAX_CGROUPS 10240
+#endif
+#ifndef ISO_MAX_CPUS
+#define ISO_MAX_CPUS 1024
+#endif
+
+struct iso_sched_task {
+	__u64 wait_start;    /* 0 when not waiting */
+	__u64 idle_start;    /* idle clock of wait_cpu at wait_start */
+	__u64 run_start;     /* last switch-in */
+	__u64 cgroup_id;     /* learnt when the task was last current */
+	__u64 runq_ns;       /* cumulative contention wait */
+	__u64 throttle_ns;   /* cumulative throttled wait */
+	__u64 waits;         /* waits completed */
+	__u32 tgid;
+	__s32 wait_cpu;
+	__u32 wait_flags;    /* ISO_SCHED_F_* of the current wait */
+	__u32 _pad;
+};
+
+struct iso_sched_cgroup {
+	__u64 runq_ns;
+	__u64 throttle_ns;
+	__u64 waits;
+};
+
+struct iso_cpu_idle {
+	__u64 cum_ns;        /* completed idle time */
+	__u64 since;         /* start of the current idle period, 0 if not idle/unknown */
+};
+
+/* include/linux/sched.h TASK_DEAD: __state of a task's last switch-out (stable uapi-like value). */
+#define ISO_TASK_DEAD 0x80u
+
+#define ISO_SCHED_F_PREEMPTED 1u
+#define ISO_SCHED_F_THROTTLED 2u
+
+BPF_RINGBUF_OUTPUT(events, ISO_RINGBUF_PAGES);
+BPF_PERCPU_ARRAY(lost_events, __u64, 1);
+BPF_HASH(watched_tgids, __u32, __u8, ISO_MAX_WATCHED_TGIDS);
+BPF_HASH(watched_cgroups, __u64, __u8, ISO_MAX_WATCHED_CGROUPS);
+BPF_ARRAY(watch_all, __u32, 1);
+
+BPF_HASH(tasks, __u32, struct iso_sched_task, ISO_MAX_TASKS);
+BPF_TABLE("lru_hash", __u64, struct iso_sched_cgroup, cgroup_totals, ISO_MAX_CGROUPS);
+BPF_TABLE("lru_hash", struct iso_hist_key, __u64, runq_hist, ISO_MAX_CGROUPS * 8);
+BPF_ARRAY(cpu_idle, struct iso_cpu_idle, ISO_MAX_CPUS);
+BPF_ARRAY(btf_check, __u64, 2);   /* [0] offsets agreed, [1] offsets disagreed */
+BPF_PERCPU_ARRAY(task_map_full, __u64, 1);
+
+static inline __attribute__((always_inline)) void lost_inc(void)
+{
+	int zero = 0;
+	__u64 *v = lost_events.lookup(&zero);
+	if (v)
+		(*v)++;
+}
+
+static inline __attribute__((always_inline)) int is_watched(__u32 tgid, __u64 cgid)
+{
+	int zero = 0;
+	__u32 *all = watch_all.lookup(&zero);
+	if (all && *all)
+		return 1;
+	if (watched_tgids.lookup(&tgid))
+		return 1;
+	if (cgid && watched_cgroups.lookup(&cgid))
+		return 1;
+	return 0;
+}
+
+/* Idle clock of a CPU at time now: completed idle + the running idle period. */
+static inline __attribute__((always_inline)) __u64 idle_at(__s32 cpu, __u64 now)
+{
+	__u32 key = (__u32)cpu;
+	struct iso_cpu_idle *ci = cpu_idle.lookup(&key);
+	if (!ci)
+		return 0;
+	__u64 cum = ci->cum_ns;
+	__u64 since = ci->since;
+	if (since && now > since)
+		cum += now - since;
+	return cum;
+}
+
+static inline __attribute__((always_inline)) int read_u32(const void *base, int off, __u32 *out)
+{
+	return bpf_probe_read_kernel(out, sizeof(*out), (const char *)base + off);
+}
+
+static inline __attribute__((always_inline)) void wait_begin_st(struct iso_sched_task *st, __s32 cpu,
+							       __u32 flags, __u64 now)
+{
+	if (st->wait_start)   /* already queued (e.g. a second wake-up): keep the first start */
+		return;
+	st->wait_start = now;
+	st->wait_cpu = cpu;
+	st->wait_flags = flags;
+	st->idle_start = idle_at(cpu, now);
+}
+
+/* Start a wait for `tid` queued on `cpu`, creating its state if needed. */
+static inline __attribute__((always_inline)) void wait_begin(__u32 tid, __u32 tgid, __u64 cgid, __s32 cpu,
+							   __u32 flags, __u64 now)
+{
+	struct iso_sched_task *st = tasks.lookup(&tid);
+	if (!st) {
+		struct iso_sched_task init = {};
+		init.tgid = tgid;
+		init.cgroup_id = cgid;
+		if (tasks.update(&tid, &init) != 0) {
+			int zero = 0;
+			__u64 *full = task_map_full.lookup(&zero);
+			if (full)
+				(*full)++;
+			return;
+		}
+		st = tasks.lookup(&tid);
+		if (!st)
+			return;
+	} else if (st->run_start) {
+		/* Woken while still on a CPU (it had not slept yet): not a wait. */
+		return;
+	}
+	wait_begin_st(st, cpu, flags, now);
+}
+
+static inline __attribute__((always_inline)) void emit_part(__u32 component, __u64 start, __u64 end,
+							  struct iso_sched_task *st, __u32 tid, __s32 cpu,
+							  __u32 method, __u64 wait)
+{
+	struct iso_stall_event *e = events.ringbuf_reserve(sizeof(*e));
+	if (!e) {
+		lost_inc();
+		return;
+	}
+	e->kind = ISO_EV_STALL;
+	e->component = component;
+	e->start_ns = start;
+	e->end_ns = end;
+	e->cgroup_id = st->cgroup_id;
+	e->pid = st->tgid;
+	e->tid = tid;
+	e->cpu = cpu;
+	e->detail = method;
+	e->detail2 = wait;
+	events.ringbuf_submit(e, 0);
+}
+
+/* `tid` is switched in on `cpu` at `now`: close its wait, if any. */
+static inline __attribute__((always_inline)) void wait_end(__u32 tid, __s32 cpu, __u64 now)
+{
+	struct iso_sched_task *st = tasks.lookup(&tid);
+	if (!st)
+		return;
+	st->run_start = now;
+	__u64 start = st->wait_start;
+	if (!start)
+		return;
+	st->wait_start = 0;
+	if (now <= start)
+		return;
+	__u64 wait = now - start;
+	__u64 thr = 0;
+	__u32 method = ISO_SCHED_M_NONE;
+	if (st->wait_flags & ISO_SCHED_F_THROTTLED) {
+		thr = wait;
+		method = ISO_SCHED_M_TASK_FLAG;
+	}
+#ifndef ISO_OFF_TASK_THROTTLED
+	else if (st->wait_flags & ISO_SCHED_F_PREEMPTED) {
+		__u64 idle = idle_at(st->wait_cpu, now);
+		if (idle > st->idle_start) {
+			thr = idle - st->idle_start;
+			if (thr > wait)
+				thr = wait;
+			method = ISO_SCHED_M_IDLE;
+		}
+	}
+#endif
+	__u64 runq = wait - thr;
+	st->runq_ns += runq;
+	st->throttle_ns += thr;
+	st->waits++;
+
+	__u64 cgid = st->cgroup_id;
+	struct iso_sched_cgroup *ct = cgroup_totals.lookup(&cgid);
+	if (ct) {
+		__sync_fetch_and_add(&ct->runq_ns, runq);
+		__sync_fetch_and_add(&ct->throttle_ns, thr);
+		__sync_fetch_and_add(&ct->waits, 1);
+	} else {
+		struct iso_sched_cgroup init = {};
+		init.runq_ns = runq;
+		init.throttle_ns = thr;
+		init.waits = 1;
+		cgroup_totals.update(&cgid, &init);
+	}
+
+	struct iso_hist_key hk = {};
+	hk.cgroup_id = cgid;
+	hk.slot = bpf_log2l(wait);
+	if (hk.slot >= ISO_HIST_SLOTS)
+		hk.slot = ISO_HIST_SLOTS - 1;
+	__u64 *cnt = runq_hist.lookup(&hk);
+	if (cnt) {
+		__sync_fetch_and_add(cnt, 1);
+	} else {
+		__u64 one = 1;
+		runq_hist.update(&hk, &one);
+	}
+
+	if (wait < ISO_WATCHED_MIN_STALL_NS)
+		return;
+	if (wait < ISO_MIN_STALL_NS && !is_watched(st->tgid, cgid))
+		return;
+	if (thr)
+		emit_part(ISO_C_CPU_THROTTLE, start, start + thr, st, tid, cpu, method, wait);
+	if (runq)
+		emit_part(ISO_C_RUNQUEUE, start + thr, now, st, tid, cpu, method, wait);
+}
+
+static inline __attribute__((always_inline)) __s32 task_cpu_of(const void *p)
+{
+#ifdef ISO_OFF_TASK_CPU
+	__u32 cpu = 0;
+	if (read_u32(p, ISO_OFF_TASK_CPU, &cpu) == 0 && cpu < ISO_MAX_CPUS)
+		return (__s32)cpu;
+#endif
+	return (__s32)bpf_get_smp_processor_id();
+}
+
+static inline __attribute__((always_inline)) int on_wakeup(const void *p, int is_new)
+{
+	__u32 tid = 0, tgid = 0;
+	if (read_u32(p, ISO_OFF_TASK_PID, &tid) != 0 || tid == 0)
+		return 0;
+	read_u32(p, ISO_OFF_TASK_TGID, &tgid);
+	/* A new task has never been current; it starts in its parent's cgroup,
+	 * and wake_up_new_task runs in the parent's context. */
+	__u64 cgid = is_new ? bpf_get_current_cgroup_id() : 0;
+	wait_begin(tid, tgid, cgid, task_cpu_of(p), 0, bpf_ktime_get_ns());
+	return 0;
+}
+
+#ifdef ISO_HAVE_SCHED_SCHED_WAKEUP
+RAW_TRACEPOINT_PROBE(sched_wakeup)
+{
+	return on_wakeup((const void *)ctx->args[0], 0);
+}
+#endif
+
+#ifdef ISO_HAVE_SCHED_SCHED_WAKEUP_NEW
+RAW_TRACEPOINT_PROBE(sched_wakeup_new)
+{
+	return on_wakeup((const void *)ctx->args[0], 1);
+}
+#endif
+
+/* TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next, unsigned int prev_state) */
+RAW_TRACEPOINT_PROBE(sched_switch)
+{
+	const void *prev = (const void *)ctx->args[1];
+	const void *next = (const void *)ctx->args[2];
+	__u32 prev_state = (__u32)ctx->args[3];
+	__u64 now = bpf_ktime_get_ns();
+	__s32 cpu = (__s32)bpf_get_smp_processor_id();
+	__u64 pid_tgid = bpf_get_current_pid_tgid();   /* current is still prev here */
+	__u32 prev_tid = (__u32)pid_tgid;
+	__u32 prev_tgid = pid_tgid >> 32;
+	__u32 next_tid = 0;
+	read_u32(next, ISO_OFF_TASK_PID, &next_tid);
+
+	/* Per-CPU idle clock: only touched on switches to and from the idle task. */
+	if (prev_tid == 0 || next_tid == 0) {
+		__u32 key = (__u32)cpu;
+		struct iso_cpu_idle *ci = cpu_idle.lookup(&key);
+		if (ci) {
+			if (prev_tid == 0 && ci->since && now > ci->since)
+				ci->cum_ns += now - ci->since;
+			ci->since = next_tid == 0 ? now : 0;
+		}
+	}
+
+	if (prev_tid != 0) {
+		__u64 cgid = bpf_get_current_cgroup_id();
+		struct iso_sched_task *st = tasks.lookup(&prev_tid);
+		if (st) {
+			st->cgroup_id = cgid;
+			st->tgid = prev_tgid;
+			if (st->run_start && now > st->run_start && is_watched(prev_tgid, cgid)) {
+				struct iso_run_event *r = events.ringbuf_reserve(sizeof(*r));
+				if (r) {
+					r->kind = ISO_EV_RUN;
+					r->tid = prev_tid;
+					r->start_ns = st->run_start;
+					r->end_ns = now;
+					r->cgroup_id = cgid;
+					r->pid = prev_tgid;
+					r->cpu = cpu;
+					events.ringbuf_submit(r, 0);
+				} else {
+					lost_inc();
+				}
+			}
+			st->run_start = 0;
+		}
+		if (prev_state == 0) {   /* TASK_RUNNING: still runnable, so it waits from now */
+			__u32 flags = ISO_SCHED_F_PREEMPTED;
+#ifdef ISO_OFF_TASK_THROTTLED
+			__u8 thr = 0;
+			bpf_probe_read_kernel(&thr, 1, (const char *)prev + ISO_OFF_TASK_THROTTLED);
+			if (thr)
+				flags |= ISO_SCHED_F_THROTTLED;
+#endif
+			if (st)
+				wait_begin_st(st, cpu, flags, now);
+			else
+				wait_begin(prev_tid, prev_tgid, cgid, cpu, flags, now);
+		} else if (st) {
+			st->wait_start = 0;   /* goes to sleep: any stale wait is void */
+		} else if (!(prev_state & ISO_TASK_DEAD)) {
+			/* Learn identity of a sleeping task so its first wait is attributed.
+			 * (Not for the final switch of an exiting task: its entry is gone.) */
+			struct iso_sched_task init = {};
+			init.tgid = prev_tgid;
+			init.cgroup_id = cgid;
+			init.wait_cpu = -1;
+			tasks.update(&prev_tid, &init);
+		}
+	}
+	if (next_tid != 0)
+		wait_end(next_tid, cpu, now);
+	return 0;
+}
+
+/* TP_PROTO(struct task_struct *p, bool group_dead): runs in the exiting task. */
+RAW_TRACEPOINT_PROBE(sched_process_exit)
+{
+	const void *p = (const void *)ctx->args[0];
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)pid_tgid;
+	__u32 off_tid = 0, off_tgid = 0;
+	read_u32(p, ISO_OFF_TASK_PID, &off_tid);
+	read_u32(p, ISO_OFF_TASK_TGID, &off_tgid);
+	int idx = (off_tid == tid && off_tgid == (__u32)(pid_tgid >> 32)) ? 0 : 1;
+	__u64 *c = btf_check.lookup(&idx);
+	if (c)
+		__sync_fetch_and_add(c, 1);
+	tasks.delete(&tid);
+	return 0;
+}

@@ -1,0 +1,128 @@
+"""The join: a span's time window × the stall timeline → a per-layer breakdown.
+
+Scope semantics:
+    * thread scope: the stalls of the thread that served the span. Stalls of a
+      thread that serves several concurrent requests count for each of them:
+      an event-loop stall delays every request on that loop.
+    * process / container scope: the request was served by one thread we do
+      not know, so the breakdown is that of the process's (or container's)
+      thread that was held back the most inside the window — the worst case a
+      single thread of that workload went through, bounded by the window.
+
+The ``kernel`` baseline (blocked in syscalls for ordinary I/O) excludes the
+parts of those syscalls that a layer already explains (a virtio request or a
+run-queue wait inside a blocking ``read`` is the layer's time, not the
+kernel's).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Protocol
+
+from collector.model import COMPONENT_LAYER, KERNEL, Breakdown, RunSegment, Stall, Workload
+
+logger = logging.getLogger(__name__)
+
+
+class StallSource(Protocol):
+    def query(self, start: int, end: int, *, tid: int = 0, pid: int = 0,
+              cgroup_id: int = 0) -> dict[int, list[Stall]]: ...
+
+    def runs(self, start: int, end: int, tid: int) -> list[RunSegment]: ...
+
+    def coverage(self, start: int, end: int, drained_until: int) -> float: ...
+
+
+class StealSource(Protocol):
+    def overlay(self, segments: Iterable[RunSegment], start: int, end: int) -> int: ...
+
+
+def _clip(stall: Stall, start: int, end: int) -> tuple[int, int]:
+    return max(stall.start_mono_ns, start), min(stall.end_mono_ns, end)
+
+
+def _union_length(intervals: list[tuple[int, int]]) -> int:
+    total = 0
+    cur_a = cur_b = None
+    for a, b in sorted(intervals):
+        if cur_b is None or a > cur_b:
+            if cur_b is not None:
+                total += cur_b - cur_a
+            cur_a, cur_b = a, b
+        elif b > cur_b:
+            cur_b = b
+    if cur_b is not None:
+        total += cur_b - cur_a
+    return total
+
+
+def _subtract_union(a: int, b: int, covered: list[tuple[int, int]]) -> int:
+    """Length of [a, b] not covered by ``covered`` (sorted, merged or not)."""
+    inside = _union_length([(max(x, a), min(y, b)) for x, y in covered if y > a and x < b])
+    return max(0, (b - a) - inside)
+
+
+def thread_breakdown(stalls: list[Stall], start: int, end: int) -> Breakdown:
+    """Per-component stall ns of one thread inside ``[start, end]`` (no steal, no coverage)."""
+    bd = Breakdown(duration_ns=max(0, end - start))
+    layer_iv: list[tuple[int, int]] = []
+    syscalls: list[tuple[int, int]] = []
+    comp = bd.component_ns
+    for s in stalls:
+        a, b = _clip(s, start, end)
+        if b <= a:
+            continue
+        if COMPONENT_LAYER[s.component] == KERNEL:
+            syscalls.append((a, b))
+        else:
+            # A split wait (run-queue vs throttle) may carry its component's
+            # share in `ns` when the interval covers the whole wait.
+            share = s.details.get("ns") if s.details else None
+            length = b - a
+            if share is not None and s.duration_ns > 0:
+                length = int(share * length / s.duration_ns)
+            comp[s.component] = comp.get(s.component, 0) + length
+            layer_iv.append((a, b))
+        bd.stalls.append(s)
+    if syscalls:
+        kernel = sum(_subtract_union(a, b, layer_iv) for a, b in syscalls)
+        if kernel:
+            comp["syscall"] = kernel
+    return bd
+
+
+class Attributor:
+    """Computes breakdowns from the timeline (and the steal sampler when present).
+
+    Args:
+        timeline: the stall store.
+        steal: per-CPU steal laid over on-CPU segments; None when unavailable.
+    """
+
+    def __init__(self, timeline: StallSource, steal: StealSource | None = None) -> None:
+        self.timeline = timeline
+        self.steal = steal
+
+    def breakdown(self, workload: Workload, start: int, end: int, drained_until: int) -> Breakdown:
+        """The breakdown of a span window (CLOCK_MONOTONIC ns) for a resolved workload."""
+        per_thread = self.timeline.query(start, end, tid=workload.tid if workload.scope == "thread" else 0,
+                                         pid=workload.pid if workload.scope in ("thread", "process") else 0,
+                                         cgroup_id=workload.cgroup_id)
+        best: Breakdown | None = None
+        best_tid = 0
+        for tid, stalls in per_thread.items():
+            bd = thread_breakdown(stalls, start, end)
+            if best is None or bd.overhead_ns() > best.overhead_ns():
+                best, best_tid = bd, tid
+        if best is None:
+            best = Breakdown(duration_ns=max(0, end - start))
+            best_tid = workload.tid
+        if self.steal is not None and best_tid:
+            runs = self.timeline.runs(start, end, best_tid)
+            if runs:
+                steal_ns = int(self.steal.overlay(runs, start, end))
+                if steal_ns > 0:
+                    best.component_ns["steal"] = best.component_ns.get("steal", 0) + steal_ns
+        best.coverage = self.timeline.coverage(start, end, drained_until)
+        return best

@@ -1,0 +1,258 @@
+"""Configuration: one YAML file, ``ISOSCOPE_*`` environment overrides, then command-line flags.
+
+Every key has a validated default, so ``isoscope run`` works with no file at
+all. Nested keys are addressed in the environment with double underscores:
+``ISOSCOPE_ATTRIBUTION__MIN_STALL_MS=2`` sets ``attribution.min_stall_ms``.
+Values from the environment are read as YAML scalars (``true``, ``5``,
+``[a, b]``). Errors are reported as one line naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "ISOSCOPE_"
+ENV_CONFIG_FILE = "ISOSCOPE_CONFIG"
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; ``str()`` is one line that names the key."""
+
+
+def _check_listen(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r}: port must be 0..65535")
+    return value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class OtlpGrpcConfig(_Section):
+    enabled: bool = True
+    listen: str = "127.0.0.1:4317"
+    max_message_bytes: int = Field(4 * 1024 * 1024, gt=0)
+
+    _v = field_validator("listen")(classmethod(lambda cls, v: _check_listen(v)))
+
+
+class OtlpHttpConfig(_Section):
+    enabled: bool = True
+    listen: str = "127.0.0.1:4318"
+    max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
+
+    _v = field_validator("listen")(classmethod(lambda cls, v: _check_listen(v)))
+
+
+class SecurityConfig(_Section):
+    """TLS / mTLS and bearer-token authentication of both receivers (off by default)."""
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    client_ca_file: str | None = None
+    bearer_token_file: str | None = None
+
+
+class ReceiversConfig(_Section):
+    otlp_grpc: OtlpGrpcConfig = OtlpGrpcConfig()
+    otlp_http: OtlpHttpConfig = OtlpHttpConfig()
+    security: SecurityConfig = SecurityConfig()
+
+
+class MetricsConfig(_Section):
+    enabled: bool = True
+    listen: str = "127.0.0.1:9464"
+    max_label_values: int = Field(1000, ge=10)
+
+    _v = field_validator("listen")(classmethod(lambda cls, v: _check_listen(v)))
+
+
+class QueueConfig(_Section):
+    max_batches: int = Field(2048, gt=0)
+    max_bytes: int = Field(256 * 1024 * 1024, gt=0)
+    persist_dir: str | None = None
+    initial_backoff_s: float = Field(0.5, gt=0)
+    max_backoff_s: float = Field(30.0, gt=0)
+    max_elapsed_s: float = Field(300.0, gt=0)
+
+
+class FileExportConfig(_Section):
+    enabled: bool | None = None
+    """None: on when no forward target is configured (the embedded default)."""
+    path: str = "./isoscope-data/traces.jsonl"
+
+
+class ExportersConfig(_Section):
+    forward: list[str] = []
+    file: FileExportConfig = FileExportConfig()
+    queue: QueueConfig = QueueConfig()
+
+    @field_validator("forward")
+    @classmethod
+    def _urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            scheme, sep, rest = url.partition("://")
+            if not sep or scheme not in ("grpc", "grpcs", "http", "https") or not rest:
+                raise ValueError(f"{url!r} must be grpc://host:port or http(s)://host:port")
+        return urls
+
+
+class AttributionConfig(_Section):
+    min_stall_ms: float = Field(1.0, ge=0)
+    max_child_spans: int = Field(16, ge=0)
+    blame_threshold: float = Field(0.2, ge=0, le=1)
+    hold_max_ms: float = Field(2000.0, ge=0, le=10000)
+    hold_capacity_spans: int = Field(200_000, gt=0)
+
+
+class TimelineConfig(_Section):
+    ttl_s: float = Field(120.0, gt=0)
+    max_threads: int = Field(50_000, gt=0)
+    max_stalls_per_thread: int = Field(512, gt=0)
+
+
+class ProbesConfig(_Section):
+    enabled: list[str] | None = None
+    """Probe names to load; None loads every declared probe."""
+    disabled: list[str] = []
+    watch_all: bool = False
+    """Follow every task on the node, not only the ones that send spans."""
+    poll_interval_ms: float = Field(20.0, gt=0)
+    steal_sample_ms: float = Field(10.0, gt=0)
+
+
+class KernelConfig(_Section):
+    headers_dir: str | None = None
+    host_proc: str = "/proc"
+    host_sys: str = "/sys"
+
+
+class KubernetesConfig(_Section):
+    enabled: bool = False
+    node_name: str = ""
+    api_url: str | None = None
+    token_file: str = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    ca_file: str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+
+
+class Config(_Section):
+    """The whole daemon configuration."""
+
+    receivers: ReceiversConfig = ReceiversConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    exporters: ExportersConfig = ExportersConfig()
+    attribution: AttributionConfig = AttributionConfig()
+    timeline: TimelineConfig = TimelineConfig()
+    probes: ProbesConfig = ProbesConfig()
+    kernel: KernelConfig = KernelConfig()
+    kubernetes: KubernetesConfig = KubernetesConfig()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+
+    def file_export_enabled(self) -> bool:
+        """The file export is on when no forward target is set, or when asked for explicitly."""
+        if self.exporters.file.enabled is not None:
+            return self.exporters.file.enabled
+        return not self.exporters.forward
+
+
+def _set_path(doc: dict[str, Any], path: list[str], value: Any, source: str) -> None:
+    node = doc
+    for key in path[:-1]:
+        nxt = node.setdefault(key, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{source}: {'.'.join(path)}: {key} is not a section")
+        node = nxt
+    node[path[-1]] = value
+
+
+def _env_overrides(env: Mapping[str, str]) -> list[tuple[list[str], Any, str]]:
+    out = []
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG_FILE:
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
+        if not path:
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        out.append((path, value, f"environment {name}"))
+    return out
+
+
+def _format_error(err: ValidationError, origin: Mapping[str, str]) -> str:
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        else:
+            msg = e["msg"]
+            if "input" in e and not isinstance(e["input"], dict):
+                msg += f" (got {e['input']!r})"
+        src = origin.get(key)
+        parts.append(f"{key}: {msg}" + (f" [from {src}]" if src else ""))
+    return "invalid configuration: " + "; ".join(parts)
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> Config:
+    """Build the configuration from defaults, a YAML file, the environment and flags.
+
+    Args:
+        path: YAML file; when None, ``$ISOSCOPE_CONFIG`` if set, else defaults only.
+        env: environment to read ``ISOSCOPE_*`` overrides from (default ``os.environ``).
+        overrides: dotted keys set by command-line flags, applied last.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: unreadable file, bad YAML, unknown key or bad value; one line naming the key.
+    """
+    env = os.environ if env is None else env
+    path = path or env.get(ENV_CONFIG_FILE) or None
+    doc: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    if path:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file {path}{where}: not valid YAML") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+        doc = loaded
+    for keypath, value, src in _env_overrides(env):
+        _set_path(doc, keypath, value, src)
+        origin[".".join(keypath)] = src
+    for dotted, value in (overrides or {}).items():
+        _set_path(doc, dotted.split("."), value, "command line")
+        origin[dotted] = "command line"
+    try:
+        return Config.model_validate(doc)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, origin)) from None
+
+
+def dump_defaults() -> str:
+    """The default configuration as YAML (documentation and ``isoscope run --print-config``)."""
+    return yaml.safe_dump(Config().model_dump(), sort_keys=False)

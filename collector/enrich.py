@@ -1,0 +1,184 @@
+"""Write a breakdown onto an OTLP span: the attributes and child spans of the output contract.
+
+Pure functions over protobuf messages (no I/O). Existing attributes are never
+overwritten: an application that already set ``isolation.*`` keeps its values.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from opentelemetry.proto.common.v1.common_pb2 import KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
+
+from collector.model import COMPONENT_LAYER, KERNEL, LAYERS, Breakdown, Stall, Workload, component_key, layer_key
+
+SCOPE_NAME = "isoscope"
+SCOPE_VERSION = "0.1.0"
+_LAYER_NS_KEYS = {layer: f"isolation.{layer_key(layer)}.ns" for layer in LAYERS}
+_COMPONENT_NS_KEYS = {c: f"isolation.{layer_key(COMPONENT_LAYER[c])}.{c}.ns" for c in COMPONENT_LAYER
+                      if COMPONENT_LAYER[c] != KERNEL}
+
+
+def _kv_str(key: str, value: str) -> KeyValue:
+    kv = KeyValue(key=key)
+    kv.value.string_value = value
+    return kv
+
+
+def _kv_int(key: str, value: int) -> KeyValue:
+    kv = KeyValue(key=key)
+    kv.value.int_value = value
+    return kv
+
+
+def _kv_double(key: str, value: float) -> KeyValue:
+    kv = KeyValue(key=key)
+    kv.value.double_value = value
+    return kv
+
+
+def _kv_str_array(key: str, values: list[str]) -> KeyValue:
+    kv = KeyValue(key=key)
+    arr = kv.value.array_value
+    for v in values:
+        arr.values.add().string_value = v
+    return kv
+
+
+def contract_attributes(bd: Breakdown, wl: Workload, blame_threshold: float) -> list[KeyValue]:
+    """The ``isolation.*`` attributes of DESIGN §4 for one span."""
+    stack = wl.stack
+    attrs = [
+        _kv_str_array("isolation.stack", list(stack.layers) if stack else []),
+        _kv_str("isolation.runtime", stack.runtime if stack else "none"),
+        _kv_str("isolation.hypervisor", stack.hypervisor if stack else "none"),
+        _kv_str("isolation.scope", wl.scope),
+    ]
+    layer_ns = bd.layer_ns()
+    for layer in LAYERS:
+        attrs.append(_kv_int(_LAYER_NS_KEYS[layer], layer_ns[layer]))
+    for comp, ns in bd.component_ns.items():
+        key = _COMPONENT_NS_KEYS.get(comp)
+        if key and ns:
+            attrs.append(_kv_int(key, ns))
+    attrs.append(_kv_int("isolation.kernel.ns", layer_ns[KERNEL]))
+    ratio = bd.overhead_ratio()
+    attrs.append(_kv_double("isolation.overhead.ratio", round(ratio, 6)))
+    dominant = bd.dominant()
+    if dominant and ratio >= blame_threshold and ratio > 0:
+        attrs.append(_kv_str("isolation.blame", component_key(dominant)))
+    attrs.append(_kv_double("isolation.coverage", round(bd.coverage, 4)))
+    return attrs
+
+
+def add_attributes(span: Span, attrs: list[KeyValue]) -> int:
+    """Append ``attrs`` to ``span`` except keys it already has; returns how many were added."""
+    existing = None
+    for kv in span.attributes:
+        if kv.key.startswith("isolation."):
+            existing = {kv.key for kv in span.attributes}
+            break
+    if existing is None:
+        span.attributes.extend(attrs)
+        return len(attrs)
+    added = [kv for kv in attrs if kv.key not in existing]
+    span.attributes.extend(added)
+    return len(added)
+
+
+def _merge_for_children(stalls: list[Stall], min_stall_ns: int, max_children: int) -> list[tuple[Stall, int]]:
+    """Pick the stalls that become child spans; merge the rest per component.
+
+    Returns (stall, merged_count) pairs; merged entries span from the first
+    merged stall's start to the last one's end.
+    """
+    long = [s for s in stalls if s.duration_ns >= min_stall_ns]
+    if len(long) <= max_children:
+        return [(s, 1) for s in sorted(long, key=lambda s: s.start_mono_ns)]
+    long.sort(key=lambda s: s.duration_ns, reverse=True)
+    # Reserve one merged child per component present in the tail.
+    keep_n = max_children
+    while keep_n > 0:
+        tail_components = {s.component for s in long[keep_n:]}
+        if keep_n + len(tail_components) <= max_children:
+            break
+        keep_n -= 1
+    kept = [(s, 1) for s in long[:keep_n]]
+    groups: dict[str, list[Stall]] = {}
+    for s in long[keep_n:]:
+        groups.setdefault(s.component, []).append(s)
+    for comp, group in groups.items():
+        first = min(s.start_mono_ns for s in group)
+        last = max(s.end_mono_ns for s in group)
+        total = sum(s.duration_ns for s in group)
+        merged = Stall(comp, first, last, group[0].tid, group[0].pid, group[0].cgroup_id, -1,
+                       {"merged.ns": total})
+        kept.append((merged, len(group)))
+    kept = kept[:max_children]
+    kept.sort(key=lambda p: p[0].start_mono_ns)
+    return kept
+
+
+def child_spans(parent: Span, bd: Breakdown, wl: Workload, to_unix: Callable[[int], int], *,
+                min_stall_ns: int, max_children: int, window: tuple[int, int],
+                id_source: Callable[[int], bytes] = os.urandom,
+                cgroup_path: str = "") -> list[Span]:
+    """Child spans for the stalls of a breakdown (DESIGN §4): one per stall ≥ ``min_stall_ns``.
+
+    Args:
+        parent: the enriched span.
+        bd: its breakdown (with the stalls that overlapped its window).
+        wl: the workload the span was matched to.
+        to_unix: CLOCK_MONOTONIC → wall-clock conversion.
+        min_stall_ns: shorter stalls get no child span.
+        max_children: at most this many; the rest are merged per component.
+        window: the span window (monotonic), children are clipped to it.
+    """
+    if max_children <= 0 or not bd.stalls:
+        return []
+    lo, hi = window
+    out = []
+    for stall, merged in _merge_for_children(bd.stalls, min_stall_ns, max_children):
+        a, b = max(stall.start_mono_ns, lo), min(stall.end_mono_ns, hi)
+        if b <= a:
+            continue
+        layer = COMPONENT_LAYER[stall.component]
+        if layer == KERNEL:
+            continue  # the kernel baseline is an attribute, not a "held back" interval
+        child = Span(trace_id=parent.trace_id, span_id=id_source(8), parent_span_id=parent.span_id,
+                     name=f"isolation {layer} {stall.component}", kind=Span.SPAN_KIND_INTERNAL,
+                     start_time_unix_nano=to_unix(a), end_time_unix_nano=to_unix(b))
+        attrs = [_kv_str("isolation.layer", layer), _kv_str("isolation.component", stall.component),
+                 _kv_int("isolation.stall.ns", b - a), _kv_int("thread.id", stall.tid)]
+        if stall.cpu >= 0:
+            attrs.append(_kv_int("cpu", stall.cpu))
+        if merged > 1:
+            attrs.append(_kv_int("isolation.merged_count", merged))
+        for k, v in (stall.details or {}).items():
+            if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+                continue
+            if isinstance(v, str):
+                attrs.append(_kv_str(k, v))
+            elif isinstance(v, int):
+                attrs.append(_kv_int(k, v))
+            else:
+                attrs.append(_kv_double(k, v))
+        if cgroup_path:
+            attrs.append(_kv_str("cgroup.path", cgroup_path))
+        child.attributes.extend(attrs)
+        out.append(child)
+    return out
+
+
+def isoscope_scope(rs: ResourceSpans, cache: dict[int, Any]) -> ScopeSpans:
+    """The ``isoscope`` ScopeSpans of a ResourceSpans, created on first use."""
+    key = id(rs)
+    ss = cache.get(key)
+    if ss is None:
+        ss = rs.scope_spans.add()
+        ss.scope.name = SCOPE_NAME
+        ss.scope.version = SCOPE_VERSION
+        cache[key] = ss
+    return ss
