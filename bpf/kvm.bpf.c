@@ -36,6 +36,10 @@ BPF_PERCPU_ARRAY(lost_events, __u64, 1);
 BPF_ARRAY(kvm_class, __u32, ISO_KVM_CLASS_SLOTS);
 BPF_HASH(kvm_inflight, __u32, struct kvm_inflight_val, ISO_KVM_MAX_VCPUS);
 BPF_HASH(kvm_totals, struct iso_kvm_key, struct iso_total, ISO_KVM_MAX_KEYS);
+/* PV events (pio/mmio/hypercall) seen with no traced exit in flight: guests run
+ * on a KVM backend that does not trace kvm_exit (e.g. kvm_pvm), so exits cannot
+ * be timed; user space reports it instead of showing zero exits. */
+BPF_PERCPU_ARRAY(kvm_pv_untimed, __u64, 1);
 
 static inline __attribute__((always_inline)) void kvm_lost(void)
 {
@@ -65,8 +69,14 @@ static inline __attribute__((always_inline)) void kvm_mark(__u32 mark)
 {
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 	struct kvm_inflight_val *v = kvm_inflight.lookup(&tid);
-	if (v)
+	if (v) {
 		v->pv |= mark;
+		return;
+	}
+	__u32 zero = 0;
+	__u64 *n = kvm_pv_untimed.lookup(&zero);
+	if (n)
+		__sync_fetch_and_add(n, 1);
 }
 
 TRACEPOINT_PROBE(kvm, kvm_exit)

@@ -368,6 +368,12 @@ RAW_TRACEPOINT_PROBE(sched_switch)
 				}
 			}
 			st->run_start = 0;
+			if (prev_state & ISO_TASK_DEAD) {
+				/* Last switch of an exiting task: it may have been woken after
+				 * sched_process_exit (sleeping in the exit path), recreating state. */
+				tasks.delete(&prev_tid);
+				st = 0;
+			}
 		}
 		if (prev_state == 0) {   /* TASK_RUNNING: still runnable, so it waits from now */
 			__u32 flags = ISO_SCHED_F_PREEMPTED;

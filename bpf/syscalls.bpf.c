@@ -9,10 +9,12 @@
  * Only tracked tasks get per-thread state (`inflight`, keyed by tid).
  *
  * Tracking levels (decided once, at sys_enter, for that one syscall):
- *   full  - watch_all, watched_cgroups or watched_tgids: histogram + stall
- *           records for syscalls >= ISO_MIN_STALL_NS;
- *   hist  - hist_cgroups (user space: pod cgroups it wants the
- *           syscall_latency_seconds histogram for): histogram only.
+ *   full  - watch_all, watched_tgids, or watched_cgroups value ISO_SC_WATCH_FULL
+ *           (what collector/probes/watch.py writes): histogram + a stall
+ *           record for syscalls >= ISO_MIN_STALL_NS;
+ *   hist  - watched_cgroups value ISO_SC_WATCH_HIST (pod cgroups user space
+ *           wants the syscall_latency_seconds histogram for): histogram only.
+ * Both live in one map so an unwatched task pays one cgroup lookup, not two.
  */
 #include "isoscope.h"
 
@@ -22,6 +24,9 @@
 #ifndef ISO_SC_MAX_INFLIGHT
 #define ISO_SC_MAX_INFLIGHT 16384  /* tracked threads inside a syscall at the same time */
 #endif
+
+#define ISO_SC_WATCH_FULL 1   /* watched_cgroups values */
+#define ISO_SC_WATCH_HIST 2
 
 #define SC_TRACK_HIST 1
 #define SC_TRACK_FULL 2
@@ -39,7 +44,6 @@ BPF_PERCPU_ARRAY(lost_events, __u64, 1);
 BPF_HASH(watched_tgids, __u32, __u8, ISO_MAX_WATCHED_TGIDS);
 BPF_HASH(watched_cgroups, __u64, __u8, ISO_MAX_WATCHED_CGROUPS);
 BPF_ARRAY(watch_all, __u32, 1);
-BPF_HASH(hist_cgroups, __u64, __u8, ISO_MAX_WATCHED_CGROUPS);
 
 BPF_ARRAY(syscall_class, __u8, ISO_SC_MAX_NR);        /* nr -> ISO_SC_*, filled from user space */
 BPF_HASH(inflight, __u32, struct sc_inflight, ISO_SC_MAX_INFLIGHT);
@@ -57,16 +61,20 @@ RAW_TRACEPOINT_PROBE(sys_enter)
 
 	if (all && *all) {
 		level = SC_TRACK_FULL;
-	} else if (watched_cgroups.lookup(&cg)) {
-		level = SC_TRACK_FULL;
 	} else {
-		__u32 tgid = pid_tgid >> 32;
-		if (watched_tgids.lookup(&tgid))
+		__u8 *w = watched_cgroups.lookup(&cg);
+		__u32 wl = w ? *w : 0;   /* a plain value: the verifier rejects arithmetic on the pointer */
+		if (wl && wl != ISO_SC_WATCH_HIST) {
 			level = SC_TRACK_FULL;
-		else if (hist_cgroups.lookup(&cg))
-			level = SC_TRACK_HIST;
-		else
-			return 0;
+		} else {
+			__u32 tgid = pid_tgid >> 32;
+			if (watched_tgids.lookup(&tgid))
+				level = SC_TRACK_FULL;
+			else if (wl)
+				level = SC_TRACK_HIST;
+			else
+				return 0;
+		}
 	}
 	if (id < 0)
 		return 0;

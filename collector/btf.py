@@ -262,3 +262,21 @@ def sched_defines(path: str = "/sys/kernel/btf/vmlinux", throttle_method: str = 
             raise BTFError(f"{struct_name}.{member_path} has size {m.size}, expected {_SCHED_SIZES[define]}")
         out[define] = m.offset
     return out
+
+
+CFS_THROTTLE_FIELDS: dict[str, tuple[str, str]] = {
+    "ISO_OFF_CFS_RQ_TG": ("cfs_rq", "tg"),
+    "ISO_OFF_TG_CSS_CGROUP": ("task_group", "css.cgroup"),
+    "ISO_OFF_CGROUP_KN": ("cgroup", "kn"),
+    "ISO_OFF_KN_ID": ("kernfs_node", "id"),
+}
+"""Kernel fields the optional ``bpf/cfs_throttle_{kprobe,fentry}.bpf.c`` probes read (cfs_rq → cgroup id)."""
+
+
+def cfs_throttle_defines(path: str = "/sys/kernel/btf/vmlinux") -> dict[str, int]:
+    """The ``-D`` defines of the optional exact throttle probes (all required).
+
+    Raises:
+        BTFError: BTF unreadable or a field missing (the kernel has no CFS bandwidth control).
+    """
+    return member_offsets(CFS_THROTTLE_FIELDS, path)

@@ -94,7 +94,8 @@ def _merge_for_children(stalls: list[Stall], min_stall_ns: int, max_children: in
     Returns (stall, merged_count) pairs; merged entries span from the first
     merged stall's start to the last one's end.
     """
-    long = [s for s in stalls if s.duration_ns >= min_stall_ns]
+    # The kernel baseline is an attribute, not a "held back" interval: no child spans for it.
+    long = [s for s in stalls if s.duration_ns >= min_stall_ns and COMPONENT_LAYER[s.component] != KERNEL]
     if len(long) <= max_children:
         return [(s, 1) for s in sorted(long, key=lambda s: s.start_mono_ns)]
     long.sort(key=lambda s: s.duration_ns, reverse=True)
@@ -145,8 +146,6 @@ def child_spans(parent: Span, bd: Breakdown, wl: Workload, to_unix: Callable[[in
         if b <= a:
             continue
         layer = COMPONENT_LAYER[stall.component]
-        if layer == KERNEL:
-            continue  # the kernel baseline is an attribute, not a "held back" interval
         child = Span(trace_id=parent.trace_id, span_id=id_source(8), parent_span_id=parent.span_id,
                      name=f"isolation {layer} {stall.component}", kind=Span.SPAN_KIND_INTERNAL,
                      start_time_unix_nano=to_unix(a), end_time_unix_nano=to_unix(b))

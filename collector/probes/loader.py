@@ -30,6 +30,7 @@ from collector.probes.spec import ProbeSpec
 logger = logging.getLogger(__name__)
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+INCLUDE_DIR = BPF_DIR / "include"
 
 
 class KernelFeatures(Protocol):
@@ -68,7 +69,7 @@ class ProbeManager:
         features: the running kernel's features.
         sink: receives decoded events (called on the polling thread).
         stats: shared self-telemetry.
-        bpf_dir: where the ``.bpf.c`` files and ``include/`` live.
+        bpf_dir: where the ``.bpf.c`` files live (``bpf/include`` is always on the include path).
         defines: extra ``-D`` definitions for every probe (e.g. ``ISO_MIN_STALL_NS``).
         on_loss: notified of kernel-side losses.
     """
@@ -120,7 +121,7 @@ class ProbeManager:
 
     def cflags_for(self, spec: ProbeSpec, have_flags: Iterable[str] = ()) -> list[str]:
         """The compiler flags a probe is built with."""
-        flags = [f"-I{self._bpf_dir / 'include'}", f"-DISO_RINGBUF_PAGES={spec.ringbuf_pages}"]
+        flags = [f"-I{INCLUDE_DIR}", f"-DISO_RINGBUF_PAGES={spec.ringbuf_pages}"]
         flags += [f"-D{k}={v}" for k, v in self._defines.items()]
         flags += list(spec.cflags) + list(have_flags)
         return flags
@@ -157,7 +158,7 @@ class ProbeManager:
             return
         loaded.bpf = bpf
         try:
-            events = bpf["events"]
+            events = bpf[b"events"]
         except KeyError:  # a probe that only aggregates in maps has no ring buffer
             events = None
         if events is not None:
@@ -230,7 +231,7 @@ class ProbeManager:
             if p.bpf is None:
                 continue
             try:
-                table = p.bpf["lost_events"]
+                table = p.bpf[b"lost_events"]
             except KeyError:
                 continue
             total = int(sum(table[table.Key(0)]))

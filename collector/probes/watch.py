@@ -37,7 +37,7 @@ class WatchSet:
     @staticmethod
     def _table(bpf: Any, name: str) -> Any | None:
         try:
-            return bpf[name]
+            return bpf[name.encode()]
         except KeyError:
             return None
 

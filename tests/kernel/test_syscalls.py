@@ -22,6 +22,8 @@ from tests.kernel.conftest_sysprobes import load_probe  # noqa: F401
 
 pytestmark = pytest.mark.kernel
 
+HIST_ONLY = 2  # watched_cgroups value ISO_SC_WATCH_HIST in bpf/syscalls.bpf.c
+
 # A workload that blocks in four kinds of syscall and measures each itself.
 WORKLOAD = r"""
 import json, os, socket, sys, threading, time
@@ -68,7 +70,7 @@ def test_watched_blocking_syscalls_become_classed_stalls(load_probe, tmp_path):
     tag = f"isoscope-test-sc-{os.getpid()}"
     with make_cgroup(f"{tag}-w", v1_controllers=()) as watched_cg, \
             make_cgroup(f"{tag}-u", v1_controllers=()) as unwatched_cg:
-        probe.bpf["hist_cgroups"][ctypes.c_uint64(unwatched_cg.id)] = ctypes.c_uint8(1)
+        probe.bpf["watched_cgroups"][ctypes.c_uint64(unwatched_cg.id)] = ctypes.c_uint8(HIST_ONLY)
         watched = watched_cg.spawn([sys.executable, "-c", WORKLOAD], stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         unwatched = unwatched_cg.spawn([sys.executable, "-c", WORKLOAD], stdin=subprocess.PIPE,

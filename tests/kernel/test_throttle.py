@@ -28,13 +28,6 @@ pytestmark = pytest.mark.kernel
 WINDOW_S = 2.0
 QUOTA_US, PERIOD_US = 10_000, 100_000   # 10 % of one CPU: ~90 % of the window throttled
 
-# Share of the wait that must be classified as throttling. The task-flag method
-# is exact; the idle inference (kernels without task_struct.throttled) cannot
-# tell a throttled cfs_rq from contention while other load runs on that CPU,
-# and the CPUs these tests run on are shared with other work.
-MIN_THROTTLE_SHARE = {"auto": 0.95, "idle": 0.80}
-
-
 @pytest.fixture(scope="module", params=["auto", "idle"])
 def sched_probe(request: pytest.FixtureRequest, kernel_env: Any) -> Iterator[SchedProbe]:
     """The probe with each throttle method this kernel supports (auto = task flag here, idle = inference)."""
@@ -59,26 +52,44 @@ def _run_quota_scenario(probe: SchedProbe) -> tuple[Any, list, dict[int, int]]:
 
 def test_quota_is_throttle_and_matches_run_delay_and_cpu_stat(sched_probe: SchedProbe,
                                                               request: pytest.FixtureRequest) -> None:
+    """Throttle vs contention judged against the kernel's own split of the same interval.
+
+    The CPUs are shared with other work, so "no competing load" cannot be
+    guaranteed; the kernel tells how much of the thread's wait was throttling
+    (cpu.stat throttled time of its only CPU's cfs_rq) and the rest
+    (run_delay − throttled) was contention. A classification error is the
+    distance between the probe's throttle share and cpu.stat's.
+    """
     method = request.node.callspec.params["sched_probe"]
     w, recs, meta = _run_quota_scenario(sched_probe)
     (tid,) = w.probe
     runq, thr = w.probe[tid]
-    logger.info("quota: probe runq %.1f ms thr %.1f ms, run_delay %.1f ms; cpu.stat %s",
-                runq / 1e6, thr / 1e6, w.run_delay[tid] / 1e6, recs)
+    (r,) = recs
+    logger.info("quota[%s]: probe runq %.1f ms thr %.1f ms, run_delay %.1f ms, cpu.stat throttled %.1f ms",
+                method, runq / 1e6, thr / 1e6, w.run_delay[tid] / 1e6, r.cpustat_ns / 1e6)
     # The oracle itself must show heavy throttling for the test to mean anything.
     assert w.run_delay[tid] > 0.5 * WINDOW_S * 1e9
-    assert abs((runq + thr) - w.run_delay[tid]) <= 0.05 * w.run_delay[tid]
-    share = MIN_THROTTLE_SHARE[method]
-    assert thr >= share * (runq + thr), f"only {thr / max(1, runq + thr):.1%} classified as throttling"
-    (r,) = recs
     assert r.cgroup_id == meta["cgid"]
     assert r.nr_throttled >= 0.5 * WINDOW_S * 1e6 / PERIOD_US
     assert r.cpustat_ns > 0.5 * WINDOW_S * 1e9
+    # Every nanosecond of waiting is accounted for, whichever method splits it.
+    assert abs((runq + thr) - w.run_delay[tid]) <= 0.05 * w.run_delay[tid]
     # Never more throttling than the kernel accounted for the run queue.
-    assert r.kernel_ns <= 1.05 * r.cpustat_ns
+    assert r.kernel_ns == thr or abs(r.kernel_ns - thr) <= 0.01 * thr  # cgroup total = its only thread
+    assert thr <= 1.05 * r.cpustat_ns
     if method == "auto":
+        # Exact method: ≥ 95 % of the wait classified as the kernel classifies it ...
+        misclassified = abs(thr - r.cpustat_ns)
+        assert misclassified <= 0.05 * w.run_delay[tid], f"{misclassified / w.run_delay[tid]:.1%} misclassified"
+        # ... and the throttled total agrees with cpu.stat within 5 %.
         assert r.agree, f"probe {r.kernel_ns} ns vs cpu.stat {r.cpustat_ns} ns (factor {r.factor:.3f})"
         assert abs(r.kernel_ns - r.cpustat_ns) <= 0.05 * r.cpustat_ns
+    else:
+        # The idle inference sees only the throttling during which the CPU idled;
+        # with other load on the CPU it under-reports (never over-reports), and the
+        # reconciler's factor says by how much.
+        assert r.factor >= 0.95
+        assert r.agree == (abs(r.kernel_ns - r.cpustat_ns) <= 0.05 * max(r.kernel_ns, r.cpustat_ns))
 
 
 def test_compare_flags_disagreement() -> None:

@@ -1,0 +1,94 @@
+"""The stall timeline: indexing, window queries, bounds, TTL eviction and coverage."""
+
+from __future__ import annotations
+
+from collector.model import RunSegment, Stall
+from collector.timeline import Timeline
+
+MS = 1_000_000
+
+
+def stall(comp: str, a_ms: float, b_ms: float, tid: int = 10, pid: int = 10, cg: int = 77) -> Stall:
+    return Stall(comp, int(a_ms * MS), int(b_ms * MS), tid, pid, cg)
+
+
+def test_query_returns_exactly_the_overlapping_stalls_per_thread() -> None:
+    tl = Timeline()
+    tl.add_stall(stall("runqueue", 0, 5))
+    tl.add_stall(stall("runqueue", 10, 12))
+    tl.add_stall(stall("cpu_throttle", 11, 30))
+    tl.add_stall(stall("runqueue", 40, 41))
+    tl.add_stall(stall("runqueue", 11, 13, tid=11))
+    hits = tl.query(int(9 * MS), int(20 * MS), tid=10)
+    assert [(s.component, s.start_mono_ns // MS) for s in hits[10]] == [("runqueue", 10), ("cpu_throttle", 11)]
+    # process scope: both threads of pid 10
+    hits = tl.query(int(9 * MS), int(20 * MS), pid=10)
+    assert set(hits) == {10, 11}
+    # cgroup scope
+    assert set(tl.query(0, int(100 * MS), cgroup_id=77)) == {10, 11}
+    # edges: a stall ending exactly at the window start does not overlap
+    assert tl.query(int(5 * MS), int(9 * MS), tid=10) == {}
+
+
+def test_out_of_order_arrival_is_kept_sorted() -> None:
+    tl = Timeline()
+    for a in (50, 10, 30, 20, 40):
+        tl.add_stall(stall("runqueue", a, a + 1))
+    hits = tl.query(0, 100 * MS, tid=10)[10]
+    assert [s.start_mono_ns // MS for s in hits] == [10, 20, 30, 40, 50]
+
+
+def test_bounds_per_thread_and_threads() -> None:
+    tl = Timeline(max_threads=3, max_per_thread=4)
+    for i in range(10):
+        tl.add_stall(stall("runqueue", i, i + 0.5))
+    assert len(tl.query(0, 100 * MS, tid=10)[10]) == 4  # oldest dropped
+    for tid in range(20, 26):
+        tl.add_stall(stall("runqueue", 1, 2, tid=tid, pid=tid))
+    threads, records = tl.size()
+    assert threads == 3 and records <= 3 * 4
+    assert tl.threads_evicted >= 3
+    assert tl.query(0, 100 * MS, tid=10) == {}  # least recently updated thread went first
+
+
+def test_ttl_eviction_drops_old_records_and_empty_threads() -> None:
+    tl = Timeline(ttl_s=1.0)
+    tl.add_stall(stall("runqueue", 0, 1))
+    tl.add_stall(stall("runqueue", 1500, 1501, tid=11, pid=11))
+    tl.add_run(RunSegment(11, 11, 77, 0, 1400 * MS, 1450 * MS))
+    dropped = tl.evict(now_mono_ns=2000 * MS)
+    assert dropped == 1
+    assert tl.query(0, 3000 * MS, tid=10) == {}
+    assert tl.threads_of(pid=10) == []
+    assert len(tl.query(0, 3000 * MS, tid=11)[11]) == 1
+    assert len(tl.runs(0, 3000 * MS, 11)) == 1
+
+
+def test_cgroup_totals_accumulate_per_component() -> None:
+    tl = Timeline()
+    tl.add_stall(stall("runqueue", 0, 2))
+    tl.add_stall(stall("runqueue", 5, 6))
+    tl.add_stall(stall("memory_reclaim", 7, 10))
+    assert tl.cgroup_totals[77] == {"runqueue": 3 * MS, "memory_reclaim": 3 * MS}
+
+
+def test_coverage_needs_probes_up_drained_and_no_losses() -> None:
+    tl = Timeline()
+    assert tl.coverage(0, 10 * MS, 100 * MS) == 0.0  # no probe up: nothing known
+    tl.set_probe_up("sched", True, at_mono_ns=2 * MS)
+    assert tl.coverage(0, 10 * MS, 100 * MS) == 0.8  # up only from 2 ms
+    assert tl.coverage(2 * MS, 12 * MS, 7 * MS) == 0.5  # drained only to 7 ms
+    tl.note_loss("sched", 4 * MS, 5 * MS)
+    tl.note_loss("syscalls", 4500_000, 6 * MS)  # overlapping losses are not double counted
+    assert abs(tl.coverage(2 * MS, 12 * MS, 100 * MS) - 0.8) < 1e-9
+    tl.set_probe_up("syscalls", False)
+    assert tl.coverage(2 * MS, 12 * MS, 100 * MS) == 0.0  # a tracked probe is down
+    assert tl.coverage(5 * MS, 5 * MS, 100 * MS) == 0.0  # empty window
+
+
+def test_thread_moving_between_cgroups_is_reindexed() -> None:
+    tl = Timeline()
+    tl.add_stall(stall("runqueue", 0, 1, cg=1))
+    tl.add_stall(stall("runqueue", 2, 3, cg=2))
+    assert tl.threads_of(cgroup_id=1) == []
+    assert tl.threads_of(cgroup_id=2) == [10]
