@@ -76,13 +76,7 @@ def thread_breakdown(stalls: list[Stall], start: int, end: int) -> Breakdown:
         if COMPONENT_LAYER[s.component] == KERNEL:
             syscalls.append((a, b))
         else:
-            # A split wait (run-queue vs throttle) may carry its component's
-            # share in `ns` when the interval covers the whole wait.
-            share = s.details.get("ns") if s.details else None
-            length = b - a
-            if share is not None and s.duration_ns > 0:
-                length = int(share * length / s.duration_ns)
-            comp[s.component] = comp.get(s.component, 0) + length
+            comp[s.component] = comp.get(s.component, 0) + (b - a)
             layer_iv.append((a, b))
         bd.stalls.append(s)
     if syscalls:

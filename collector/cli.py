@@ -38,7 +38,8 @@ def _run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.model_dump(), sort_keys=False), end="")
         return 0
     from collector.daemon import run
-    return run(cfg, load_probes=not args.no_probes)
+    return run(cfg, load_probes=not args.no_probes,
+               reload_config=lambda: load_config(args.config, overrides=overrides))
 
 
 def _probes(args: argparse.Namespace) -> int:

@@ -134,6 +134,8 @@ class KernelConfig(_Section):
     headers_dir: str | None = None
     host_proc: str = "/proc"
     host_sys: str = "/sys"
+    strict_capabilities: bool = False
+    """Exit at start when a required capability is missing (instead of forwarding spans unenriched)."""
 
 
 class KubernetesConfig(_Section):

@@ -16,9 +16,9 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
-from collector import kernelenv
+from collector import capabilities, kernelenv
 from collector.attribution import Attributor
 from collector.clock import MonoWallClock
 from collector.config import Config, ConfigError
@@ -164,6 +164,7 @@ class Daemon:
     def start(self) -> None:
         """Bring everything up. Raises ``StartupError`` with one operator-readable line."""
         cfg = self.cfg
+        self._check_capabilities()
         host_stack = detect_host_stack(cfg.kernel.host_proc, cfg.kernel.host_sys)
         pods = self._start_pods()
         self.resolver = WorkloadResolver(cfg.kernel.host_proc, cfg.kernel.host_sys, host_stack, pods)
@@ -197,6 +198,17 @@ class Daemon:
             self._probes_settled.set()
         self._housekeeper = threading.Thread(target=self._housekeeping, name="isoscope-housekeeping", daemon=True)
         self._housekeeper.start()
+
+    def _check_capabilities(self) -> None:
+        if not self.load_probes:
+            return
+        lacking = capabilities.missing()
+        if not lacking:
+            return
+        line = capabilities.explain(lacking)
+        if self.cfg.kernel.strict_capabilities:
+            raise StartupError(line)
+        logger.error("%s; kernel probes will not attach and spans are forwarded unenriched", line)
 
     def _start_pods(self) -> Any:
         """Kubernetes pod metadata from the API server (watching this node's pods), when enabled."""
@@ -386,6 +398,35 @@ class Daemon:
             except Exception:
                 logger.exception("housekeeping failed")
 
+    # -- reload -------------------------------------------------------------------------
+
+    def reload(self, new: Config) -> list[str]:
+        """Apply a new configuration without restarting (SIGHUP).
+
+        Attribution thresholds, logging and the watch-all switch change live;
+        anything else (listeners, exporters, probes) needs a restart and is
+        reported in the returned list.
+        """
+        old = self.cfg
+        needs_restart = [section for section in ("receivers", "metrics", "exporters", "timeline", "kernel",
+                                                 "kubernetes")
+                         if getattr(old, section) != getattr(new, section)]
+        if old.probes.model_dump(exclude={"watch_all"}) != new.probes.model_dump(exclude={"watch_all"}):
+            needs_restart.append("probes")
+        self.cfg = new
+        setup_logging(new.log_level, new.log_format)
+        if self.pipeline is not None:
+            self.pipeline.set_config(new.attribution)
+        if self.watch is not None and new.probes.watch_all != old.probes.watch_all:
+            self.watch.set_watch_all(new.probes.watch_all)
+        self.stats.inc("config_reloads_total")
+        if needs_restart:
+            logger.warning("configuration reloaded; changes to %s take effect at the next restart",
+                           ", ".join(needs_restart))
+        else:
+            logger.info("configuration reloaded")
+        return needs_restart
+
     # -- stop ---------------------------------------------------------------------------
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
@@ -411,21 +452,33 @@ class Daemon:
             self.metrics.shutdown()
 
 
-def run(cfg: Config, *, load_probes: bool = True) -> int:
-    """Run until SIGTERM/SIGINT; returns the process exit code."""
+def run(cfg: Config, *, load_probes: bool = True,
+        reload_config: Callable[[], Config] | None = None) -> int:
+    """Run until SIGTERM/SIGINT; SIGHUP re-reads the configuration. Returns the exit code."""
     setup_logging(cfg.log_level, cfg.log_format)
     daemon = Daemon(cfg, load_probes=load_probes)
     stop = threading.Event()
+    hup = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: hup.set())
     try:
         daemon.start()
     except (StartupError, ConfigError) as exc:
         daemon.shutdown(2.0)
         print(f"isoscope: {exc}", file=sys.stderr, flush=True)
         return 2
-    while not stop.wait(0.5):
-        pass
+    while not stop.wait(0.2):
+        if hup.is_set():
+            hup.clear()
+            if reload_config is None:
+                continue
+            try:
+                daemon.reload(reload_config())
+            except ConfigError as exc:
+                # A bad edit must not take the node's tracing down: keep the running configuration.
+                daemon.stats.inc("config_reload_failures_total")
+                logger.error("configuration not reloaded: %s", exc)
     logger.info("shutting down: draining queues")
     daemon.shutdown()
     return 0

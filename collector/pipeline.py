@@ -138,6 +138,12 @@ class EnrichPipeline:
             self.stats.set_gauge("queue_size", ("enrich",), len(self._queue))
             self._cond.notify()
 
+    def set_config(self, cfg: AttributionConfig) -> None:
+        """Switch to new attribution settings (configuration reload)."""
+        self.cfg = cfg
+        self.hold_ns = int(cfg.hold_max_ms * 1e6)
+        self.min_stall_ns = int(cfg.min_stall_ms * 1e6)
+
     # -- lifecycle ------------------------------------------------------------------
 
     def start(self) -> None:

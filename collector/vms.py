@@ -128,7 +128,7 @@ def _kvm_fds(pid: int, proc_root: str) -> tuple[bool, list[int]]:
             m = _KVM_VCPU_FD.match(target)
             if m:
                 vcpus.append(int(m.group(1)))
-    return has_vm, sorted(vcpus)
+    return has_vm, sorted(set(vcpus))  # a VMM may hold several fds of one vCPU (dup, mmap)
 
 
 def vcpu_threads(pid: int, proc_root: str = "/proc") -> dict[int, int]:

@@ -42,12 +42,6 @@ def test_kernel_baseline_excludes_time_a_layer_explains() -> None:
     assert bd.overhead_ns() == 7 * MS  # the kernel baseline is not an overhead
 
 
-def test_split_wait_share_is_respected() -> None:
-    # One 10 ms wait, 6 ms of which the probe attributes to throttling and 4 ms to contention.
-    bd = thread_breakdown([st("cpu_throttle", 0, 10, ns=6 * MS), st("runqueue", 0, 10, ns=4 * MS)], 0, 10 * MS)
-    assert bd.component_ns == {"cpu_throttle": 6 * MS, "runqueue": 4 * MS}
-
-
 class _Steal:
     def overlay(self, segments, start, end):
         return sum(min(s.end_mono_ns, end) - max(s.start_mono_ns, start) for s in segments) // 10

@@ -197,7 +197,14 @@ class Chain:
                 env.stop()
         for hop in self.hops:
             if hop.proc is not None and hop.proc.poll() is None:
-                hop.proc.send_signal(signal.SIGTERM)
+                # unshare --fork ignores SIGTERM itself and waits for its child: signal the
+                # service (every other process of the hop's cgroup) directly; it flushes its spans.
+                for pid in hop.cgroup.pids():
+                    if pid != hop.proc.pid:
+                        try:
+                            os.kill(pid, signal.SIGTERM)
+                        except ProcessLookupError:
+                            pass
         for hop in self.hops:
             if hop.proc is None:
                 continue

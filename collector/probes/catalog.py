@@ -7,7 +7,20 @@ precision where the kernel allows them.
 
 from __future__ import annotations
 
-from collector.probes.spec import AttachPoint, ProbeSpec, kprobe, raw_tp, tp
+from collector.probes.spec import ProbeSpec, fentry, kprobe, raw_tp, tp
+
+
+def _sched_defines() -> dict[str, int | str]:
+    from collector.btf import sched_defines
+    defines: dict[str, int | str] = dict(sched_defines())
+    how = "task flag" if "ISO_OFF_TASK_THROTTLED" in defines else "idle CPU while waiting"
+    defines["ISO_METHOD"] = f"raw tracepoints + BTF offsets; throttling by {how}"
+    return defines
+
+
+def _cfs_throttle_defines() -> dict[str, int | str]:
+    from collector.btf import cfs_throttle_defines
+    return dict(cfs_throttle_defines("/sys/kernel/btf/vmlinux"))
 
 SCHED = ProbeSpec(
     name="sched",
@@ -18,6 +31,7 @@ SCHED = ProbeSpec(
             raw_tp("sched:sched_process_exit")),
     fallback="no run-queue, throttling or steal attribution",
     ringbuf_pages=256,
+    kernel_defines=_sched_defines,
 )
 
 SYSCALLS = ProbeSpec(
@@ -94,10 +108,12 @@ CFS_THROTTLE_FENTRY = ProbeSpec(
     name="cfs_throttle_fentry",
     source="cfs_throttle_fentry.bpf.c",
     summary="exact CFS throttle/unthrottle events per cgroup via fentry (cheapest exact method)",
-    attach=(AttachPoint("fentry", "throttle_cfs_rq", True), AttachPoint("fentry", "unthrottle_cfs_rq", True)),
+    attach=(fentry("throttle_cfs_rq", required=True), fentry("unthrottle_cfs_rq", required=True)),
     features=("bpf", "fentry", "ringbuf"),
     required=False,
     fallback="CFS throttling measured with the tracepoint method",
+    kernel_defines=_cfs_throttle_defines,
+    method="fentry",
 )
 
 CFS_THROTTLE_KPROBE = ProbeSpec(
@@ -108,6 +124,8 @@ CFS_THROTTLE_KPROBE = ProbeSpec(
     features=("bpf", "kprobes", "ringbuf"),
     required=False,
     fallback="CFS throttling measured with the tracepoint method",
+    kernel_defines=_cfs_throttle_defines,
+    method="kprobe",
 )
 
 ALL_PROBES: tuple[ProbeSpec, ...] = (

@@ -85,6 +85,7 @@ class ProbeManager:
         self._defines = dict(defines or {})
         self._on_loss = on_loss
         self._probes: dict[str, LoadedProbe] = {}
+        self._methods: dict[str, str] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -95,7 +96,7 @@ class ProbeManager:
     # -- loading ------------------------------------------------------------
 
     def _precheck(self, spec: ProbeSpec) -> tuple[str, list[str]]:
-        """Return (reason it cannot load or "", -D flags for present optional attach points)."""
+        """Return (reason it cannot load or "", -D flags: present attach points and kernel-derived defines)."""
         for feat in spec.features:
             if not getattr(self._features, feat, False):
                 reason = self._features.missing_reason(feat)
@@ -117,6 +118,14 @@ class ProbeManager:
                 return (f"{reason}: {spec.fallback}" if spec.fallback else reason), []
             else:
                 logger.info("probe %s: optional %s missing, continuing without it", spec.name, ap)
+        if spec.kernel_defines is not None:
+            try:
+                defines = dict(spec.kernel_defines())
+            except Exception as exc:  # BTF missing or a field moved: this probe cannot be built safely
+                reason = f"cannot take kernel struct offsets from BTF: {exc}"
+                return (f"{reason}: {spec.fallback}" if spec.fallback else reason), []
+            self._methods[spec.name] = str(defines.pop("ISO_METHOD", spec.method))
+            flags += [f"-D{k}={v}" for k, v in defines.items()]
         return "", flags
 
     def cflags_for(self, spec: ProbeSpec, have_flags: Iterable[str] = ()) -> list[str]:
@@ -164,7 +173,7 @@ class ProbeManager:
         if events is not None:
             events.open_ring_buffer(self._make_callback(loaded))
         loaded.status.attached = True
-        loaded.status.method = "kprobe" if any(a.kind == "kprobe" for a in spec.attach) else "tracepoint"
+        loaded.status.method = self._methods.get(spec.name, spec.method)
         logger.info("probe %s attached (%s)", spec.name, ", ".join(spec.attach_strings()))
 
     @staticmethod

@@ -7,6 +7,7 @@ probe that fails to compile or attach degrades alone while the others run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,11 @@ class ProbeSpec:
         fallback: what isoscope does when the probe cannot run, in operator words.
         cflags: extra ``-D`` flags for the compiler.
         ringbuf_pages: ring buffer size (pages, power of two) for the ``events`` ring.
+        kernel_defines: computes ``-D`` definitions from the running kernel at load
+            time (e.g. struct offsets read from BTF); an exception makes the probe
+            unavailable with that exception as the reason.
+        method: how the probe measures, for ``isoscope probes`` (``kernel_defines``
+            may refine it through an ``ISO_METHOD`` entry, which is not passed to the compiler).
     """
 
     name: str
@@ -63,6 +69,8 @@ class ProbeSpec:
     fallback: str = ""
     cflags: tuple[str, ...] = field(default_factory=tuple)
     ringbuf_pages: int = 64
+    kernel_defines: Callable[[], Mapping[str, int | str]] | None = None
+    method: str = "tracepoint"
 
     def attach_strings(self) -> list[str]:
         return [str(a) for a in self.attach]
@@ -81,3 +89,8 @@ def raw_tp(target: str, required: bool = True) -> AttachPoint:
 def kprobe(function: str, required: bool = False) -> AttachPoint:
     """A kprobe attach point: only ever an optional extra (many kernels have no kprobes)."""
     return AttachPoint("kprobe", function, required)
+
+
+def fentry(function: str, required: bool = False) -> AttachPoint:
+    """An fentry (BPF trampoline) attach point: an optional extra where the kernel allows it."""
+    return AttachPoint("fentry", function, required)
