@@ -266,7 +266,7 @@ def render_tables(traces: Sequence[TraceReport], console: Any) -> None:
     from rich.table import Table
 
     for t in traces:
-        title = f"trace {t.trace_id[:16]} · {t.duration_ns / 1e6:.1f} ms"
+        title = f"trace {t.trace_id[:16]} · {t.duration_ns / 1e6:.1f} ms · stall ms per layer"
         if t.culprit_component:
             share = t.culprit_ns / t.duration_ns if t.duration_ns else 0.0
             caption = (f"culprit: [bold red]{t.culprit_service}[/] · [bold]{t.culprit_component}[/] "
@@ -274,12 +274,12 @@ def render_tables(traces: Sequence[TraceReport], console: Any) -> None:
         else:
             caption = "culprit: none (no isolation stall recorded)"
         table = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
-        table.add_column("hop")
+        table.add_column("hop", no_wrap=True)
         table.add_column("span ms", justify="right")
         for col in COLUMNS:
-            table.add_column(f"{col} ms", justify="right")
-        table.add_column("overhead", justify="right")
-        table.add_column("blame")
+            table.add_column(col, justify="right")
+        table.add_column("ovh", justify="right")
+        table.add_column("blame", no_wrap=True)
         table.add_column("scope")
         for h in t.hops:
             culprit_hop = h.service == t.culprit_service and t.culprit_component
@@ -354,12 +354,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _console() -> Any:
+    from rich.console import Console
+
+    c = Console()
+    # Piped output would be cut to 80 columns; the table needs about 120.
+    return c if c.is_terminal else Console(width=120)
+
+
 def report(path: str, *, top: int = 5, png: str | None = None, as_json: bool = False,
            console: Any = None) -> int:
     """Run the report; returns the process exit code (0 ok or nothing to show, 2 bad input)."""
     from rich.console import Console
 
-    out = console or Console()
+    out = console or _console()
     err = Console(stderr=True)
     if top < 1:
         err.print("isoscope report: --top must be ≥ 1")

@@ -67,15 +67,31 @@ def classify(name: str) -> str:
     return "other"
 
 
+_UNIFIED_SINCE_424 = (
+    "pidfd_send_signal", "io_uring_setup", "io_uring_enter", "io_uring_register", "open_tree", "move_mount",
+    "fsopen", "fsconfig", "fsmount", "fspick", "pidfd_open", "clone3", "close_range", "openat2", "pidfd_getfd",
+    "faccessat2", "process_madvise", "epoll_pwait2", "mount_setattr", "quotactl_fd", "landlock_create_ruleset",
+    "landlock_add_rule", "landlock_restrict_self", "memfd_secret", "process_mrelease", "futex_waitv",
+    "set_mempolicy_home_node", "cachestat", "fchmodat2", "map_shadow_stack", "futex_wake", "futex_wait",
+    "futex_requeue", "statmount", "listmount", "lsm_get_self_attr", "lsm_set_self_attr", "lsm_list_modules",
+    "mseal",
+)
+"""Syscalls 424 and up share one number on every architecture (asm-generic/unistd.h); older
+bcc tables stop before them, so they are filled in from here."""
+
+
 def syscall_names() -> dict[int, str]:
-    """bcc's syscall table for this architecture: number → name."""
+    """bcc's syscall table for this architecture (number → name), completed with the unified numbers."""
     try:
         from bcc.syscall import syscalls
     except ImportError:
         # bcc comes from the distribution, not PyPI; a venv may not see it.
         sys.path.append("/usr/lib/python3/dist-packages")
         from bcc.syscall import syscalls
-    return {int(nr): (n.decode() if isinstance(n, bytes) else str(n)) for nr, n in syscalls.items()}
+    names = {int(nr): (n.decode() if isinstance(n, bytes) else str(n)) for nr, n in syscalls.items()}
+    for offset, name in enumerate(_UNIFIED_SINCE_424):
+        names.setdefault(424 + offset, name)
+    return names
 
 
 def class_table(names: Mapping[int, str] | None = None, max_nr: int = MAX_NR) -> list[int]:

@@ -114,8 +114,9 @@ def _validate(obj: dict[str, Any], version: str) -> None:
         kubernetes_validate.validate(obj, version, strict=True)
     except kubernetes_validate.SchemaNotFoundError:
         if (obj["apiVersion"], obj["kind"]) in CRD_KINDS:
-            pytest.skip(f"{obj['kind']} is a CRD with no schema in kubernetes-validate; "
-                        f"its fields are checked by the structure tests in this module")
+            # No published schema for this CRD kind: its fields are checked by the
+            # structure tests in this module instead.
+            return
         raise
 
 

@@ -366,12 +366,12 @@ def test_shutdown_breaks_an_open_watch_promptly(server: KubeAPIServer, make_meta
     meta = make_meta(server, watch_timeout_s=600)
     assert meta.wait_synced(5)
     assert server.wait_watches(1)
-    before = {t.name for t in threading.enumerate()}
-    assert "k8smeta" in before
+    worker = meta._thread
+    assert worker is not None and worker.is_alive()
     t0 = time.monotonic()
     meta.shutdown()
     assert time.monotonic() - t0 < 2.0
-    assert "k8smeta" not in {t.name for t in threading.enumerate()}
+    assert not worker.is_alive()
 
 
 # ---------------------------------------------------------------------------

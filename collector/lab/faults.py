@@ -60,8 +60,8 @@ class Fault:
         io_reads: ``virtio_io``: ``O_DIRECT`` 4 KiB reads per request.
         io_file_mb: ``virtio_io``: size of the file read at random offsets.
         mem_headroom_mb: ``memory_reclaim``: limit = usage after start-up + this.
-        mem_file_mb: ``memory_reclaim``: page-cache working set re-read per request cycle.
-        mem_read_mb: ``memory_reclaim``: buffered file read per request.
+        mem_file_mb: ``memory_reclaim``: size of the file region written round-robin.
+        mem_write_mb: ``memory_reclaim``: buffered writes per request (dirty page cache).
         mem_churn_mb: ``memory_reclaim``: anonymous memory touched and freed per request.
         netns_datagrams: ``netns``: datagrams sent across the veth per request.
     """
@@ -71,12 +71,12 @@ class Fault:
     period_us: int = 100_000
     hogs: int = 2
     cpu: int = 0
-    io_reads: int = 48
+    io_reads: int = 160
     io_file_mb: int = 256
-    mem_headroom_mb: int = 24
-    mem_file_mb: int = 96
-    mem_read_mb: int = 16
-    mem_churn_mb: int = 16
+    mem_headroom_mb: int = 32
+    mem_file_mb: int = 128
+    mem_write_mb: int = 32
+    mem_churn_mb: int = 8
     netns_datagrams: int = 2000
 
     def __post_init__(self) -> None:
@@ -181,6 +181,7 @@ class RequestWork:
         self._buf: mmap.mmap | None = None
         self._mem_fd = -1
         self._mem_off = 0
+        self._chunk = b""
         self._sock: socket.socket | None = None
         if fault.kind == "cpu_contention":
             os.sched_setaffinity(0, {fault.cpu})
@@ -188,7 +189,9 @@ class RequestWork:
             self._io_fd, self._io_blocks = self._prepare_file("io.dat", fault.io_file_mb, direct=True)
             self._buf = mmap.mmap(-1, _BLOCK)  # page-aligned, as O_DIRECT requires
         elif fault.kind == "memory_reclaim":
-            self._mem_fd, _ = self._prepare_file("mem.dat", fault.mem_file_mb, direct=False)
+            os.makedirs(data_dir, exist_ok=True)
+            self._mem_fd = os.open(os.path.join(data_dir, "mem.dat"), os.O_RDWR | os.O_CREAT, 0o600)
+            self._chunk = os.urandom(1024 * 1024)
         elif fault.kind == "netns":
             self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 
@@ -229,24 +232,27 @@ class RequestWork:
         return io_ns
 
     def _memory_churn(self) -> None:
-        # Buffered reads charge page cache to the hop's memcg; anonymous churn on top
-        # pushes the group over its limit, so the charges stall in memcg reclaim.
+        # Buffered writes leave dirty page cache charged to the hop's memcg; once the
+        # group is at its limit every new charge enters memcg reclaim, which on
+        # cgroup v1 (no writeback throttling) waits there for dirty pages to be
+        # written back — the reclaim stall a write-heavy container sees.
         f = self.fault
         size = f.mem_file_mb * 1024 * 1024
-        want = f.mem_read_mb * 1024 * 1024
+        chunk = self._chunk
+        want = f.mem_write_mb * 1024 * 1024
         while want > 0:
-            if self._mem_off >= size:
+            if self._mem_off + len(chunk) > size:
                 self._mem_off = 0
-            n = min(want, size - self._mem_off, 1024 * 1024)
-            os.pread(self._mem_fd, n, self._mem_off)
-            self._mem_off += n
-            want -= n
-        anon = mmap.mmap(-1, f.mem_churn_mb * 1024 * 1024)
-        try:
-            for off in range(0, len(anon), 4096):
-                anon[off] = 1
-        finally:
-            anon.close()
+            os.pwrite(self._mem_fd, chunk, self._mem_off)
+            self._mem_off += len(chunk)
+            want -= len(chunk)
+        if f.mem_churn_mb:
+            anon = mmap.mmap(-1, f.mem_churn_mb * 1024 * 1024)
+            try:
+                for off in range(0, len(anon), 4096):
+                    anon[off] = 1
+            finally:
+                anon.close()
 
     def close(self) -> None:
         for fd in (self._io_fd, self._mem_fd):

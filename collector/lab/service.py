@@ -98,7 +98,7 @@ class Hop:
         self.run_id = args.run_id
         fault = Fault.from_json(args.fault)
         self.work = RequestWork(fault, args.work_ms, args.data_dir, args.peer_ip)
-        self.truth = TruthRecorder(args.cpu_dir or None, fault.kind)
+        self.truth = TruthRecorder(args.cpu_dir or None, fault.kind, args.v2_dir or None)
         self.downstream = urlsplit(args.downstream) if args.downstream else None
         self._down = _Downstream()
         resource = Resource.create({"service.name": args.name, "process.pid": os.getpid(),
@@ -184,6 +184,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-ms", type=float, default=4.0)
     p.add_argument("--data-dir", default="/var/tmp/isoscope-lab")
     p.add_argument("--cpu-dir", default="", help="cgroup directory with cpu.stat")
+    p.add_argument("--v2-dir", default="", help="cgroup v2 directory (memory.pressure)")
     p.add_argument("--peer-ip", default="")
     p.add_argument("--otlp-endpoint", default="http://127.0.0.1:4318/v1/traces")
     p.add_argument("--host-netns-fd", type=int, default=-1)

@@ -21,6 +21,11 @@ Sources and the oracle's assumptions:
   the thread stayed on one CPU; otherwise the sum over the CPUs seen.
 * I/O time: the service times each ``O_DIRECT`` read itself (monotonic clock
   around ``pread``); the caller passes the sum.
+* memory stall: the ``some`` total of the service cgroup's v2
+  ``memory.pressure`` (PSI). With one runnable thread in the group, "some
+  task stalled on memory" is that thread's time in reclaim (and in waiting
+  for refaults of recently evicted working-set pages, which PSI also counts
+  as memory stall).
 """
 
 from __future__ import annotations
@@ -44,8 +49,10 @@ RUN_DELAY = TRUTH_PREFIX + "run_delay_ns"
 ONCPU = TRUTH_PREFIX + "oncpu_ns"
 FAULT = TRUTH_PREFIX + "fault"
 NR_THROTTLED = TRUTH_PREFIX + "nr_throttled"
+RECLAIM = TRUTH_PREFIX + "reclaim_ns"
 
-TRUTH_COMPONENT = {RUNQUEUE: "runqueue", THROTTLE: "cpu_throttle", IO: "virtio_io", STEAL: "steal"}
+TRUTH_COMPONENT = {RUNQUEUE: "runqueue", THROTTLE: "cpu_throttle", IO: "virtio_io", STEAL: "steal",
+                   RECLAIM: "memory_reclaim"}
 """Truth attribute → the isoscope component it is the oracle for."""
 
 
@@ -99,6 +106,20 @@ def read_cpu_stat(cpu_dir: str | None) -> CpuStat:
     return CpuStat(nr, int(kv.get("throttled_usec", 0)) * 1000)
 
 
+def read_memory_pressure_ns(cgroup_dir: str | None) -> int:
+    """``some total`` of a cgroup's ``memory.pressure`` in ns (0 when PSI is unavailable)."""
+    if not cgroup_dir:
+        return 0
+    try:
+        with open(os.path.join(cgroup_dir, "memory.pressure"), encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("some"):
+                    return int(line.rsplit("total=", 1)[1]) * 1000
+    except (OSError, IndexError, ValueError):
+        pass
+    return 0
+
+
 @dataclass(slots=True, frozen=True)
 class TruthSnapshot:
     """Counters at the start of a request."""
@@ -109,6 +130,7 @@ class TruthSnapshot:
     cpu: int
     steal: dict[int, int]
     cpu_stat: CpuStat
+    memstall_ns: int
 
 
 class TruthRecorder:
@@ -117,17 +139,19 @@ class TruthRecorder:
     Args:
         cpu_dir: the service cgroup's directory holding ``cpu.stat`` (None: no throttling truth).
         fault: name of the fault injected on this hop (``"none"`` when clean).
+        pressure_dir: the service cgroup's v2 directory (PSI ``memory.pressure``).
     """
 
-    def __init__(self, cpu_dir: str | None, fault: str = "none") -> None:
+    def __init__(self, cpu_dir: str | None, fault: str = "none", pressure_dir: str | None = None) -> None:
         self.cpu_dir = cpu_dir
         self.fault = fault
+        self.pressure_dir = pressure_dir
 
     def begin(self) -> TruthSnapshot:
         """Snapshot the counters now (call right after the span starts)."""
         oncpu, delay = read_thread_schedstat()
         return TruthSnapshot(time.monotonic_ns(), oncpu, delay, read_thread_cpu(), read_steal_ticks(),
-                             read_cpu_stat(self.cpu_dir))
+                             read_cpu_stat(self.cpu_dir), read_memory_pressure_ns(self.pressure_dir))
 
     def end(self, before: TruthSnapshot, io_ns: int = 0) -> dict[str, int | str]:
         """Deltas since ``before`` as ``test.truth.*`` attributes (call right before the span ends)."""
@@ -135,6 +159,7 @@ class TruthRecorder:
         cpu_end = read_thread_cpu()
         steal = read_steal_ticks()
         cs = read_cpu_stat(self.cpu_dir)
+        memstall = read_memory_pressure_ns(self.pressure_dir)
         run_delay = delay - before.run_delay_ns
         d_nr = cs.nr_throttled - before.cpu_stat.nr_throttled
         d_thr = cs.throttled_ns - before.cpu_stat.throttled_ns
@@ -149,5 +174,6 @@ class TruthRecorder:
             NR_THROTTLED: d_nr,
             IO: io_ns,
             STEAL: steal_ns,
+            RECLAIM: max(0, memstall - before.memstall_ns),
             FAULT: self.fault,
         }
