@@ -138,6 +138,11 @@ class KernelConfig(_Section):
     """Exit at start when a required capability is missing (instead of forwarding spans unenriched)."""
 
 
+class KvmConfig(_Section):
+    classification: dict[str, str] = {}
+    """Exit-reason → component overrides, e.g. ``{"vmx:HLT": "vm_exit"}`` (see docs/kvm.md)."""
+
+
 class KubernetesConfig(_Section):
     enabled: bool = False
     node_name: str = ""
@@ -157,6 +162,7 @@ class Config(_Section):
     probes: ProbesConfig = ProbesConfig()
     kernel: KernelConfig = KernelConfig()
     kubernetes: KubernetesConfig = KubernetesConfig()
+    kvm: KvmConfig = KvmConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
 

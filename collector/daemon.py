@@ -19,9 +19,11 @@ import time
 from typing import Any, Callable
 
 from collector import capabilities, kernelenv
+from collector import kvm_reasons  # noqa: F401  (registers the KVM exit-reason record decoders)
 from collector.attribution import Attributor
 from collector.clock import MonoWallClock
 from collector.config import Config, ConfigError
+from collector.kernel_metrics import MIRRORED_COMPONENTS, KernelMetrics
 from collector.metadata import WorkloadResolver
 from collector.model import LifecycleEvent, LifecycleKind, RunSegment, Stall, Stats, TraceBatch, Workload
 from collector.pipeline import EnrichPipeline
@@ -113,6 +115,9 @@ class Daemon:
         self._probe_thread: threading.Thread | None = None
         self._wal: DiskSpool | None = None
         self._pods: Any = None
+        self.kernel_metrics: KernelMetrics | None = None
+        self.vms: Any = None
+        self.kvm_counter: Any = None
 
     # -- readiness --------------------------------------------------------------
 
@@ -342,12 +347,30 @@ class Daemon:
             self.watch = WatchSet(self.probes.loaded_modules)
             if self.cfg.probes.watch_all:
                 self.watch.set_watch_all(True)
+            self._start_kvm()
+            if self.metrics is not None:
+                self.kernel_metrics = KernelMetrics(self.probes.bpf, self.metrics, self.resolver.cgroup_labels)
             self._start_steal()
             self.probes.start(poll_interval_s=self.cfg.probes.poll_interval_ms / 1000)
         except Exception:
             logger.exception("kernel probes could not be started; spans are forwarded unenriched")
         finally:
             self._probes_settled.set()
+
+    def _start_kvm(self) -> None:
+        """Host side of VMs: exit classification into the kernel, VM identity for the exit counters."""
+        if self.probes is None or not self.probes.attached("kvm"):
+            return
+        from collector.vms import VmRegistry
+        try:
+            kvm_reasons.fill_kernel_classification(self.probes.bpf("kvm"),
+                                                   kvm_reasons.load_classification(self.cfg.kvm.classification))
+        except ValueError as exc:
+            logger.error("kvm.classification: %s; using the default classification", exc)
+            kvm_reasons.fill_kernel_classification(self.probes.bpf("kvm"), kvm_reasons.load_classification(None))
+        self.vms = VmRegistry(self.cfg.kernel.host_proc, self.cfg.kernel.host_sys)
+        if self.metrics is not None:
+            self.kvm_counter = kvm_reasons.KvmExitCounter(self.metrics.add_kvm_exits, self.vms.vm_label)
 
     def _start_steal(self) -> None:
         try:
@@ -365,7 +388,9 @@ class Daemon:
     def _on_kernel_event(self, ev: Any) -> None:
         if isinstance(ev, Stall):
             self.timeline.add_stall(ev)
-            if self.metrics is not None and self.resolver is not None:
+            # Components the kernel also totals are counted from those totals (every wait, not only
+            # the ones above the threshold), see KernelMetrics.
+            if self.metrics is not None and self.resolver is not None and ev.component not in MIRRORED_COMPONENTS:
                 ns, pod, container = self.resolver.cgroup_labels(ev.cgroup_id)
                 self.metrics.add_stall(ev, ns, pod, container)
         elif isinstance(ev, RunSegment):
@@ -375,6 +400,12 @@ class Daemon:
                 self.resolver.forget(ev.pid)
                 if self.watch is not None and ev.pid in self.watch.tgids:
                     self.watch.remove_tgid(ev.pid)
+            elif ev.kind is LifecycleKind.CGROUP_RMDIR and self.resolver is not None:
+                labels = self.resolver.forget_cgroup(ev.cgroup_id)
+                if labels is not None and self.metrics is not None and any(labels):
+                    self.metrics.forget_workload(*labels)
+                if self.watch is not None and ev.cgroup_id in self.watch.cgroups:
+                    self.watch.remove_cgroup(ev.cgroup_id)
 
     def _watch_workload(self, wl: Workload) -> None:
         if self.watch is None:
@@ -395,6 +426,12 @@ class Daemon:
                 if self.metrics is not None and self.steal is not None:
                     for cpu, secs in self.steal.totals().items():
                         self.metrics.set_steal_seconds(cpu, secs)
+                if self.kernel_metrics is not None:
+                    self.kernel_metrics.collect()
+                if self.kvm_counter is not None and self.vms is not None and self.probes is not None:
+                    from collector.kvm_reasons import read_exit_totals
+                    self.vms.refresh()
+                    self.kvm_counter.update(read_exit_totals(self.probes.bpf("kvm")))
             except Exception:
                 logger.exception("housekeeping failed")
 

@@ -246,6 +246,11 @@ class WorkloadResolver:
 
     # -- kernel records ----------------------------------------------------------
 
+    def forget_cgroup(self, cgroup_id: int) -> tuple[str, str, str] | None:
+        """Drop a removed cgroup's cached labels; returns them (or None if never looked up)."""
+        with self._lock:
+            return self._cgroup_labels.pop(cgroup_id, None)
+
     def cgroup_labels(self, cgroup_id: int) -> tuple[str, str, str]:
         """(namespace, pod, container) metric labels for a cgroup v2 id."""
         with self._lock:

@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 class SpanObserver(Protocol):
     """Receives every enriched span's breakdown (the Prometheus exporter)."""
 
-    def observe_span(self, service: str, breakdown: Breakdown, trace_id_hex: str) -> None: ...
+    def observe_span(self, service: str, breakdown: Breakdown, trace_id_hex: str,
+                     layers: Any = None) -> None: ...
 
 
 class Spool(Protocol):
@@ -236,7 +237,8 @@ class EnrichPipeline:
                         enriched += 1
                         self.stats.inc("spans_enriched_total", (wl.scope,))
                         if self._observer is not None:
-                            self._observer.observe_span(service, bd, span.trace_id.hex())
+                            self._observer.observe_span(service, bd, span.trace_id.hex(),
+                                                        layers=wl.stack.layers if wl.stack else None)
                     except Exception:
                         self.stats.inc("enrichment_failures_total", ("join",))
                         if self._failures_logged < 5:

@@ -87,17 +87,22 @@ class Chain:
         hops: the hop specifications, entry hop first.
         otlp_endpoint: OTLP/HTTP traces URL the services export to (reached from the root namespace).
         run_id: value of the ``lab.run`` resource attribute on every span (to find this run's spans).
-        service_prefix: ``service.name`` of hop ``i`` is ``f"{service_prefix}{i}"``.
+        service_prefix: ``service.name`` of hop ``i`` is ``f"{service_prefix}{i}"``…
+        names: … unless explicit names are given, one per hop.
     """
 
     def __init__(self, hops: Sequence[HopSpec], otlp_endpoint: str = "http://127.0.0.1:4318/v1/traces",
-                 run_id: str | None = None, service_prefix: str = "hop") -> None:
+                 run_id: str | None = None, service_prefix: str = "hop",
+                 names: Sequence[str] | None = None) -> None:
         if not 1 <= len(hops) <= 8:
             raise ValueError("a chain has 1..8 hops")
         self.specs = list(hops)
         self.otlp_endpoint = otlp_endpoint
         self.run_id = run_id or uuid.uuid4().hex[:12]
         self.prefix = service_prefix
+        if names is not None and len(names) != len(self.specs):
+            raise ValueError("one name per hop")
+        self.names = list(names) if names is not None else None
         self.tag = f"{lab_tag()}{next(_counter) % 16:x}"
         self.hops: list[RunningHop] = []
         self.links: list[VethLink] = []
@@ -112,7 +117,8 @@ class Chain:
         return f"http://{self.hops[0].ip}:{SERVICE_PORT}/work"
 
     def service_name(self, i: int) -> str:
-        return f"{self.prefix}{i}"
+        """``service.name`` of hop ``i``."""
+        return self.names[i] if self.names else f"{self.prefix}{i}"
 
     def start(self, ready_timeout_s: float = 30.0) -> Chain:
         """Build namespaces, links and cgroups, start every service, wait until all answer, apply faults."""

@@ -39,7 +39,8 @@ SYSCALLS = ProbeSpec(
     source="syscalls.bpf.c",
     summary="per-class syscall latency histograms per cgroup; blocked-in-syscall intervals of watched workloads",
     attach=(raw_tp("raw_syscalls:sys_enter"), raw_tp("raw_syscalls:sys_exit"),
-            raw_tp("sched:sched_process_exit")),
+            raw_tp("cgroup:cgroup_attach_task", required=False)),
+    features=("bpf", "raw_tracepoint", "ringbuf", "btf"),
     fallback="no kernel.syscall baseline",
     ringbuf_pages=256,
 )

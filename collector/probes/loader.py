@@ -146,6 +146,10 @@ class ProbeManager:
             if reason:
                 status.reason = reason
                 logger.warning("probe %s not attached: %s", spec.name, reason)
+                if not spec.required:
+                    # An optional extra this kernel cannot run is not an outage: no
+                    # probe_attached series, so "probe down" alerts stay meaningful.
+                    continue
             else:
                 self._compile(loaded, have)
             self._stats.set_gauge("probe_attached", (spec.name,), 1.0 if status.attached else 0.0)

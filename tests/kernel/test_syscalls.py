@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -112,32 +111,56 @@ def test_watched_blocking_syscalls_become_classed_stalls(load_probe, tmp_path):
     assert probe.manager.check_losses()["syscalls"] == 0
 
 
-def test_per_thread_state_is_removed_when_a_blocked_thread_is_killed(load_probe):
+# Sleeps of 5 ms for a while, each measured; watched and unwatched from outside meanwhile.
+SLEEPER = r"""
+import json, sys, threading, time
+end = time.monotonic() + float(sys.argv[1])
+ops = []
+while time.monotonic() < end:
+    t0 = time.monotonic_ns(); time.sleep(0.005); ops.append((t0, time.monotonic_ns()))
+print(json.dumps({"tid": threading.get_native_id(), "ops": ops}), flush=True)
+"""
+
+
+def test_cached_decision_follows_watch_changes_and_cgroup_moves(load_probe):
+    """A task already known as unwatched is tracked from the moment it is watched, and no longer."""
     probe = load_probe(catalog.SYSCALLS)
-    sleeper = subprocess.Popen([sys.executable, "-c", "import sys,time; sys.stdin.readline(); time.sleep(30)"],
-                               stdin=subprocess.PIPE, text=True)
-    try:
-        probe.watch.add_tgid(sleeper.pid)
-        sleeper.stdin.write("go\n")
-        sleeper.stdin.flush()
-        inflight = probe.bpf["inflight"]
-        key = ctypes.c_uint32(sleeper.pid)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            entry = inflight.get(key)
-            if entry is not None and entry.nr == 230:   # clock_nanosleep
-                break
-            time.sleep(0.02)
-        else:
-            pytest.fail("the watched sleeper never showed up in the in-flight map")
-        sleeper.send_signal(signal.SIGKILL)
-        sleeper.wait(timeout=5)
-        # sys_exit never runs for a killed sleeper; sched_process_exit must drop its entry.
-        assert inflight.get(key) is None
-    finally:
-        if sleeper.poll() is None:
-            sleeper.kill()
-            sleeper.wait()
+    fill_class_map(probe.bpf["syscall_class"])
+    with make_cgroup(f"isoscope-test-sc-move-{os.getpid()}", v1_controllers=()) as cg:
+        assert probe.watch.add_cgroup(cg.id)
+        proc = subprocess.Popen([sys.executable, "-c", SLEEPER, "1.6"], stdout=subprocess.PIPE, text=True)
+        try:
+            time.sleep(0.3)                       # hundreds of syscalls: decision cached as unwatched
+            w1 = time.monotonic_ns()
+            assert probe.watch.add_tgid(proc.pid)
+            time.sleep(0.4)
+            probe.watch.remove_tgid(proc.pid)
+            w2 = time.monotonic_ns()
+            time.sleep(0.4)
+            w3 = time.monotonic_ns()
+            cg.add(proc.pid)                      # into a watched cgroup: tracked again
+            out, _ = proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        report = json.loads(out)
+        events = probe.wait_for(lambda evs: any(isinstance(e, Stall) and e.start_mono_ns > w3 for e in evs))
+        stalls = [e for e in events if isinstance(e, Stall) and e.tid == report["tid"]]
+
+        def seen(t0: int, t1: int) -> bool:
+            return any(t0 <= s.start_mono_ns and s.end_mono_ns <= t1 for s in stalls)
+
+        phases = {"before": (0, w1), "watched": (w1, w2), "unwatched": (w2, w3), "in_cgroup": (w3, 1 << 63)}
+        for phase, (lo, hi) in phases.items():
+            ops = [(t0, t1) for t0, t1 in report["ops"] if lo < t0 and t1 < hi]
+            assert len(ops) >= 20, (phase, len(ops))
+            hits = sum(seen(*op) for op in ops)
+            if phase in ("watched", "in_cgroup"):
+                assert hits == len(ops), (phase, hits, len(ops))
+            else:
+                assert hits == 0, (phase, hits, len(ops))
+        assert {s.cgroup_id for s in stalls if s.start_mono_ns > w3} == {cg.id}
 
 
 def test_class_codes_match_the_header():
