@@ -369,6 +369,9 @@ class Daemon:
             logger.error("kvm.classification: %s; using the default classification", exc)
             kvm_reasons.fill_kernel_classification(self.probes.bpf("kvm"), kvm_reasons.load_classification(None))
         self.vms = VmRegistry(self.cfg.kernel.host_proc, self.cfg.kernel.host_sys)
+        self.vms.refresh()
+        if self.resolver is not None:
+            self.resolver.vms = self.vms
         if self.metrics is not None:
             self.kvm_counter = kvm_reasons.KvmExitCounter(self.metrics.add_kvm_exits, self.vms.vm_label)
 

@@ -77,14 +77,17 @@ class WorkloadResolver:
         host_stack: the node's isolation stack (hypervisor, devices).
         pods: optional Kubernetes pod metadata (``collector.k8smeta``).
         max_processes: cache bound.
+        vms: optional VM registry (``collector.vms.VmRegistry``): spans of a pod or
+            container whose workload runs inside a VM are joined at VM scope.
     """
 
     def __init__(self, proc_root: str = "/proc", sys_root: str = "/sys", host_stack: IsolationStack | None = None,
-                 pods: Any = None, max_processes: int = 20_000) -> None:
+                 pods: Any = None, max_processes: int = 20_000, vms: Any = None) -> None:
         self.proc_root = proc_root
         self.sys_root = sys_root
         self.host_stack = host_stack
         self.pods = pods
+        self.vms = vms
         self.v2_root = cgroupfs.cgroup_v2_root(proc_root)
         self._lock = threading.Lock()
         self._procs: OrderedDict[int, ProcessInfo] = OrderedDict()
@@ -210,6 +213,13 @@ class WorkloadResolver:
             return wl
         container_id = str(identity.get("container.id") or "")
         pod_uid = str(identity.get("k8s.pod.uid") or "")
+        vm = self.vms.vm_for_owner(container_id, pod_uid) if self.vms is not None else None
+        if vm is not None:
+            # The workload runs inside a VM (Kata, Firecracker): its time is the VMM's
+            # threads' time on this host, vCPU threads included.
+            from collector.vms import guest_stack
+            host = self.host_stack or IsolationStack()
+            return Workload(scope="process", pid=vm.pid, cgroup_path=vm.cgroup_path, stack=guest_stack(vm, host))
         if container_id or pod_uid:
             path = self._find_cgroup(container_id or pod_uid)
             if path is not None and self.v2_root:

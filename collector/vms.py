@@ -313,6 +313,16 @@ class VmRegistry:
         tgid = _tgid(tid, self._roots[0])
         return self.vm_for_pid(tgid) if tgid is not None else None
 
+    def vm_for_owner(self, container_id: str = "", pod_uid: str = "") -> VmInfo | None:
+        """The VM whose VMM runs in that container or pod (Kata, Firecracker-based runtimes)."""
+        if not container_id and not pod_uid:
+            return None
+        with self._lock:
+            for vm in self._by_pid.values():
+                if (container_id and vm.container_id == container_id) or (pod_uid and vm.pod_uid == pod_uid):
+                    return vm
+        return None
+
     def vm_label(self, tgid: int) -> str:
         """``vm`` metric label of a VMM tgid (``unknown/<pid>`` if not (yet) discovered)."""
         vm = self.vm_for_pid(tgid)

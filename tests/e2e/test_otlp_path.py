@@ -28,11 +28,14 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 import requests
+
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from tests.cgroup_helpers import Cgroup, make_cgroup
 from tests.e2e.daemon import PYTHON, REPO_ROOT, IsoscopeDaemon, attributes, received_spans
@@ -127,9 +130,7 @@ def daemon(backend: OtlpBackend) -> Iterator[IsoscopeDaemon]:
         yield d
 
 
-@pytest.fixture
-def cgroup_root() -> Iterator[str]:
-    """A unique parent name for this test's cgroups; every cgroup made under it is removed after."""
+def _cgroup_root() -> Iterator[str]:
     name = f"isoscope-e2e-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     yield name
     for base in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup/cpu", "/sys/fs/cgroup"):
@@ -139,6 +140,18 @@ def cgroup_root() -> Iterator[str]:
                 os.rmdir(d)
             except OSError:
                 pass
+
+
+@pytest.fixture
+def cgroup_root() -> Iterator[str]:
+    """A unique parent name for this test's cgroups; the parent is removed after the test."""
+    yield from _cgroup_root()
+
+
+@pytest.fixture(scope="module")
+def module_cgroup_root() -> Iterator[str]:
+    """Same, for module-scoped scenarios."""
+    yield from _cgroup_root()
 
 
 # ---------------------------------------------------------------------------------------
@@ -194,108 +207,137 @@ class TwoServiceApp:
                          for n in ("a.log", "b.log") if (self.tmp / n).exists())
 
 
-@pytest.fixture
-def app(daemon: IsoscopeDaemon, tmp_path: Path, cgroup_root: str) -> Iterator[TwoServiceApp]:
-    a = TwoServiceApp(daemon, tmp_path, cgroup_root)
+@dataclass
+class Scenario:
+    """What one run of the two-service application produced."""
+
+    app: TwoServiceApp
+    records: list[dict[str, Any]]
+    sent: dict[str, dict[str, Any]]
+    got: dict[str, tuple[dict[str, Any], Any]]
+    counts: Any
+    throttled_periods: int
+
+
+@pytest.fixture(scope="module")
+def scenario(daemon: IsoscopeDaemon, backend: OtlpBackend, tmp_path_factory: pytest.TempPathFactory,
+             module_cgroup_root: str) -> Iterator[Scenario]:
+    """Run the application once: a warm-up call, then REQUESTS calls with b under a small CFS quota."""
+    app = TwoServiceApp(daemon, tmp_path_factory.mktemp("two-service"), module_cgroup_root)
     try:
-        yield a
+        # Warm-up: the first span of a process makes the daemon watch it (finer kernel thresholds).
+        app.call(1)
+        assert backend.wait_for_spans(4, timeout_s=30), "warm-up spans never reached the backend"
+        app.cg_b.set_cpu_quota(QUOTA_US, PERIOD_US)
+        throttled_before = v1_throttled_periods(app.cg_b)
+        for _ in range(REQUESTS):
+            app.call(BURN_MS)
+        throttled = v1_throttled_periods(app.cg_b) - throttled_before
+        app.cg_b.set_cpu_quota(None)
+        app.stop_services()
+        assert app.proc_a.returncode == 0 and app.proc_b.returncode == 0, app.logs()
+        records = app.records()
+        sent = {r["span_id"]: r for r in records}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not set(sent) <= set(backend.span_ids()):
+            time.sleep(0.2)
+        yield Scenario(app, records, sent, received_spans(backend.requests), backend.span_id_counts(), throttled)
     finally:
-        a.close()
+        app.close()
 
 
-def test_two_service_app_spans_forwarded_enriched_and_match_the_oracle(
-        app: TwoServiceApp, backend: OtlpBackend, daemon: IsoscopeDaemon) -> None:
-    # Warm-up: the first span of a process makes the daemon watch it (finer kernel thresholds).
-    app.call(1)
-    assert backend.wait_for_spans(4, timeout_s=30), "warm-up spans never reached the backend"
-    app.cg_b.set_cpu_quota(QUOTA_US, PERIOD_US)
-    throttled_before = v1_throttled_periods(app.cg_b)
-    answers = [app.call(BURN_MS) for _ in range(REQUESTS)]
-    throttled_after = v1_throttled_periods(app.cg_b)
-    app.cg_b.set_cpu_quota(None)
-    app.stop_services()
-    assert app.proc_a.returncode == 0 and app.proc_b.returncode == 0, app.logs()
-
-    records = app.records()
-    sent = {r["span_id"]: r for r in records}
+def test_every_span_arrives_exactly_once(scenario: Scenario, daemon: IsoscopeDaemon) -> None:
     # 1 + REQUESTS requests x (a server, a client, b server, b.burn)
-    assert len(sent) == 4 * (REQUESTS + 1), f"the services recorded {len(sent)} spans: {app.logs()}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not set(sent) <= set(backend.span_ids()):
-        time.sleep(0.2)
-    got = received_spans(backend.requests)
-    missing = set(sent) - set(got)
-    assert not missing, f"{len(missing)} of {len(sent)} spans never arrived; daemon log:\n{daemon.stderr()[-3000:]}"
-    counts = backend.span_id_counts()
-    assert all(counts[s] == 1 for s in sent), {s: counts[s] for s in sent if counts[s] != 1}
+    assert len(scenario.sent) == 4 * (REQUESTS + 1), f"the services recorded {len(scenario.sent)} spans: " \
+                                                     f"{scenario.app.logs()}"
+    missing = set(scenario.sent) - set(scenario.got)
+    assert not missing, (f"{len(missing)} of {len(scenario.sent)} spans never arrived; daemon log:\n"
+                         f"{daemon.stderr()[-3000:]}")
+    dup = {s: scenario.counts[s] for s in scenario.sent if scenario.counts[s] != 1}
+    assert not dup, f"spans forwarded more than once: {dup}"
 
-    cpuinfo = Path("/proc/cpuinfo").read_text()
-    in_vm = " hypervisor" in cpuinfo
-    for sid, rec in sent.items():
-        res, span = got[sid]
+
+def test_every_original_attribute_is_kept(scenario: Scenario) -> None:
+    servers = [r for r in scenario.records if r["kind"] == "SERVER"]
+    # The application's own attributes were on the spans: the comparison is not vacuous.
+    assert servers and all(r["attributes"].get("test.original.string") == "kept" for r in servers)
+    assert all(set(ORIGINAL_ATTRIBUTES) <= set(r["attributes"]) for r in servers)
+    changed = []
+    for sid, rec in scenario.sent.items():
+        res, span = scenario.got[sid]
         attrs = attributes(span.attributes)
-        # Every original attribute kept, unchanged (resource too).
-        for k, v in rec["attributes"].items():
-            assert attrs.get(k) == v, f"{rec['name']}: attribute {k} was {v!r}, forwarded {attrs.get(k)!r}"
-        for k, v in rec["resource"].items():
-            assert res.get(k) == v, f"resource attribute {k} was {v!r}, forwarded {res.get(k)!r}"
-        assert span.trace_id.hex() == rec["trace_id"] and span.parent_span_id.hex() == rec["parent_span_id"]
-        # The contract's attributes, matched to the serving thread.
-        absent = [k for k in CONTRACT_KEYS if k not in attrs]
-        assert not absent, f"{rec['name']} lacks {absent}"
-        assert attrs["isolation.scope"] == "thread", (rec["name"], attrs["isolation.scope"])
-        assert 0.0 < attrs["isolation.coverage"] <= 1.0, (rec["name"], attrs["isolation.coverage"])
-        if in_vm:
-            assert "L-1" in attrs["isolation.stack"] and attrs["isolation.hypervisor"] != "none", attrs
-    # The application's own attributes were on the spans (not a vacuous comparison).
-    servers = [r for r in records if r["kind"] == "SERVER"]
-    assert servers and all(r["attributes"].get("test.original.string") == ORIGINAL_ATTRIBUTES["test.original.string"]
-                           for r in servers)
+        changed += [(rec["name"], k, v, attrs.get(k)) for k, v in rec["attributes"].items() if attrs.get(k) != v]
+        changed += [(rec["name"], "resource:" + k, v, res.get(k)) for k, v in rec["resource"].items()
+                    if res.get(k) != v]
+        if span.trace_id.hex() != rec["trace_id"] or span.parent_span_id.hex() != rec["parent_span_id"]:
+            changed.append((rec["name"], "ids", rec["trace_id"], span.trace_id.hex()))
+    assert not changed, f"(span, key, sent, forwarded): {changed}"
 
-    # traceparent propagation: b's server span is a child of a's client span, same trace.
-    by_name: dict[str, list[dict[str, Any]]] = {}
-    for r in records:
-        by_name.setdefault(f"{r['resource']['service.name']}:{r['kind']}", []).append(r)
-    clients_a = {r["span_id"]: r for r in by_name["e2e-svc-a:CLIENT"]}
-    for b_server in by_name["e2e-svc-b:SERVER"]:
+
+def test_contract_attributes_with_thread_scope(scenario: Scenario) -> None:
+    in_vm = " hypervisor" in Path("/proc/cpuinfo").read_text()
+    problems = []
+    for sid, rec in scenario.sent.items():
+        attrs = attributes(scenario.got[sid][1].attributes)
+        absent = [k for k in CONTRACT_KEYS if k not in attrs]
+        if absent:
+            problems.append((rec["name"], "missing", absent))
+            continue
+        if attrs["isolation.scope"] != "thread":
+            problems.append((rec["name"], "scope", attrs["isolation.scope"]))
+        if not 0.0 < attrs["isolation.coverage"] <= 1.0:
+            problems.append((rec["name"], "coverage", attrs["isolation.coverage"]))
+        if in_vm and ("L-1" not in attrs["isolation.stack"] or attrs["isolation.hypervisor"] == "none"):
+            problems.append((rec["name"], "stack", attrs["isolation.stack"], attrs["isolation.hypervisor"]))
+    assert not problems, f"{len(problems)} of {len(scenario.sent)} spans: {problems}"
+
+
+def test_traceparent_propagation_intact(scenario: Scenario) -> None:
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for r in scenario.records:
+        by_kind.setdefault(f"{r['resource']['service.name']}:{r['kind']}", []).append(r)
+    clients_a = {r["span_id"]: r for r in by_kind["e2e-svc-a:CLIENT"]}
+    assert len(by_kind["e2e-svc-b:SERVER"]) == REQUESTS + 1
+    for b_server in by_kind["e2e-svc-b:SERVER"]:
         parent = clients_a.get(b_server["parent_span_id"])
         assert parent is not None, f"b's server span {b_server['span_id']} has no a-client parent"
         assert parent["trace_id"] == b_server["trace_id"]
-        _, fwd = got[b_server["span_id"]]
+        _, fwd = scenario.got[b_server["span_id"]]
         assert fwd.parent_span_id.hex() == parent["span_id"] and fwd.trace_id.hex() == parent["trace_id"]
 
-    # The kernel throttled b (its own accounting says so) ...
-    assert throttled_after > throttled_before, "b was never throttled: the scenario did not happen"
-    # ... and the sched probe must see it (reported separately if it is not attached).
+
+def test_b_throttling_matches_its_own_schedstat(scenario: Scenario) -> None:
+    # The kernel throttled b (its own accounting says so): the scenario happened.
+    assert scenario.throttled_periods > 0, "b was never throttled"
+    measured = [r for r in scenario.records if r["name"] == "b.burn"
+                and r["attributes"]["test.truth.run_delay_ns"] >= 50_000_000]
+    assert len(measured) == REQUESTS, [r["attributes"]["test.truth.run_delay_ns"] for r in scenario.records
+                                       if r["name"] == "b.burn"]
     attached, why = sched_attached()
     assert attached, f"sched probe not attached ({why}): no run-queue/throttle attribution to compare"
-    burn_ids = {r["span_id"] for r in records if r["name"] == "b.burn"}
-    truths = {a["tid"] for a in answers}
-    assert len(truths) >= 1
-    mismatches = []
-    throttle_seen = 0
-    for r in records:
-        if r["name"] != "b.burn" or r["attributes"]["test.truth.run_delay_ns"] < 50_000_000:
-            continue  # the warm-up (unthrottled) burn is too short to mean anything
-        truth = r["attributes"]["test.truth.run_delay_ns"]
-        attrs = attributes(got[r["span_id"]][1].attributes)
-        throttle = attrs.get("isolation.l3.cpu_throttle.ns", 0)
-        runq = attrs.get("isolation.l3.runqueue.ns", 0)
-        throttle_seen += throttle > 0
-        if not within_tolerance(throttle + runq, truth):
-            mismatches.append((r["span_id"], truth, throttle, runq))
-        if throttle > runq:
-            assert attrs.get("isolation.blame") == "l3.cpu_throttle", attrs
-    measured = [r for r in records if r["name"] == "b.burn" and r["attributes"]["test.truth.run_delay_ns"] >= 50e6]
-    assert len(measured) == REQUESTS, [r["attributes"]["test.truth.run_delay_ns"] for r in records
-                                       if r["name"] == "b.burn"]
-    assert not mismatches, ("kernel attribution (throttle + runqueue) vs oracle run delay, ns "
-                            f"(span, truth, throttle, runqueue): {mismatches}")
-    assert throttle_seen == REQUESTS, "CFS throttling was not attributed to l3.cpu_throttle"
-    # Stalls ≥ 1 ms became child spans of the span they held back.
-    children = [s for _, s in got.values() if s.name == "isolation L-3 cpu_throttle"
+    rows = []
+    for r in measured:
+        attrs = attributes(scenario.got[r["span_id"]][1].attributes)
+        rows.append((r["span_id"], r["attributes"]["test.truth.run_delay_ns"],
+                     attrs.get("isolation.l3.cpu_throttle.ns", 0), attrs.get("isolation.l3.runqueue.ns", 0),
+                     attrs.get("isolation.blame", ""), attrs.get("isolation.scope")))
+    logger.info("(span, oracle run delay, cpu_throttle, runqueue, blame, scope): %s", rows)
+    bad = [row for row in rows if not within_tolerance(row[2] + row[3], row[1])]
+    assert not bad, f"throttle+runqueue vs oracle run delay, (span, truth, throttle, runqueue, blame, scope): {bad}"
+    assert all(row[2] > 0 for row in rows), f"CFS throttling not attributed to l3.cpu_throttle: {rows}"
+    assert all(row[4] == "l3.cpu_throttle" for row in rows if row[2] > row[3]), rows
+
+
+def test_stalls_become_child_spans(scenario: Scenario) -> None:
+    burn_ids = {r["span_id"] for r in scenario.records if r["name"] == "b.burn"}
+    children = [s for _, s in scenario.got.values() if s.name == "isolation L-3 cpu_throttle"
                 and s.parent_span_id.hex() in burn_ids]
     assert children, "no 'isolation L-3 cpu_throttle' child span under b.burn"
+    for c in children:
+        attrs = attributes(c.attributes)
+        assert attrs["isolation.layer"] == "L-3" and attrs["isolation.component"] == "cpu_throttle"
+        assert c.kind == Span.SPAN_KIND_INTERNAL
+        assert c.end_time_unix_nano - c.start_time_unix_nano >= 1_000_000
 
 
 # ---------------------------------------------------------------------------------------

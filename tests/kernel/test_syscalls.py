@@ -131,14 +131,18 @@ def test_cached_decision_follows_watch_changes_and_cgroup_moves(load_probe):
         proc = subprocess.Popen([sys.executable, "-c", SLEEPER, "1.6"], stdout=subprocess.PIPE, text=True)
         try:
             time.sleep(0.3)                       # hundreds of syscalls: decision cached as unwatched
-            w1 = time.monotonic_ns()
+            # Each change is bracketed by timestamps: a sleep overlapping a change may go either way.
+            w1a = time.monotonic_ns()
             assert probe.watch.add_tgid(proc.pid)
+            w1b = time.monotonic_ns()
             time.sleep(0.4)
+            w2a = time.monotonic_ns()
             probe.watch.remove_tgid(proc.pid)
-            w2 = time.monotonic_ns()
+            w2b = time.monotonic_ns()
             time.sleep(0.4)
-            w3 = time.monotonic_ns()
+            w3a = time.monotonic_ns()
             cg.add(proc.pid)                      # into a watched cgroup: tracked again
+            w3 = time.monotonic_ns()
             out, _ = proc.communicate(timeout=10)
         finally:
             if proc.poll() is None:
@@ -151,7 +155,7 @@ def test_cached_decision_follows_watch_changes_and_cgroup_moves(load_probe):
         def seen(t0: int, t1: int) -> bool:
             return any(t0 <= s.start_mono_ns and s.end_mono_ns <= t1 for s in stalls)
 
-        phases = {"before": (0, w1), "watched": (w1, w2), "unwatched": (w2, w3), "in_cgroup": (w3, 1 << 63)}
+        phases = {"before": (0, w1a), "watched": (w1b, w2a), "unwatched": (w2b, w3a), "in_cgroup": (w3, 1 << 63)}
         for phase, (lo, hi) in phases.items():
             ops = [(t0, t1) for t0, t1 in report["ops"] if lo < t0 and t1 < hi]
             assert len(ops) >= 20, (phase, len(ops))
