@@ -72,23 +72,44 @@ def run_loop(calls: int, before_start: Callable[[int], None] | None = None) -> f
 
 
 class Toggle:
-    """Attach / detach the sys_enter+sys_exit programs of one loaded bcc module."""
+    """Attach / detach every (raw) tracepoint program of one loaded bcc module."""
 
     def __init__(self, bpf: Any) -> None:
         self.bpf = bpf
+        self.raw = list(bpf.raw_tracepoint_fds)
+        self.tps = list(bpf.tracepoint_fds)
         self.attached = True
 
     def off(self) -> None:
         if self.attached:
-            for tp in RAW_TPS:
+            for tp in self.raw:
                 self.bpf.detach_raw_tracepoint(tp=tp)
+            for tp in self.tps:
+                self.bpf.detach_tracepoint(tp=tp)
             self.attached = False
 
     def on(self) -> None:
         if not self.attached:
-            for tp in RAW_TPS:
+            for tp in self.raw:
                 self.bpf.attach_raw_tracepoint(tp=tp, fn_name=b"raw_tracepoint__" + tp)
+            for tp in self.tps:
+                self.bpf.attach_tracepoint(tp=tp, fn_name=b"tracepoint__" + tp.replace(b":", b"__"))
             self.attached = True
+
+
+class Group:
+    """Several toggles switched together."""
+
+    def __init__(self, toggles: list[Toggle]) -> None:
+        self.toggles = toggles
+
+    def off(self) -> None:
+        for t in self.toggles:
+            t.off()
+
+    def on(self) -> None:
+        for t in self.toggles:
+            t.on()
 
 
 def start_syscount() -> subprocess.Popen[str]:
@@ -151,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     iso_bpf = pm.bpf("syscalls")
     fill_class_map(iso_bpf["syscall_class"])
     watch = WatchSet(pm.loaded_modules)
-    iso = Toggle(iso_bpf)
+    # The sched probe (when present) is attached only in the isoscope rows, with the syscalls probe.
+    iso = Group([Toggle(m) for m in pm.loaded_modules()])
     floor = Toggle(BPF(text=FLOOR_SRC))
     iso.off()
     floor.off()
@@ -206,7 +228,8 @@ def render(r: dict[str, Any]) -> str:
         f"{r['calls']:,} calls per sample, "
         f"{r['rounds']} alternating rounds, median of per-round differences to the same round's bare run. "
         f"Bare: {r['baseline_ns']:.0f} ns per call (Python loop + syscall). "
-        f"sched probe loaded alongside: {'yes' if r['sched_probe_loaded'] else 'no (bpf/sched.bpf.c absent or not attached)'}.",
+        f"sched probe attached with the syscalls probe in the isoscope rows: "
+        f"{'yes' if r['sched_probe_loaded'] else 'no (bpf/sched.bpf.c absent or not attached)'}.",
         "",
         "| attached | added ns/syscall | × floor |",
         "|---|---:|---:|",

@@ -365,17 +365,15 @@ def _console() -> Any:
 def report(path: str, *, top: int = 5, png: str | None = None, as_json: bool = False,
            console: Any = None) -> int:
     """Run the report; returns the process exit code (0 ok or nothing to show, 2 bad input)."""
-    from rich.console import Console
-
     out = console or _console()
-    err = Console(stderr=True)
     if top < 1:
-        err.print("isoscope report: --top must be ≥ 1")
+        print("isoscope report: --top must be ≥ 1", file=sys.stderr)
         return 2
     try:
         spans = load_spans(path)
     except ReportError as exc:
-        err.print(f"isoscope report: {exc}", markup=False, highlight=False)
+        # Plain stderr, never wrapped: the message names file:line for editors and scripts.
+        print(f"isoscope report: {exc}", file=sys.stderr)
         return 2
     traces = build_traces(spans)[:top]
     if as_json:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from collector.model import ProbeStatus, Stats
 from collector.probes.decode import DecodeError, decode_record
+from collector.probes.memory import release_compiler_pages
 from collector.probes.spec import ProbeSpec
 
 logger = logging.getLogger(__name__)
@@ -184,9 +185,10 @@ class ProbeManager:
     def _free_llvm() -> None:
         try:
             from bcc import BPF
-            BPF.free_bcc_memory(None)  # releases LLVM's memory once nothing more is compiled
+            BPF.free_bcc_memory(None)  # releases LLVM's heap once nothing more is compiled
         except Exception:  # pragma: no cover - older bcc without it
             logger.debug("free_bcc_memory unavailable", exc_info=True)
+        release_compiler_pages()  # and its code pages
 
     def _make_callback(self, loaded: LoadedProbe):
         sink = self._sink

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -19,7 +20,9 @@ from tests.kernel.conftest_sysprobes import load_probe  # noqa: F401
 
 pytestmark = pytest.mark.kernel
 
-READ_SIZE = 16384
+logger = logging.getLogger(__name__)
+
+READ_SIZE = 65536
 READS = 150
 
 # O_DIRECT reads at spread offsets (no page cache, no readahead): each is one device request.
@@ -118,8 +121,10 @@ def test_odirect_reads_are_virtio_stalls_of_the_reader(load_probe, data_file):
             assert sum(1 for s in mine if t0 <= s.start_mono_ns and s.end_mono_ns <= t1) == 1
         measured = sum(t1 - t0 for t0, t1 in report["ops"])
         device = sum(s.duration_ns for s in mine)
-        # Device time is the read minus the syscall path and Python around it.
-        assert 0.6 * measured <= device <= measured, (device, measured)
+        # Device time is the read minus the syscall path, the completion wake-up and
+        # Python around it: 0.74-0.82 of it for 64 KiB reads on the development machine.
+        logger.info("virtio device time / reader-measured time = %.3f", device / measured)
+        assert 0.5 * measured <= device <= measured, (device, measured)
 
         # The unwatched reader: only requests >= 1 ms may cross, but its cgroup's histogram counts all.
         assert all(s.duration_ns >= 1_000_000 for s in events if isinstance(s, Stall) and s.pid == unwatched.pid)

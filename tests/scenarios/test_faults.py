@@ -1,0 +1,135 @@
+"""Each injected fault is blamed on the right layer and hop, with the span's own kernel truth as oracle.
+
+Acceptance, per single fault on the middle hop of a three-hop chain:
+
+* of the faulted hop's spans whose injected stall (truth) is ≥ 20 % of their
+  duration, ≥ 95 % carry ``isolation.blame`` = the component the truth says
+  dominated, and ≥ 95 % have that component's ns within ±10 % (or ±2 ms) of
+  the truth;
+* on the clean hops, ≤ 5 % of spans are blamed although their own truth
+  shows no stall ≥ 20 % of their duration.
+
+Mixed faults on two hops of one chain are each blamed on their own hop.
+These tests run real namespaces, cgroups, services and the daemon with its
+eBPF probes: they need root (marked ``kernel``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from collector.lab import Daemon, HopScore, ScenarioRun, run_scenario, scenarios
+from collector.lab.scenario import score
+from collector.report import build_traces
+
+logger = logging.getLogger(__name__)
+
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]
+
+LOAD_S = 12.0
+MIN_ELIGIBLE = 20
+THRESHOLD = 0.2
+
+
+def _run(name: str, daemon: Daemon) -> ScenarioRun:
+    run = run_scenario(scenarios()[name], daemon, threshold=THRESHOLD, load_s=LOAD_S)
+    for h in run.scores:
+        logger.info("%s: %s", name, h)
+    assert run.load.requests >= 30, f"{name}: only {run.load.requests} requests went through the chain"
+    assert run.load.errors == 0, f"{name}: {run.load.errors} failed requests"
+    hops = len(run.scenario.hops)
+    assert len(run.spans) >= 0.95 * run.load.requests * hops, (
+        f"{name}: {len(run.spans)} spans exported for {run.load.requests} requests × {hops} hops")
+    return run
+
+
+def _hop(run: ScenarioRun, fault: str) -> HopScore:
+    found = [h for h in run.scores if h.fault == fault]
+    assert found, f"no spans of a hop with fault {fault}: {run.scores}"
+    return found[0]
+
+
+def _assert_enriched(run: ScenarioRun) -> None:
+    for h in run.scores:
+        assert h.enriched == h.spans, f"{h.service}: {h.spans - h.enriched} spans not enriched"
+        assert h.thread_scope >= 0.95 * h.spans, f"{h.service}: only {h.thread_scope}/{h.spans} at thread scope"
+
+
+def _assert_faulted(h: HopScore, *, with_ns: bool = True) -> None:
+    assert h.eligible >= MIN_ELIGIBLE, (
+        f"{h.service}: the fault stalled only {h.eligible} of {h.spans} spans by ≥ {THRESHOLD:.0%}")
+    assert h.blamed_right_pct >= 95.0, (
+        f"{h.service}: blamed right on {h.blamed_right}/{h.eligible} spans ({h.blamed_right_pct:.1f} %)")
+    if with_ns:
+        assert h.within_tol_pct >= 95.0, (
+            f"{h.service}: within ±10 %/±2 ms of the truth on {h.within_tol}/{h.eligible} spans "
+            f"(mean truth {h.truth_ms:.2f} ms, measured {h.measured_ms:.2f} ms)")
+
+
+def _assert_clean(run: ScenarioRun) -> None:
+    for h in run.scores:
+        if h.fault == "none":
+            assert h.false_blame_pct <= 5.0, (
+                f"{h.service}: blamed without a stall on {h.false_blame}/{h.spans} spans")
+
+
+@pytest.mark.parametrize("fault", ["cpu_throttle", "cpu_contention", "memory_reclaim", "virtio_io"])
+def test_single_fault_is_blamed_on_its_hop(lab_daemon: Daemon, fault: str) -> None:
+    run = _run(fault, lab_daemon)
+    _assert_enriched(run)
+    _assert_faulted(_hop(run, fault))
+    _assert_clean(run)
+
+
+def test_netns_crossing_is_blamed_on_its_hop(lab_daemon: Daemon) -> None:
+    # Per-packet veth time happens in softirq context: no procfs counter gives it to
+    # the sender, so only the verdict is checked (every span of the hop is judged).
+    run = _run("netns", lab_daemon)
+    _assert_enriched(run)
+    _assert_faulted(_hop(run, "netns"), with_ns=False)
+    _assert_clean(run)
+
+
+def test_steal_is_attributed_only_as_far_as_the_host_steals(lab_daemon: Daemon) -> None:
+    # Steal cannot be injected from inside the guest: whatever the host takes during the
+    # run is the fault. Spans it stalled by ≥ 20 % must be blamed on it; and the steal
+    # put on the hop can never exceed what /proc/stat says the host took on its CPUs.
+    run = _run("steal", lab_daemon)
+    _assert_enriched(run)
+    h = _hop(run, "steal")
+    if h.eligible:
+        assert h.blamed_right_pct >= 95.0, f"{h.service}: {h}"
+    spans = [s for s in run.spans if s.service == h.service]
+    measured = sum(int(s.attrs.get("isolation.l1.steal.ns", 0) or 0) for s in spans)
+    truth = sum(int(s.attrs.get("test.truth.steal_ns", 0) or 0) for s in spans)
+    tick_ns = 10_000_000  # /proc/stat steal moves in USER_HZ ticks
+    assert measured <= truth + tick_ns * max(1, len(spans) // 10), (
+        f"{measured / 1e6:.1f} ms of steal attributed, the host stole {truth / 1e6:.1f} ms on those CPUs")
+    _assert_clean(run)
+
+
+def test_mixed_faults_are_each_blamed_on_their_own_hop(lab_daemon: Daemon) -> None:
+    run = _run("mixed", lab_daemon)
+    _assert_enriched(run)
+    throttled = _hop(run, "cpu_throttle")
+    io = _hop(run, "virtio_io")
+    assert throttled.service != io.service
+    _assert_faulted(throttled)
+    _assert_faulted(io)
+    _assert_clean(run)
+
+
+def test_report_names_the_throttled_hop_as_culprit(lab_daemon: Daemon) -> None:
+    run = _run("cpu_throttle", lab_daemon)
+    slowest = build_traces(run.spans)[:5]
+    assert slowest, "no traces"
+    faulted = _hop(run, "cpu_throttle").service
+    hits = [t for t in slowest if t.culprit_service == faulted and t.culprit_component == "l3.cpu_throttle"]
+    assert len(hits) >= 4, [(t.culprit_service, t.culprit_component, t.duration_ns) for t in slowest]
+    # The per-hop rows of a trace are the chain's hops in call order.
+    assert [h.service for h in slowest[0].hops] == [f"cpu_throttle-hop{i}" for i in range(3)]
+    # Scoring the same spans again gives the same verdict (pure function of the file).
+    assert [(h.service, h.blamed_right) for h in score(run.spans)] == \
+        [(h.service, h.blamed_right) for h in run.scores]
