@@ -3,8 +3,11 @@
  * Block request time per device; time on virtio disks is l2.virtio_io,
  * attributed to the thread that submitted (and waits on) the request.
  *
- * Requests are keyed by (dev, sector), read from tracepoint arguments: no
- * struct request is touched. The submitter is taken at block_io_start, which
+ * Requests are keyed by (dev, sector, operation), read from tracepoint
+ * arguments: no struct request is touched. The operation (R, W, D for discard,
+ * F for a pure flush: the rwbs letter after an optional preflush F) keeps
+ * apart a read and a discard of the same sectors in flight together (file
+ * systems mounted with `discard` send those for just-freed blocks). The submitter is taken at block_io_start, which
  * runs in the submitting task when the request is created, so plugged I/O
  * dispatched later from a kworker is still charged to the right thread; where
  * that tracepoint is missing, the task current at block_rq_issue is used.
@@ -24,9 +27,12 @@
 
 struct blk_key {
 	__u32 dev;
-	__u32 pad;
+	__u32 op;        /* rwbs operation letter */
 	__u64 sector;
 };
+
+/* The operation letter of an rwbs string ("FWS" -> 'W', "F" -> 'F', "RA" -> 'R'). */
+#define BLK_OP(a) ((a)->rwbs[0] == 'F' && (a)->rwbs[1] != 0 ? (a)->rwbs[1] : (a)->rwbs[0])
 
 struct blk_req {
 	__u64 issue_ns;      /* 0 until block_rq_issue */
@@ -75,6 +81,7 @@ TRACEPOINT_PROBE(block, block_io_start)
 	struct blk_key k = {};
 	k.dev = args->dev;
 	k.sector = args->sector;
+	k.op = BLK_OP(args);
 	struct blk_req r = {};
 	blk_owner(&r);
 	r.bytes = args->bytes;
@@ -88,6 +95,7 @@ TRACEPOINT_PROBE(block, block_rq_issue)
 	struct blk_key k = {};
 	k.dev = args->dev;
 	k.sector = args->sector;
+	k.op = BLK_OP(args);
 	__u64 now = bpf_ktime_get_ns();
 	struct blk_req *r = inflight.lookup(&k);
 	if (r) {
@@ -109,6 +117,7 @@ TRACEPOINT_PROBE(block, block_rq_complete)
 	struct blk_key k = {};
 	k.dev = args->dev;
 	k.sector = args->sector;
+	k.op = BLK_OP(args);
 	struct blk_req *p = inflight.lookup(&k);
 	if (!p)
 		return 0;

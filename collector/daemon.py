@@ -101,7 +101,8 @@ class Daemon:
         self.probes: ProbeManager | None = None
         self.watch: WatchSet | None = None
         self.steal: Any = None
-        self.timeline = Timeline(cfg.timeline.ttl_s, cfg.timeline.max_threads, cfg.timeline.max_stalls_per_thread)
+        self.timeline = Timeline(cfg.timeline.ttl_s, cfg.timeline.max_threads, cfg.timeline.max_stalls_per_thread,
+                                 cfg.timeline.max_records)
         self.clock = MonoWallClock(on_step=lambda d: self.stats.inc("clock_steps_total"))
         self.metrics: PrometheusExporter | None = None
         self.queues: list[ExportQueue] = []

@@ -27,7 +27,7 @@ from collector.lab.faults import Fault
 from collector.lab.scenario import Chain, Daemon, HopSpec, LoadResult, port_in_use, send_load
 from collector.lab.service import RUN_ATTR
 from collector.lab.topology import LabError
-from collector.report import ReportError, load_spans, report
+from collector.report import ReportError, load_spans, make_console, report
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +65,9 @@ def _rotate(path: str) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     """The demo; returns the exit code."""
-    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    console = Console()
+    console = make_console()
     if os.geteuid() != 0:
         console.print("isoscope demo needs root: it creates network namespaces, cgroups and eBPF probes.")
         return 1

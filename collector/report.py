@@ -354,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _console() -> Any:
+def make_console() -> Any:
+    """A rich console for tables: the terminal's width, or 120 columns when output is piped."""
     from rich.console import Console
 
     c = Console()
@@ -365,7 +366,7 @@ def _console() -> Any:
 def report(path: str, *, top: int = 5, png: str | None = None, as_json: bool = False,
            console: Any = None) -> int:
     """Run the report; returns the process exit code (0 ok or nothing to show, 2 bad input)."""
-    out = console or _console()
+    out = console or make_console()
     if top < 1:
         print("isoscope report: --top must be ≥ 1", file=sys.stderr)
         return 2

@@ -5,8 +5,9 @@ reported, indexed by thread, process and cgroup, plus what is needed to say
 how complete the kernel data of a window is (probe up-time, kernel-side
 losses, how far the ring buffers have been drained).
 
-Memory is fixed by ``max_threads × max_per_thread``; when full, the thread
-updated longest ago is dropped first. All times are CLOCK_MONOTONIC ns.
+Memory is bounded by ``max_records`` overall (and ``max_per_thread`` per
+thread, ``max_threads`` threads); when full, the thread updated longest ago is
+dropped first. All times are CLOCK_MONOTONIC ns.
 """
 
 from __future__ import annotations
@@ -15,43 +16,85 @@ import bisect
 import logging
 import threading
 import time
+from array import array
 from collections import OrderedDict, defaultdict
-from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
-from collector.model import RunSegment, Stall
+from collector.model import COMPONENTS, RunSegment, Stall
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
+# Records are kept column-wise in typed arrays (≈ 30 bytes each instead of a
+# few hundred for an object per record), and turned into domain objects only
+# when a query returns them.
+_CODES = {c: i for i, c in enumerate(COMPONENTS)}
+_RUN = 255  # component code of an on-CPU segment (stored with the stalls: one set of arrays per thread)
+_NO_DETAILS: Mapping[str, Any] = {}
+
+
+class _Column:
+    """Records of one kind for one thread, sorted by end time."""
+
+    __slots__ = ("ends", "starts", "cpus", "comps", "details")
+
+    def __init__(self) -> None:
+        self.ends = array("q")
+        self.starts = array("q")
+        self.cpus = array("h")
+        self.comps = array("B")
+        self.details: list[Mapping[str, Any] | None] = []
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def insert(self, start: int, end: int, cpu: int, comp: int, details: Mapping[str, Any] | None,
+               cap: int) -> int:
+        """Insert in end order; returns how many old records were dropped to stay under ``cap``."""
+        # Records arrive almost in end order (each ring buffer is ordered; several
+        # CPUs/probes interleave slightly), so this is an append in the common case.
+        if not self.ends or end >= self.ends[-1]:
+            self.ends.append(end)
+            self.starts.append(start)
+            self.cpus.append(cpu)
+            self.comps.append(comp)
+            self.details.append(details)
+        else:
+            i = bisect.bisect_right(self.ends, end)
+            self.ends.insert(i, end)
+            self.starts.insert(i, start)
+            self.cpus.insert(i, cpu)
+            self.comps.insert(i, comp)
+            self.details.insert(i, details)
+        if len(self.ends) > cap:
+            self.drop_first(1)
+            return 1
+        return 0
+
+    def drop_first(self, n: int) -> None:
+        del self.ends[:n]
+        del self.starts[:n]
+        del self.cpus[:n]
+        del self.comps[:n]
+        del self.details[:n]
+
+    def overlapping(self, start: int, end: int, runs: bool) -> list[int]:
+        """Indexes of stalls (or, with ``runs``, on-CPU segments) overlapping ``[start, end]``."""
+        i = bisect.bisect_right(self.ends, start)
+        starts, comps = self.starts, self.comps
+        return [j for j in range(i, len(self.ends)) if starts[j] < end and (comps[j] == _RUN) == runs]
+
+
 class _ThreadLog:
-    pid: int
-    cgroup_id: int
-    stall_ends: list[int] = field(default_factory=list)
-    stalls: list[Stall] = field(default_factory=list)
-    run_ends: list[int] = field(default_factory=list)
-    runs: list[RunSegment] = field(default_factory=list)
+    __slots__ = ("pid", "cgroup_id", "log")
 
+    def __init__(self, pid: int, cgroup_id: int) -> None:
+        self.pid = pid
+        self.cgroup_id = cgroup_id
+        self.log = _Column()
 
-def _insert(ends: list[int], items: list, end: int, item: object, cap: int) -> None:
-    # Records arrive almost in end order (each ring buffer is ordered; several
-    # CPUs/probes interleave slightly), so this is an append in the common case.
-    if not ends or end >= ends[-1]:
-        ends.append(end)
-        items.append(item)
-    else:
-        i = bisect.bisect_right(ends, end)
-        ends.insert(i, end)
-        items.insert(i, item)
-    if len(ends) > cap:
-        del ends[0]
-        del items[0]
-
-
-def _overlapping(ends: list[int], items: list, start: int, end: int) -> list:
-    i = bisect.bisect_right(ends, start)
-    return [it for it in items[i:] if it.start_mono_ns < end]
+    def records(self) -> int:
+        return len(self.log)
 
 
 class Timeline:
@@ -60,13 +103,17 @@ class Timeline:
     Args:
         ttl_s: how long stalls are kept (spans older than this cannot be explained).
         max_threads: how many threads are tracked at most.
-        max_per_thread: how many stalls (and run segments) are kept per thread.
+        max_per_thread: how many records (stalls and on-CPU segments) are kept per thread.
+        max_records: how many records are kept overall.
     """
 
-    def __init__(self, ttl_s: float = 120.0, max_threads: int = 50_000, max_per_thread: int = 512) -> None:
+    def __init__(self, ttl_s: float = 120.0, max_threads: int = 50_000, max_per_thread: int = 512,
+                 max_records: int = 250_000) -> None:
         self.ttl_ns = int(ttl_s * 1e9)
         self.max_threads = max_threads
         self.max_per_thread = max_per_thread
+        self.max_records = max_records
+        self._records = 0
         self._lock = threading.Lock()
         self._threads: OrderedDict[int, _ThreadLog] = OrderedDict()
         self._by_pid: dict[int, set[int]] = defaultdict(set)
@@ -107,6 +154,7 @@ class Timeline:
         log = self._threads.pop(tid, None)
         if log is None:
             return
+        self._records -= log.records()
         tids = self._by_pid.get(log.pid)
         if tids is not None:
             tids.discard(tid)
@@ -118,16 +166,31 @@ class Timeline:
             if not tids:
                 del self._by_cgroup[log.cgroup_id]
 
+    def _bound(self, keep: int) -> None:
+        # Over the global budget: drop whole threads, least recently updated first.
+        while self._records > self.max_records and len(self._threads) > 1:
+            oldest = next(iter(self._threads))
+            if oldest == keep:
+                self._threads.move_to_end(oldest)
+                continue
+            self._drop_thread(oldest)
+            self.threads_evicted += 1
+
     def add_stall(self, stall: Stall) -> None:
         with self._lock:
             log = self._log_for(stall.tid, stall.pid, stall.cgroup_id)
-            _insert(log.stall_ends, log.stalls, stall.end_mono_ns, stall, self.max_per_thread)
+            dropped = log.log.insert(stall.start_mono_ns, stall.end_mono_ns, stall.cpu,
+                                        _CODES[stall.component], stall.details or None, self.max_per_thread)
+            self._records += 1 - dropped
             self.cgroup_totals[stall.cgroup_id or log.cgroup_id][stall.component] += stall.duration_ns
+            self._bound(stall.tid)
 
     def add_run(self, seg: RunSegment) -> None:
         with self._lock:
             log = self._log_for(seg.tid, seg.pid, seg.cgroup_id)
-            _insert(log.run_ends, log.runs, seg.end_mono_ns, seg, self.max_per_thread)
+            dropped = log.log.insert(seg.start_mono_ns, seg.end_mono_ns, seg.cpu, _RUN, None, self.max_per_thread)
+            self._records += 1 - dropped
+            self._bound(seg.tid)
 
     def forget_thread(self, tid: int) -> None:
         """Drop a thread that exited once its data is older than the TTL (see :meth:`evict`)."""
@@ -208,9 +271,11 @@ class Timeline:
                 log = self._threads.get(t)
                 if log is None:
                     continue
-                hits = _overlapping(log.stall_ends, log.stalls, start, end)
-                if hits:
-                    out[t] = hits
+                col = log.log
+                idx = col.overlapping(start, end, runs=False)
+                if idx:
+                    out[t] = [Stall(COMPONENTS[col.comps[j]], col.starts[j], col.ends[j], t, log.pid,
+                                    log.cgroup_id, col.cpus[j], col.details[j] or _NO_DETAILS) for j in idx]
         return out
 
     def runs(self, start: int, end: int, tid: int) -> list[RunSegment]:
@@ -219,7 +284,9 @@ class Timeline:
             log = self._threads.get(tid)
             if log is None:
                 return []
-            return _overlapping(log.run_ends, log.runs, start, end)
+            col = log.log
+            return [RunSegment(tid, log.pid, log.cgroup_id, col.cpus[j], col.starts[j], col.ends[j])
+                    for j in col.overlapping(start, end, runs=True)]
 
     def threads_of(self, *, pid: int = 0, cgroup_id: int = 0) -> list[int]:
         with self._lock:
@@ -235,17 +302,12 @@ class Timeline:
         with self._lock:
             for tid in list(self._threads):
                 log = self._threads[tid]
-                i = bisect.bisect_left(log.stall_ends, horizon)
+                i = bisect.bisect_left(log.log.ends, horizon)
                 if i:
-                    del log.stall_ends[:i]
-                    del log.stalls[:i]
+                    log.log.drop_first(i)
                     dropped += i
-                j = bisect.bisect_left(log.run_ends, horizon)
-                if j:
-                    del log.run_ends[:j]
-                    del log.runs[:j]
-                    dropped += j
-                if not log.stalls and not log.runs:
+                    self._records -= i
+                if not log.records():
                     self._drop_thread(tid)
             self._losses = [x for x in self._losses if x[1] >= horizon]
         return dropped
@@ -253,4 +315,4 @@ class Timeline:
     def size(self) -> tuple[int, int]:
         """(threads tracked, records held)."""
         with self._lock:
-            return len(self._threads), sum(len(l.stalls) + len(l.runs) for l in self._threads.values())
+            return len(self._threads), self._records

@@ -92,3 +92,18 @@ def test_thread_moving_between_cgroups_is_reindexed() -> None:
     tl.add_stall(stall("runqueue", 2, 3, cg=2))
     assert tl.threads_of(cgroup_id=1) == []
     assert tl.threads_of(cgroup_id=2) == [10]
+
+
+def test_global_record_budget_drops_least_recent_threads() -> None:
+    tl = Timeline(max_records=10, max_per_thread=100)
+    for tid in range(1, 7):
+        for i in range(4):
+            tl.add_stall(stall("runqueue", i, i + 0.1, tid=tid, pid=tid))
+        tl.add_run(RunSegment(tid, tid, 77, 0, 5 * MS, 6 * MS))
+    threads, records = tl.size()
+    assert records <= 10
+    assert tl.query(0, 100 * MS, tid=6)  # the thread written last is kept
+    assert tl.query(0, 100 * MS, tid=1) == {}
+    # records are counted exactly through eviction
+    tl.evict(now_mono_ns=200_000 * MS)
+    assert tl.size() == (0, 0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import re
+from types import MappingProxyType
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -163,9 +164,16 @@ SCHED_THROTTLE_METHODS: Mapping[int, str] = {
 }
 
 
-def _sched_details(detail: int, detail2: int) -> dict:
-    # A split wait arrives as one record per component; detail2 is the whole wait.
-    return {"sched.wait_ns": detail2, "sched.throttle_method": SCHED_THROTTLE_METHODS.get(detail, "none")}
+# Run-queue and throttle stalls are the most numerous records the timeline
+# holds: their details are shared, immutable mappings (one per method) rather
+# than a dictionary per record. detail2 (the length of the whole wait a split
+# record came from) is not kept: the record's own interval is what joins use.
+_SCHED_DETAILS: Mapping[int, Mapping[str, str]] = {
+    code: MappingProxyType({"sched.throttle_method": name}) for code, name in SCHED_THROTTLE_METHODS.items()}
+
+
+def _sched_details(detail: int, detail2: int) -> Mapping[str, str]:
+    return _SCHED_DETAILS.get(detail) or _SCHED_DETAILS[_C["ISO_SCHED_M_NONE"]]
 
 
 DETAIL_DECODERS: dict[str, DetailDecoder] = {

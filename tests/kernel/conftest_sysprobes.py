@@ -51,6 +51,25 @@ class RunningProbe:
     def bpf(self) -> Any:
         return self.manager.loaded_modules()[0]
 
+    def recursion_misses(self) -> int:
+        """Runs of this probe's programs the kernel skipped (``recursion_misses`` in fdinfo).
+
+        A tracepoint program is not run when it fires while another kprobe or
+        tracepoint program is running on the same CPU (e.g. an I/O-completion
+        interrupt arriving during one): those events are lost without a ring
+        buffer reserve ever failing.
+        """
+        total = 0
+        for fn in self.bpf.funcs.values():
+            try:
+                with open(f"/proc/self/fdinfo/{fn.fd}", encoding="ascii") as fh:
+                    for line in fh:
+                        if line.startswith("recursion_misses:"):
+                            total += int(line.split()[1])
+            except OSError:
+                continue
+        return total
+
     def drain(self) -> list[Any]:
         """Poll the ring buffer once and return a copy of every event so far."""
         self.manager.poll()

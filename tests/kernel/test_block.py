@@ -112,24 +112,29 @@ def test_odirect_reads_are_virtio_stalls_of_the_reader(load_probe, data_file):
         mine = [e for e in events if isinstance(e, Stall) and e.tid == report["tid"]
                 and first <= e.start_mono_ns and e.end_mono_ns <= last]
         assert all(s.component == "virtio_io" for s in mine)
-        assert len(mine) == READS, (len(mine), READS)
+        # Completions arrive in interrupts; one that lands while another tracing
+        # program runs on that CPU is skipped by the kernel, and counted.
+        missed = probe.recursion_misses()
+        assert READS - missed <= len(mine) <= READS, (len(mine), READS, missed)
         assert {s.details["block.dev"] for s in mine} == {f"{dev >> 20}:{dev & 0xFFFFF}"}
         assert {s.details["block.bytes"] for s in mine} == {READ_SIZE}
         assert {(s.pid, s.cgroup_id) for s in mine} == {(watched.pid, wcg.id)}
         # Each request lies inside the read that issued it.
         for t0, t1 in report["ops"]:
-            assert sum(1 for s in mine if t0 <= s.start_mono_ns and s.end_mono_ns <= t1) == 1
+            assert sum(1 for s in mine if t0 <= s.start_mono_ns and s.end_mono_ns <= t1) <= 1
         measured = sum(t1 - t0 for t0, t1 in report["ops"])
         device = sum(s.duration_ns for s in mine)
         # Device time is the read minus the syscall path, the completion wake-up and
         # Python around it: 0.74-0.82 of it for 64 KiB reads on the development machine.
         logger.info("virtio device time / reader-measured time = %.3f", device / measured)
-        assert 0.5 * measured <= device <= measured, (device, measured)
+        assert 0.5 * measured * len(mine) / READS <= device <= measured, (device, measured)
 
         # The unwatched reader: only requests >= 1 ms may cross, but its cgroup's histogram counts all.
         assert all(s.duration_ns >= 1_000_000 for s in events if isinstance(s, Stall) and s.pid == unwatched.pid)
         counts = sum(v.value for k, v in probe.bpf["hist"].items() if k.cgroup_id == ucg.id and k.class_id == dev)
-        assert counts >= READS
+        missed = probe.recursion_misses()
+        logger.info("unwatched reader: %d requests counted, %d program runs skipped", counts, missed)
+        assert counts >= READS - missed, (counts, READS, missed)
         tot = [v for k, v in probe.bpf["totals"].items() if k.cgroup_id == ucg.id and k.class_id == dev]
-        assert tot and tot[0].count >= READS and tot[0].sum_ns > 0
+        assert tot and tot[0].count == counts and tot[0].sum_ns > 0
     assert probe.manager.check_losses()["block"] == 0

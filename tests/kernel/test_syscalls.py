@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from collector.cgroupfs import cgroup_id, cgroup_v2_root, read_proc_cgroups
 from collector.model import Stall
 from collector.probes import catalog
 from collector.probes.decode import SYSCALL_CLASSES
@@ -106,8 +107,10 @@ def test_watched_blocking_syscalls_become_classed_stalls(load_probe, tmp_path):
                   if k.cgroup_id == unwatched_cg.id}
         # Three 20 ms sleeps at least (plus the helper threads' 30 ms sleeps).
         assert totals["sleep"][1] >= 3 * 20_000_000, totals
-        # A cgroup nobody asked for is not tracked at all.
-        assert _hist_counts(probe.bpf, os.stat("/proc/self").st_ino) == {}
+        # A cgroup nobody asked for (the test's own) is not tracked at all.
+        own = cgroup_id(read_proc_cgroups("self")[""], cgroup_v2_root())
+        assert own not in (watched_cg.id, unwatched_cg.id)
+        assert _hist_counts(probe.bpf, own) == {}
     assert probe.manager.check_losses()["syscalls"] == 0
 
 
