@@ -23,7 +23,7 @@ from collector import kvm_reasons  # noqa: F401  (registers the KVM exit-reason 
 from collector.attribution import Attributor
 from collector.clock import MonoWallClock
 from collector.config import Config, ConfigError
-from collector.kernel_metrics import MIRRORED_COMPONENTS, KernelMetrics
+from collector.kernel_metrics import MIRRORED_COMPONENTS, KernelMetrics, fill_u32_set
 from collector.metadata import WorkloadResolver
 from collector.model import LifecycleEvent, LifecycleKind, RunSegment, Stall, Stats, TraceBatch, Workload
 from collector.pipeline import EnrichPipeline
@@ -117,6 +117,9 @@ class Daemon:
         self._wal: DiskSpool | None = None
         self._pods: Any = None
         self.kernel_metrics: KernelMetrics | None = None
+        self._virtio_devs: set[int] = set()
+        self._veths: set[str] = set()
+        self._veth_ids: dict[str, int] = {}
         self.vms: Any = None
         self.kvm_counter: Any = None
 
@@ -349,14 +352,53 @@ class Daemon:
             if self.cfg.probes.watch_all:
                 self.watch.set_watch_all(True)
             self._start_kvm()
+            self._fill_kernel_tables()
             if self.metrics is not None:
-                self.kernel_metrics = KernelMetrics(self.probes.bpf, self.metrics, self.resolver.cgroup_labels)
+                self.kernel_metrics = KernelMetrics(self.probes.bpf, self.metrics, self.resolver.cgroup_labels,
+                                                    is_virtio_dev=self._virtio_devs.__contains__)
             self._start_steal()
             self.probes.start(poll_interval_s=self.cfg.probes.poll_interval_ms / 1000)
         except Exception:
             logger.exception("kernel probes could not be started; spans are forwarded unenriched")
         finally:
             self._probes_settled.set()
+
+    def _fill_kernel_tables(self) -> None:
+        """User-space knowledge the probes need: syscall classes, virtio disks, veth names."""
+        assert self.probes is not None
+        from collector.blockdev import virtio_dev_ts
+        from collector.syscall_classes import fill_class_map
+        bpf = self.probes.bpf("syscalls")
+        if bpf is not None:
+            fill_class_map(bpf[b"syscall_class"])
+        self._virtio_devs = set(virtio_dev_ts(self.cfg.kernel.host_sys))
+        bpf = self.probes.bpf("block")
+        if bpf is not None:
+            fill_u32_set(bpf, "virtio_devs", self._virtio_devs)
+        self._refresh_veths()
+
+    def _refresh_veths(self) -> None:
+        bpf = self.probes.bpf("netns") if self.probes is not None else None
+        if bpf is None:
+            return
+        import ctypes
+
+        from collector.netdevs import veth_names
+        table = bpf[b"veth_ifaces"]
+        names = veth_names(self.cfg.kernel.host_proc, self.cfg.kernel.host_sys)
+        for name in names - self._veths:
+            self._veth_ids[name] = self._veth_ids.get(name) or len(self._veth_ids) + 1
+            key = table.Key()
+            key.name = name.encode()
+            table[key] = ctypes.c_uint32(self._veth_ids[name])
+        for name in self._veths - names:
+            key = table.Key()
+            key.name = name.encode()
+            try:
+                del table[key]
+            except KeyError:
+                pass
+        self._veths = names
 
     def _start_kvm(self) -> None:
         """Host side of VMs: exit classification into the kernel, VM identity for the exit counters."""
@@ -404,6 +446,10 @@ class Daemon:
                 self.resolver.forget(ev.pid)
                 if self.watch is not None and ev.pid in self.watch.tgids:
                     self.watch.remove_tgid(ev.pid)
+            elif ev.kind in (LifecycleKind.FORK, LifecycleKind.CLONE_NS) and self.watch is not None:
+                # Children of a watched process are followed from their first instruction.
+                if ev.ppid in self.watch.tgids:
+                    self.watch.add_tgid(ev.pid)
             elif ev.kind is LifecycleKind.CGROUP_RMDIR and self.resolver is not None:
                 labels = self.resolver.forget_cgroup(ev.cgroup_id)
                 if labels is not None and self.metrics is not None and any(labels):
@@ -422,9 +468,13 @@ class Daemon:
     # -- housekeeping -------------------------------------------------------------------
 
     def _housekeeping(self) -> None:
+        ticks = 0
         while not self._stop.wait(1.0):
+            ticks += 1
             try:
                 self.timeline.evict()
+                if ticks % 10 == 0:
+                    self._refresh_veths()
                 for q in self.queues:
                     self.stats.set_gauge("queue_size", (q.name,), q.size())
                 if self.metrics is not None and self.steal is not None:

@@ -249,7 +249,9 @@ class ProbeManager:
                 table = p.bpf[b"lost_events"]
             except KeyError:
                 continue
-            total = int(sum(table[table.Key(0)]))
+            # Reserve failures counted by the program, plus runs the kernel skipped
+            # because another tracing program was running on that CPU.
+            total = int(sum(table[table.Key(0)])) + _recursion_misses(p.bpf)
             totals[p.spec.name] = total
             p.status.lost_events = total
             if total > p.lost_seen:
@@ -293,3 +295,16 @@ class ProbeManager:
                     p.bpf = None
                     p.status.attached = False
 
+
+def _recursion_misses(bpf: Any) -> int:
+    """Program runs the kernel skipped (``recursion_misses`` in each program's fdinfo)."""
+    total = 0
+    for fn in list(getattr(bpf, "funcs", {}).values()):
+        try:
+            with open(f"/proc/self/fdinfo/{fn.fd}", encoding="ascii") as fh:
+                for line in fh:
+                    if line.startswith("recursion_misses:"):
+                        total += int(line.split()[1])
+        except OSError:
+            continue
+    return total

@@ -1,6 +1,6 @@
 """Delivery guarantees of the real daemon, end to end, with the real OpenTelemetry SDK exporters as clients.
 
-* Backend down for ``ISOSCOPE_E2E_OUTAGE_S`` seconds (default 60) while spans
+* Backend down for ``ISOSCOPE_E2E_OUTAGE_S`` seconds (default 20) while spans
   keep arriving, then back on the same ports: every span the daemon
   acknowledged reaches the backend exactly once, or its loss is counted in
   ``isoscope_spans_dropped_total``.
@@ -29,8 +29,12 @@ from tests.otlp_backend import OtlpBackend
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
-OUTAGE_S = float(os.environ.get("ISOSCOPE_E2E_OUTAGE_S", "60"))
-"""How long the backend stays down in the outage test."""
+OUTAGE_S = float(os.environ.get("ISOSCOPE_E2E_OUTAGE_S", "20"))
+"""How long the backend stays down in the outage test (20 s keeps this file near 60 s; 60 s also works).
+
+At ~40 one-span requests/s, an outage longer than ~50 s overflows the export
+queue's default 2048 batches, so with 60 s some spans are dropped — and must be
+counted; with 20 s every span must arrive exactly once. The assertion is the same."""
 
 FAST_RETRY = {"exporters": {"queue": {"initial_backoff_s": 0.2, "max_backoff_s": 2.0, "max_elapsed_s": 600.0}}}
 """Retries capped at 2 s so delivery resumes promptly once the backend is back (the default cap is 30 s)."""
@@ -105,6 +109,19 @@ class Stream:
         self._thread.join(timeout=60)
 
 
+def wait_settled(backend: OtlpBackend, daemon: IsoscopeDaemon, ids: Sequence[str], timeout_s: float) -> set[str]:
+    """Wait until every id arrived or the daemon holds nothing more; returns the ids still missing."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        missing = set(ids) - set(backend.span_ids())
+        if not missing or time.monotonic() > deadline:
+            return missing
+        if not any(daemon.status()["queues"].values()):
+            time.sleep(0.5)  # a batch in the exporter's hands is not in any queue: let it land
+            return set(ids) - set(backend.span_ids())
+        time.sleep(0.25)
+
+
 def wait_for_ids(backend: OtlpBackend, ids: Sequence[str], timeout_s: float) -> set[str]:
     """Ids not yet at the backend after waiting up to ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
@@ -122,7 +139,9 @@ def backend() -> Iterator[OtlpBackend]:
 
 
 def test_backend_outage_then_back_every_span_once_or_counted(backend: OtlpBackend, tmp_path: Any) -> None:
-    with IsoscopeDaemon(forward=[backend.grpc_url], config=FAST_RETRY) as daemon:
+    # No child spans: then the daemon's drop counter counts exactly the client's spans.
+    cfg = {**FAST_RETRY, "attribution": {"max_child_spans": 0}}
+    with IsoscopeDaemon(forward=[backend.grpc_url], config=cfg) as daemon:
         grpc_p, grpc_s = make_sender("grpc", daemon, "e2e-outage-grpc")
         http_p, http_s = make_sender("http", daemon, "e2e-outage-http")
         streams = [Stream(grpc_p, 0.05, "g"), Stream(http_p, 0.05, "h")]
@@ -143,8 +162,11 @@ def test_backend_outage_then_back_every_span_once_or_counted(backend: OtlpBacken
         assert len(acked) > 20 * OUTAGE_S * 0.5, f"only {len(acked)} spans were sent"
         # The daemon keeps accepting while its backend is down: nothing pushed back to the clients.
         assert not (grpc_s.failed or http_s.failed), (len(grpc_s.failed), len(http_s.failed))
-        missing = wait_for_ids(backend, acked, timeout_s=60)
+        missing = wait_settled(backend, daemon, acked, timeout_s=60)
         dropped = daemon.metric("isoscope_spans_dropped_total")
+        if dropped:
+            print("dropped by reason:", {k: v for k, v in daemon.metrics().items()
+                                         if k[0] == "isoscope_spans_dropped_total" and v})
         counts = backend.span_id_counts()
         dup = {s: counts[s] for s in acked if counts[s] > 1}
         assert not dup, f"{len(dup)} spans arrived more than once"

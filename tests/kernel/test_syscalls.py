@@ -34,15 +34,15 @@ def measure(op, fn):
     t0 = time.monotonic_ns(); fn(); t1 = time.monotonic_ns()
     ops.append({"op": op, "t0": t0, "t1": t1})
 for _ in range(3):
-    measure("sleep", lambda: time.sleep(0.02))
+    measure("sleep", lambda: time.sleep(0.05))
 r, w = os.pipe()
-threading.Thread(target=lambda: (time.sleep(0.03), os.write(w, b"x"))).start()
+threading.Thread(target=lambda: (time.sleep(0.05), os.write(w, b"x"))).start()
 measure("file", lambda: os.read(r, 1))
 a, b = socket.socketpair()
-threading.Thread(target=lambda: (time.sleep(0.03), b.send(b"y"))).start()
+threading.Thread(target=lambda: (time.sleep(0.05), b.send(b"y"))).start()
 measure("net", lambda: a.recv(1))
 lock = threading.Lock(); lock.acquire()
-threading.Thread(target=lambda: (time.sleep(0.03), lock.release())).start()
+threading.Thread(target=lambda: (time.sleep(0.05), lock.release())).start()
 measure("lock", lambda: lock.acquire())
 print(json.dumps({"tid": tid, "ops": ops}), flush=True)
 """
@@ -91,8 +91,10 @@ def test_watched_blocking_syscalls_become_classed_stalls(load_probe, tmp_path):
             s = inside[0]
             measured = op["t1"] - op["t0"]
             assert s.details["syscall.class"] == op["op"], (op, s)
-            # The process's own measurement includes the Python call around the syscall.
-            assert abs(s.duration_ns - measured) <= max(0.03 * measured, 300_000), (op, s.duration_ns, measured)
+            # The process's own measurement also covers the Python call around the
+            # syscall (and, on a loaded machine, waiting for a CPU before entering it).
+            assert s.duration_ns <= measured
+            assert measured - s.duration_ns <= 0.04 * measured, (op, s.duration_ns, measured)
             assert s.pid == watched.pid
             assert s.cgroup_id == watched_cg.id
 
@@ -105,8 +107,8 @@ def test_watched_blocking_syscalls_become_classed_stalls(load_probe, tmp_path):
 
         totals = {SYSCALL_CLASSES[k.class_id]: (v.count, v.sum_ns) for k, v in probe.bpf["totals"].items()
                   if k.cgroup_id == unwatched_cg.id}
-        # Three 20 ms sleeps at least (plus the helper threads' 30 ms sleeps).
-        assert totals["sleep"][1] >= 3 * 20_000_000, totals
+        # Three 50 ms sleeps at least (plus the helper threads' sleeps).
+        assert totals["sleep"][1] >= 3 * 50_000_000, totals
         # A cgroup nobody asked for (the test's own) is not tracked at all.
         own = cgroup_id(read_proc_cgroups("self")[""], cgroup_v2_root())
         assert own not in (watched_cg.id, unwatched_cg.id)
@@ -117,6 +119,7 @@ def test_watched_blocking_syscalls_become_classed_stalls(load_probe, tmp_path):
 # Sleeps of 5 ms for a while, each measured; watched and unwatched from outside meanwhile.
 SLEEPER = r"""
 import json, sys, threading, time
+print("ready", flush=True)
 end = time.monotonic() + float(sys.argv[1])
 ops = []
 while time.monotonic() < end:
@@ -133,7 +136,8 @@ def test_cached_decision_follows_watch_changes_and_cgroup_moves(load_probe):
         assert probe.watch.add_cgroup(cg.id)
         proc = subprocess.Popen([sys.executable, "-c", SLEEPER, "1.6"], stdout=subprocess.PIPE, text=True)
         try:
-            time.sleep(0.3)                       # hundreds of syscalls: decision cached as unwatched
+            assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+            time.sleep(0.3)                       # dozens of syscalls: decision cached as unwatched
             # Each change is bracketed by timestamps: a sleep overlapping a change may go either way.
             w1a = time.monotonic_ns()
             assert probe.watch.add_tgid(proc.pid)
@@ -151,7 +155,7 @@ def test_cached_decision_follows_watch_changes_and_cgroup_moves(load_probe):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        report = json.loads(out)
+        report = json.loads(out.strip().splitlines()[-1])
         events = probe.wait_for(lambda evs: any(isinstance(e, Stall) and e.start_mono_ns > w3 for e in evs))
         stalls = [e for e in events if isinstance(e, Stall) and e.tid == report["tid"]]
 
@@ -161,7 +165,7 @@ def test_cached_decision_follows_watch_changes_and_cgroup_moves(load_probe):
         phases = {"before": (0, w1a), "watched": (w1b, w2a), "unwatched": (w2b, w3a), "in_cgroup": (w3, 1 << 63)}
         for phase, (lo, hi) in phases.items():
             ops = [(t0, t1) for t0, t1 in report["ops"] if lo < t0 and t1 < hi]
-            assert len(ops) >= 20, (phase, len(ops))
+            assert len(ops) >= 10, (phase, len(ops))
             hits = sum(seen(*op) for op in ops)
             if phase in ("watched", "in_cgroup"):
                 assert hits == len(ops), (phase, hits, len(ops))

@@ -51,8 +51,9 @@ def test_chain_services_are_isolated_traced_and_carry_their_truth() -> None:
             cgroups = [read_proc_cgroups(p) for p in pids]
             assert cgroups[0][""] != cgroups[1][""], "hops share a v2 cgroup"
             assert all(c[""].endswith(f"lab-hop{i}") for i, c in enumerate(cgroups))
-            with open(f"/proc/{pids[1]}/root/proc/sys/kernel/hostname") as fh:
-                assert fh.read().strip() == "lab-hop1"
+            hostname = subprocess.run(["nsenter", "-t", str(pids[1]), "-u", "hostname"], capture_output=True,
+                                      text=True, check=True).stdout.strip()
+            assert hostname == "lab-hop1"
             load = send_load(chain.entry_url, 3.0)
             tag = chain.tag
         assert load.requests > 5 and load.errors == 0
