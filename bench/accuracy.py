@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         "its cgroup's cpu.stat and memory.pressure, /proc/stat and timed O_DIRECT reads). "
         "*Eligible*: spans of the faulted hop whose injected stall is ≥ the threshold of their duration "
         "(all spans for `netns`, which has no oracle). *Blamed right*: `isolation.blame` is the component "
-        "the truth says dominated. *Within tol.*: the component's ns within ±10 % or ±2 ms of the truth. "
+        "the truth says dominated (or one the truth cannot tell apart from it: within ±10 % / ±2 ms). "
+        "*Within tol.*: the component's ns within ±10 % or ±2 ms of the truth. "
         "*False blame*: clean-hop spans blamed although their truth shows no stall ≥ the threshold.",
         "",
         "| scenario | hop | fault | spans | eligible | blamed right | within tol. | false blame | thread scope "

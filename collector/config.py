@@ -83,6 +83,8 @@ class QueueConfig(_Section):
     initial_backoff_s: float = Field(0.5, gt=0)
     max_backoff_s: float = Field(30.0, gt=0)
     max_elapsed_s: float = Field(300.0, gt=0)
+    workers: int = Field(4, ge=1, le=64)
+    """Exports in flight per destination (a slow backend is not a bottleneck)."""
 
 
 class FileExportConfig(_Section):
@@ -111,7 +113,7 @@ class AttributionConfig(_Section):
     max_child_spans: int = Field(16, ge=0)
     blame_threshold: float = Field(0.2, ge=0, le=1)
     hold_max_ms: float = Field(2000.0, ge=0, le=10000)
-    hold_capacity_spans: int = Field(200_000, gt=0)
+    hold_capacity_spans: int = Field(100_000, gt=0)
 
 
 class TimelineConfig(_Section):

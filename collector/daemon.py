@@ -267,7 +267,7 @@ class Daemon:
             q = ExportQueue(exp, self.stats, name=name, max_batches=qc.max_batches, max_bytes=qc.max_bytes,
                             persist_dir=os.path.join(persist, name) if persist else None,
                             initial_backoff_s=qc.initial_backoff_s, max_backoff_s=qc.max_backoff_s,
-                            max_elapsed_s=qc.max_elapsed_s)
+                            max_elapsed_s=qc.max_elapsed_s, workers=qc.workers)
             q.start()
             self.queues.append(q)
         if persist:

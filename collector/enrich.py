@@ -47,15 +47,28 @@ def _kv_str_array(key: str, values: list[str]) -> KeyValue:
     return kv
 
 
-def contract_attributes(bd: Breakdown, wl: Workload, blame_threshold: float) -> list[KeyValue]:
-    """The ``isolation.*`` attributes of DESIGN §4 for one span."""
+def workload_attributes(wl: Workload) -> list[KeyValue]:
+    """The attributes that depend only on the workload (the same for all its spans)."""
     stack = wl.stack
-    attrs = [
+    return [
         _kv_str_array("isolation.stack", list(stack.layers) if stack else []),
         _kv_str("isolation.runtime", stack.runtime if stack else "none"),
         _kv_str("isolation.hypervisor", stack.hypervisor if stack else "none"),
         _kv_str("isolation.scope", wl.scope),
     ]
+
+
+def contract_attributes(bd: Breakdown, wl: Workload, blame_threshold: float,
+                        workload_attrs: list[KeyValue] | None = None) -> list[KeyValue]:
+    """The ``isolation.*`` attributes of DESIGN §4 for one span.
+
+    Args:
+        bd: the span's breakdown.
+        wl: the workload it was matched to.
+        blame_threshold: ``isolation.blame`` is set only at or above this overhead ratio.
+        workload_attrs: :func:`workload_attributes` of ``wl``, when the caller caches them.
+    """
+    attrs = list(workload_attrs) if workload_attrs is not None else workload_attributes(wl)
     layer_ns = bd.layer_ns()
     for layer in LAYERS:
         attrs.append(_kv_int(_LAYER_NS_KEYS[layer], layer_ns[layer]))
@@ -73,13 +86,21 @@ def contract_attributes(bd: Breakdown, wl: Workload, blame_threshold: float) -> 
     return attrs
 
 
-def add_attributes(span: Span, attrs: list[KeyValue]) -> int:
-    """Append ``attrs`` to ``span`` except keys it already has; returns how many were added."""
+def add_attributes(span: Span, attrs: list[KeyValue], may_conflict: bool = True) -> int:
+    """Append ``attrs`` to ``span`` except keys it already has; returns how many were added.
+
+    Args:
+        span: the span to enrich.
+        attrs: the attributes to add.
+        may_conflict: False when the caller knows no ``isolation.*`` key is present
+            (e.g. the whole request was checked at once), which skips the per-span scan.
+    """
     existing = None
-    for kv in span.attributes:
-        if kv.key.startswith("isolation."):
-            existing = {kv.key for kv in span.attributes}
-            break
+    if may_conflict:
+        for kv in span.attributes:
+            if kv.key.startswith("isolation."):
+                existing = {kv.key for kv in span.attributes}
+                break
     if existing is None:
         span.attributes.extend(attrs)
         return len(attrs)

@@ -172,7 +172,10 @@ class WorkloadResolver:
 
     def _host_tid(self, host_pid: int, tid_attr: int, nspid_chain: list[int]) -> int:
         if len(nspid_chain) <= 1:
-            return tid_attr if os.path.exists(f"{self.proc_root}/{host_pid}/task/{tid_attr}") else 0
+            # A process of the host PID namespace reports host tids. The thread may
+            # already be gone (thread-per-request servers): its stalls are still in
+            # the timeline, so the tid is used as is.
+            return tid_attr
         key = (host_pid, tid_attr)
         with self._lock:
             hit = self._tid_map.get(key)

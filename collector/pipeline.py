@@ -24,7 +24,7 @@ from typing import Any, Callable, Protocol
 from collector.attribution import Attributor
 from collector.clock import MonoWallClock
 from collector.config import AttributionConfig
-from collector.enrich import add_attributes, child_spans, contract_attributes, isoscope_scope
+from collector.enrich import add_attributes, child_spans, contract_attributes, isoscope_scope, workload_attributes
 from collector.metadata import WorkloadResolver, resource_identity
 from collector.model import Backpressure, Breakdown, Stats, TraceBatch, Workload
 
@@ -127,7 +127,10 @@ class EnrichPipeline:
         with self._cond:
             if self._stopping:
                 raise Backpressure("isoscope is shutting down", retry_after_s=1.0)
-            if self._held_spans + batch.span_count > self.cfg.hold_capacity_spans and self._queue:
+            if self._queue and (self._held_spans + batch.span_count > self.cfg.hold_capacity_spans
+                                or now - self._queue[0].deadline_mono_ns > self.hold_ns):
+                # Full, or falling behind (the oldest batch waited twice the hold time):
+                # a retryable refusal keeps latency bounded instead of queueing more.
                 self.stats.inc("requests_rejected_total", (batch.protocol, "backpressure"))
                 raise Backpressure("enrichment queue is full", retry_after_s=1.0)
         key = None
@@ -207,6 +210,9 @@ class EnrichPipeline:
         enriched = 0
         scope_cache: dict[int, Any] = {}
         resolved: dict[tuple[Any, int | None], Workload | None] = {}
+        wl_attrs: dict[int, list[Any]] = {}
+        # One look at the whole request (C speed) instead of a scan of every span's attributes.
+        may_conflict = b"isolation." in batch.request.SerializeToString()
         for rs in batch.request.resource_spans:
             ident = resource_identity(rs.resource)
             service = str(ident.get("service.name") or "unknown_service")
@@ -228,7 +234,11 @@ class EnrichPipeline:
                         start = self.clock.to_mono(span.start_time_unix_nano)
                         end = self.clock.to_mono(span.end_time_unix_nano)
                         bd = self.attributor.breakdown(wl, start, end, drained)
-                        add_attributes(span, contract_attributes(bd, wl, cfg.blame_threshold))
+                        prefix = wl_attrs.get(id(wl))
+                        if prefix is None:
+                            prefix = wl_attrs[id(wl)] = workload_attributes(wl)
+                        add_attributes(span, contract_attributes(bd, wl, cfg.blame_threshold, prefix),
+                                       may_conflict)
                         if cfg.max_child_spans:
                             children.extend(child_spans(span, bd, wl, self.clock.to_unix,
                                                         min_stall_ns=self.min_stall_ns,

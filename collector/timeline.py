@@ -36,9 +36,10 @@ _NO_DETAILS: Mapping[str, Any] = {}
 class _Column:
     """Records of one kind for one thread, sorted by end time."""
 
-    __slots__ = ("ends", "starts", "cpus", "comps", "details")
+    __slots__ = ("ends", "starts", "cpus", "comps", "details", "max_dur")
 
     def __init__(self) -> None:
+        self.max_dur = 0  # longest record ever held: bounds how far past a window's end a scan must look
         self.ends = array("q")
         self.starts = array("q")
         self.cpus = array("h")
@@ -51,6 +52,8 @@ class _Column:
     def insert(self, start: int, end: int, cpu: int, comp: int, details: Mapping[str, Any] | None,
                cap: int) -> int:
         """Insert in end order; returns how many old records were dropped to stay under ``cap``."""
+        if end - start > self.max_dur:
+            self.max_dur = end - start
         # Records arrive almost in end order (each ring buffer is ordered; several
         # CPUs/probes interleave slightly), so this is an append in the common case.
         if not self.ends or end >= self.ends[-1]:
@@ -80,9 +83,12 @@ class _Column:
 
     def overlapping(self, start: int, end: int, runs: bool) -> list[int]:
         """Indexes of stalls (or, with ``runs``, on-CPU segments) overlapping ``[start, end]``."""
-        i = bisect.bisect_right(self.ends, start)
+        ends = self.ends
+        i = bisect.bisect_right(ends, start)
+        # A record ending after end + max_dur started after the window ended.
+        k = bisect.bisect_right(ends, end + self.max_dur, lo=i)
         starts, comps = self.starts, self.comps
-        return [j for j in range(i, len(self.ends)) if starts[j] < end and (comps[j] == _RUN) == runs]
+        return [j for j in range(i, k) if starts[j] < end and (comps[j] == _RUN) == runs]
 
 
 class _ThreadLog:

@@ -248,10 +248,6 @@ class RequestWork:
             want -= len(chunk)
         if f.mem_churn_mb:
             anon = mmap.mmap(-1, f.mem_churn_mb * 1024 * 1024)
-            if hasattr(mmap, "MADV_HUGEPAGE"):
-                # Huge-page faults charge 2 MiB at once: each charge reclaims in one
-                # long episode rather than many sub-100 µs ones.
-                anon.madvise(mmap.MADV_HUGEPAGE)
             try:
                 for off in range(0, len(anon), 4096):
                     anon[off] = 1

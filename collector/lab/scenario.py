@@ -616,7 +616,7 @@ def scenarios() -> dict[str, Scenario]:
                  description="hop1 shares CPU 0 with two busy neighbours"),
         Scenario("virtio_io", [clean(), HopSpec([Fault("virtio_io", io_reads=160)]), clean()],
                  description="160 random 4 KiB O_DIRECT reads from the virtio disk per request on hop1"),
-        Scenario("memory_reclaim", [clean(), HopSpec([Fault("memory_reclaim", mem_write_mb=16, mem_churn_mb=32)], work_ms=1),
+        Scenario("memory_reclaim", [clean(), HopSpec([Fault("memory_reclaim", mem_write_mb=32)], work_ms=1),
                                     clean(work_ms=2)],
                  description="hop1 churns page cache and anonymous memory against a tight memcg limit"),
         Scenario("netns", [clean(), HopSpec([Fault("netns")]), clean()],

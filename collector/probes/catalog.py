@@ -136,7 +136,7 @@ ALL_PROBES: tuple[ProbeSpec, ...] = (
 
 def by_name(names: list[str] | None = None) -> list[ProbeSpec]:
     """The declared probes, optionally restricted to ``names`` (unknown names raise ``KeyError``)."""
-    if not names:
+    if names is None:
         return list(ALL_PROBES)
     index = {p.name: p for p in ALL_PROBES}
     return [index[n] for n in names]

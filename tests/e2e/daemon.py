@@ -31,7 +31,10 @@ test runs never collide; later starts (after :meth:`stop` / :meth:`kill`)
 reuse those ports so clients reconnect to the same endpoints.
 
 The pytest fixture :func:`isoscope_daemon` returns a factory with the same
-keywords and stops every daemon it started when the test ends, pass or fail.
+keywords and stops every daemon it started when the test ends, pass or fail
+(import it into a test module or conftest: ``from tests.e2e.daemon import
+isoscope_daemon  # noqa: F401``). Helpers for what a backend received:
+:func:`received_spans`, :func:`attributes`, :func:`any_value`.
 """
 
 from __future__ import annotations

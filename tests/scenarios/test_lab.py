@@ -14,6 +14,7 @@ import pytest
 from collector.cgroupfs import read_proc_cgroups
 from collector.lab import Chain, Fault, HopSpec, LabError, send_load
 from collector.lab import truth as T
+from collector.lab.truth import read_cpu_stat
 from collector.otlpjson import encode_request
 from collector.report import build_traces, parse_lines
 from tests.otlp_backend import OtlpBackend
@@ -54,7 +55,9 @@ def test_chain_services_are_isolated_traced_and_carry_their_truth() -> None:
             hostname = subprocess.run(["nsenter", "-t", str(pids[1]), "-u", "hostname"], capture_output=True,
                                       text=True, check=True).stdout.strip()
             assert hostname == "lab-hop1"
+            before = read_cpu_stat(chain.hops[1].cgroup.cpu_dir)
             load = send_load(chain.entry_url, 3.0)
+            after = read_cpu_stat(chain.hops[1].cgroup.cpu_dir)
             tag = chain.tag
         assert load.requests > 5 and load.errors == 0
         assert backend.wait_for_spans(2 * load.requests, timeout_s=15)
@@ -78,10 +81,16 @@ def test_chain_services_are_isolated_traced_and_carry_their_truth() -> None:
     assert {s.attrs[T.FAULT] for s in clean} == {"none"}
     assert {s.attrs[T.FAULT] for s in throttled} == {"cpu_throttle"}
     assert all(s.attrs[T.THROTTLE] == 0 for s in clean), "an unlimited cgroup was throttled"
-    # 10 ms of CPU per request against 20 ms per 100 ms: most requests wait for the next period.
-    hit = [s for s in throttled if s.attrs[T.THROTTLE] >= 0.2 * s.duration_ns]
-    assert len(hit) >= 0.5 * len(throttled), f"only {len(hit)}/{len(throttled)} requests throttled"
     assert all(s.attrs[T.ONCPU] >= 9_000_000 for s in throttled), "the hop did not burn its CPU"
+    # 10 ms of CPU per request against 20 ms per 100 ms: the group is throttled, and the
+    # per-request oracle accounts for the group's throttled time (one request at a time;
+    # the exporter thread, also in the group, may take a little of it).
+    group_ns = after.throttled_ns - before.throttled_ns
+    spans_ns = sum(s.attrs[T.THROTTLE] for s in throttled)
+    assert after.nr_throttled > before.nr_throttled and group_ns > 0
+    assert 0.6 * group_ns <= spans_ns <= 1.05 * group_ns + 2_000_000, (
+        f"spans' throttle truth {spans_ns / 1e6:.1f} ms vs the group's {group_ns / 1e6:.1f} ms")
+    assert sum(1 for s in throttled if s.attrs[T.THROTTLE] > 0) >= 0.3 * len(throttled)
 
 
 def test_virtio_truth_times_the_direct_reads() -> None:
