@@ -57,18 +57,34 @@ def _union_length(intervals: list[tuple[int, int]]) -> int:
     return total
 
 
-def _subtract_union(a: int, b: int, covered: list[tuple[int, int]]) -> int:
-    """Length of [a, b] not covered by ``covered`` (sorted, merged or not)."""
-    inside = _union_length([(max(x, a), min(y, b)) for x, y in covered if y > a and x < b])
-    return max(0, (b - a) - inside)
+def _covered(a: int, b: int, intervals: list[tuple[int, int]]) -> int:
+    """Length of [a, b] covered by the union of ``intervals``."""
+    return _union_length([(max(x, a), min(y, b)) for x, y in intervals if y > a and x < b])
+
+
+def _merge(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            if b > out[-1][1]:
+                out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
 
 
 def thread_breakdown(stalls: list[Stall], start: int, end: int) -> Breakdown:
-    """Per-component stall ns of one thread inside ``[start, end]`` (no steal, no coverage)."""
+    """Per-component stall ns of one thread inside ``[start, end]`` (no steal, no coverage).
+
+    A thread is held back by one thing at a time, so the result never exceeds
+    the window: each component counts the union of its intervals (a wait two
+    records describe is counted once), and where components overlap each
+    other, the overlap is shared out so that their sum is the union of all
+    layer time.
+    """
     bd = Breakdown(duration_ns=max(0, end - start))
-    layer_iv: list[tuple[int, int]] = []
+    per_comp: dict[str, list[tuple[int, int]]] = {}
     syscalls: list[tuple[int, int]] = []
-    comp = bd.component_ns
     for s in stalls:
         a, b = _clip(s, start, end)
         if b <= a:
@@ -76,11 +92,24 @@ def thread_breakdown(stalls: list[Stall], start: int, end: int) -> Breakdown:
         if COMPONENT_LAYER[s.component] == KERNEL:
             syscalls.append((a, b))
         else:
-            comp[s.component] = comp.get(s.component, 0) + (b - a)
-            layer_iv.append((a, b))
+            per_comp.setdefault(s.component, []).append((a, b))
         bd.stalls.append(s)
+    comp = bd.component_ns
+    layer_iv: list[tuple[int, int]] = []
+    for name, ivs in per_comp.items():
+        merged = _merge(ivs)
+        comp[name] = sum(b - a for a, b in merged)
+        layer_iv.extend(merged)
+    if len(per_comp) > 1:
+        union = _union_length(layer_iv)
+        total = sum(comp.values())
+        if total > union:
+            # Scale every component by the same factor; rounding leftovers go to the largest.
+            scaled = {k: v * union // total for k, v in comp.items()}
+            scaled[max(comp, key=comp.__getitem__)] += union - sum(scaled.values())
+            comp.update(scaled)
     if syscalls:
-        kernel = sum(_subtract_union(a, b, layer_iv) for a, b in syscalls)
+        kernel = sum(b - a - _covered(a, b, layer_iv) for a, b in _merge(syscalls))
         if kernel:
             comp["syscall"] = kernel
     return bd

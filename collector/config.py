@@ -141,6 +141,13 @@ class KernelConfig(_Section):
     """Exit at start when a required capability is missing (instead of forwarding spans unenriched)."""
 
 
+class MemoryConfig(_Section):
+    limit_mb: int | None = Field(None, gt=0)
+    """The daemon's memory budget; None reads it from the daemon's cgroup (no limit there: no guard)."""
+    high_fraction: float = Field(0.8, gt=0, le=1)
+    """Above this share of the budget, receivers answer "retry later"."""
+
+
 class KvmConfig(_Section):
     classification: dict[str, str] = {}
     """Exit-reason → component overrides, e.g. ``{"vmx:HLT": "vm_exit"}`` (see docs/kvm.md)."""
@@ -166,6 +173,7 @@ class Config(_Section):
     kernel: KernelConfig = KernelConfig()
     kubernetes: KubernetesConfig = KubernetesConfig()
     kvm: KvmConfig = KvmConfig()
+    memory: MemoryConfig = MemoryConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
 

@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from collector import capabilities, kernelenv
+from collector import capabilities, kernelenv, memguard
 from collector import kvm_reasons  # noqa: F401  (registers the KVM exit-reason record decoders)
 from collector.attribution import Attributor
 from collector.clock import MonoWallClock
@@ -121,6 +121,7 @@ class Daemon:
         self._veths: set[str] = set()
         self._veth_ids: dict[str, int] = {}
         self.vms: Any = None
+        self.memory = memguard.MemoryGuard(None)
         self.kvm_counter: Any = None
 
     # -- readiness --------------------------------------------------------------
@@ -186,6 +187,8 @@ class Daemon:
             except OSError as exc:
                 raise StartupError(f"metrics.listen: cannot listen on {cfg.metrics.listen}: {exc.strerror}") from None
             self.listen["metrics"] = f"{bound[0]}:{bound[1]}"
+        limit = (cfg.memory.limit_mb << 20) if cfg.memory.limit_mb else memguard.cgroup_memory_limit()
+        self.memory = memguard.MemoryGuard(limit, cfg.memory.high_fraction)
         self._start_exporters()
         attributor = Attributor(self.timeline, None)
         self._attributor = attributor
@@ -195,7 +198,7 @@ class Daemon:
             observer=self.metrics, on_workload=self._watch_workload,
             enrich_enabled=lambda: self.probes is not None and self._probes_settled.is_set()
             and any(s.attached for s in self.probes.statuses()),
-            spool=self._wal)
+            spool=self._wal, memory_over=self.memory.over)
         self.pipeline.start()
         self._replay_wal()
         self._start_receivers()
@@ -263,15 +266,21 @@ class Daemon:
             except OSError as exc:
                 raise StartupError(f"exporters.file.path: cannot write {cfg.exporters.file.path}: "
                                    f"{exc.strerror}") from None
+        max_bytes = qc.max_bytes
+        if self.memory.limit_bytes and exporters_:
+            # Queued payloads must fit beside the daemon itself under its memory limit.
+            max_bytes = min(max_bytes, int(self.memory.limit_bytes * 0.3) // len(exporters_))
         for name, exp in exporters_:
-            q = ExportQueue(exp, self.stats, name=name, max_batches=qc.max_batches, max_bytes=qc.max_bytes,
+            q = ExportQueue(exp, self.stats, name=name, max_batches=qc.max_batches, max_bytes=max_bytes,
                             persist_dir=os.path.join(persist, name) if persist else None,
                             initial_backoff_s=qc.initial_backoff_s, max_backoff_s=qc.max_backoff_s,
                             max_elapsed_s=qc.max_elapsed_s, workers=qc.workers)
             q.start()
             self.queues.append(q)
         if persist:
-            self._wal = DiskSpool(os.path.join(persist, "receipt"))
+            self._wal = DiskSpool(os.path.join(persist, "receipt"),
+                                  on_quarantine=lambda name, why: self.stats.inc("queue_files_quarantined_total",
+                                                                                 ("receipt",)))
 
     def _replay_wal(self) -> None:
         """Batches acknowledged before a crash but not yet queued for export go out unenriched."""

@@ -81,13 +81,15 @@ class EnrichPipeline:
         on_workload: called for each resolved workload (e.g. to watch it in the kernel).
         enrich_enabled: when it returns False, batches pass through without holding.
         spool: optional write-ahead spool.
+        memory_over: returns True while the daemon is too close to its memory limit.
     """
 
     def __init__(self, *, resolver: WorkloadResolver, attributor: Attributor, clock: MonoWallClock,
                  drained_until: Callable[[], int], cfg: AttributionConfig, stats: Stats,
                  output: Callable[[TraceBatch], None], observer: SpanObserver | None = None,
                  on_workload: Callable[[Workload], None] | None = None,
-                 enrich_enabled: Callable[[], bool] = lambda: True, spool: Spool | None = None) -> None:
+                 enrich_enabled: Callable[[], bool] = lambda: True, spool: Spool | None = None,
+                 memory_over: Callable[[], bool] = lambda: False) -> None:
         self.resolver = resolver
         self.attributor = attributor
         self.clock = clock
@@ -99,6 +101,7 @@ class EnrichPipeline:
         self._on_workload = on_workload
         self._enrich_enabled = enrich_enabled
         self._spool = spool
+        self._memory_over = memory_over
         self._queue: deque[_Held] = deque()
         self._held_spans = 0
         self._cond = threading.Condition()
@@ -113,6 +116,9 @@ class EnrichPipeline:
     def consume(self, batch: TraceBatch) -> None:
         """Accept a batch from a receiver (raises ``Backpressure`` when the hold queue is full)."""
         now = time.monotonic_ns()
+        if self._memory_over():
+            self.stats.inc("requests_rejected_total", (batch.protocol, "memory_limit"))
+            raise Backpressure("isoscope is near its memory limit", retry_after_s=2.0)
         if not batch.received_mono_ns:
             batch.received_mono_ns = now
         latest_end = 0

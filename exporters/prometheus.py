@@ -162,6 +162,12 @@ STATS_COUNTERS: Mapping[str, tuple[str, tuple[str, ...]]] = {
     "kernel_events_lost_total": ("Kernel events lost (ring-buffer reserve failures), by probe.", ("probe",)),
     "enrichment_failures_total": ("Enrichment failures by stage (the span is forwarded unenriched).", ("stage",)),
     "requests_rejected_total": ("Export requests rejected by a receiver.", ("protocol", "reason")),
+    "queue_files_quarantined_total": ("Unreadable persisted batch files moved to quarantine, by queue.",
+                                      ("queue",)),
+    "clock_steps_total": ("Wall-clock steps detected (the monotonic offset was re-measured).", ()),
+    "config_reloads_total": ("Configuration reloads applied (SIGHUP).", ()),
+    "config_reload_failures_total": ("Configuration reloads refused (the running configuration was kept).", ()),
+    "kubernetes_api_errors_total": ("Kubernetes API errors by operation.", ("operation",)),
 }
 """Self-telemetry counters read from :class:`Stats` (names as stages write them)."""
 

@@ -128,9 +128,6 @@ def test_corrupted_receipt_log_is_quarantined_and_counted(daemon_factory, backen
     assert backend.wait_for_spans(1, 10)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "queue_files_quarantined_total is counted in Stats but missing from exporters/prometheus.py "
-    "STATS_COUNTERS, and the receipt log's DiskSpool (collector/daemon.py) has no on_quarantine"))
 def test_quarantined_files_are_counted_in_metrics(daemon_factory, backend, tmp_path):
     """Every quarantined file, queue or receipt log, shows in isoscope_queue_files_quarantined_total."""
     spool = tmp_path / "spool"

@@ -240,10 +240,6 @@ def test_coverage_is_a_share(ups, losses, start, length, drained):
         assert cov == 0.0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "collector/attribution.py thread_breakdown sums clipped stall lengths per component without "
-    "taking their union, so overlapping stalls (a wake-up wait that both the run-queue and a "
-    "throttle probe report, duplicated events) give an overhead above the window"))
 @SETTINGS_TIMELINE
 @given(stalls=stall_sets(), start=st.integers(0, 5000), length=st.integers(1, 3000))
 def test_breakdown_never_exceeds_the_window_for_any_timeline(stalls, start, length):
