@@ -16,6 +16,13 @@ struct rc_key {
 	__u32 kind;      /* ISO_RECLAIM_* */
 };
 
+/* Reclaim under a tight memcg limit comes as many short episodes (tens of
+ * microseconds each) that add up to a large share of a request: watched
+ * workloads report them all down to this length. */
+#ifndef ISO_RECLAIM_WATCHED_MIN_NS
+#define ISO_RECLAIM_WATCHED_MIN_NS 10000ull
+#endif
+
 BPF_RINGBUF_OUTPUT(events, ISO_RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(lost_events, __u64, 1);
 
@@ -81,7 +88,7 @@ static inline __attribute__((always_inline)) void rc_end(__u32 kind, __u64 nr_re
 		__sync_fetch_and_add(&t->sum_ns, d);
 	}
 
-	if (d < ISO_MIN_STALL_NS && !(d >= ISO_WATCHED_MIN_STALL_NS && rc_watched(cg, pid_tgid >> 32)))
+	if (d < ISO_MIN_STALL_NS && !(d >= ISO_RECLAIM_WATCHED_MIN_NS && rc_watched(cg, pid_tgid >> 32)))
 		return;
 	struct iso_stall_event *e = events.ringbuf_reserve(sizeof(struct iso_stall_event));
 	if (!e) {

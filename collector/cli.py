@@ -117,16 +117,6 @@ def _stack(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from collector.demo import main_demo
-    return main_demo(args.rest)
-
-
-def _report(args: argparse.Namespace) -> int:
-    from collector.report import main_report
-    return main_report(args.rest)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="isoscope", description="Which isolation layer stole the time of a request?")
     sub = p.add_subparsers(dest="command", required=True)
@@ -157,18 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--sys-root", default="/sys")
     st.set_defaults(func=_stack)
 
-    d = sub.add_parser("demo", help="a self-contained scenario on this machine", add_help=False)
-    d.add_argument("rest", nargs=argparse.REMAINDER)
-    d.set_defaults(func=_demo)
-
-    rp = sub.add_parser("report", help="per-hop x per-layer breakdown of the slowest traces in a file",
-                        add_help=False)
-    rp.add_argument("rest", nargs=argparse.REMAINDER)
-    rp.set_defaults(func=_report)
+    # Listed for --help; main() hands their arguments to their own parsers.
+    sub.add_parser("demo", help="a self-contained scenario on this machine (isoscope demo --help)")
+    sub.add_parser("report", help="per-hop x per-layer breakdown of the slowest traces in a file "
+                                  "(isoscope report --help)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # demo and report own their options (argparse's REMAINDER would not pass a leading --flag on).
+    if argv and argv[0] == "demo":
+        from collector.demo import main_demo
+        return int(main_demo(argv[1:]) or 0)
+    if argv and argv[0] == "report":
+        from collector.report import main_report
+        return int(main_report(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 
