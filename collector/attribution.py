@@ -31,7 +31,7 @@ class StallSource(Protocol):
 
     def runs(self, start: int, end: int, tid: int) -> list[RunSegment]: ...
 
-    def coverage(self, start: int, end: int, drained_until: int) -> float: ...
+    def coverage(self, start: int, end: int, drained_until: int, tid: int = 0) -> float: ...
 
 
 class StealSource(Protocol):
@@ -73,14 +73,27 @@ def _merge(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
+# When two components claim the same instant of one thread, the first here
+# gets it. Reclaim comes first: a thread preempted or throttled in the middle of
+# reclaiming is still stalled on memory (the kernel's pressure accounting
+# counts it the same way); throttling before plain run-queue contention because
+# the quota is the cause of that wait.
+PRECEDENCE: tuple[str, ...] = ("memory_reclaim", "cpu_throttle", "runqueue", "virtio_io", "netns", "pv_exit",
+                               "ept", "vm_exit", "sandbox", "steal")
+
+
+def _subtract(ivs: list[tuple[int, int]], taken: list[tuple[int, int]]) -> int:
+    """Length of the union of ``ivs`` not already in ``taken`` (both merged, sorted)."""
+    return sum(b - a - _covered(a, b, taken) for a, b in ivs)
+
+
 def thread_breakdown(stalls: list[Stall], start: int, end: int) -> Breakdown:
     """Per-component stall ns of one thread inside ``[start, end]`` (no steal, no coverage).
 
     A thread is held back by one thing at a time, so the result never exceeds
-    the window: each component counts the union of its intervals (a wait two
-    records describe is counted once), and where components overlap each
-    other, the overlap is shared out so that their sum is the union of all
-    layer time.
+    the window: a wait two records describe is counted once, and where
+    components overlap the instant goes to the one first in
+    :data:`PRECEDENCE`. The kernel baseline gets only what no layer explains.
     """
     bd = Breakdown(duration_ns=max(0, end - start))
     per_comp: dict[str, list[tuple[int, int]]] = {}
@@ -95,21 +108,16 @@ def thread_breakdown(stalls: list[Stall], start: int, end: int) -> Breakdown:
             per_comp.setdefault(s.component, []).append((a, b))
         bd.stalls.append(s)
     comp = bd.component_ns
-    layer_iv: list[tuple[int, int]] = []
-    for name, ivs in per_comp.items():
-        merged = _merge(ivs)
-        comp[name] = sum(b - a for a, b in merged)
-        layer_iv.extend(merged)
-    if len(per_comp) > 1:
-        union = _union_length(layer_iv)
-        total = sum(comp.values())
-        if total > union:
-            # Scale every component by the same factor; rounding leftovers go to the largest.
-            scaled = {k: v * union // total for k, v in comp.items()}
-            scaled[max(comp, key=comp.__getitem__)] += union - sum(scaled.values())
-            comp.update(scaled)
+    taken: list[tuple[int, int]] = []
+    order = [c for c in PRECEDENCE if c in per_comp] + [c for c in per_comp if c not in PRECEDENCE]
+    for name in order:
+        merged = _merge(per_comp[name])
+        ns = _subtract(merged, taken) if taken else sum(b - a for a, b in merged)
+        if ns:
+            comp[name] = ns
+        taken = _merge(taken + merged)
     if syscalls:
-        kernel = sum(b - a - _covered(a, b, layer_iv) for a, b in _merge(syscalls))
+        kernel = _subtract(_merge(syscalls), taken)
         if kernel:
             comp["syscall"] = kernel
     return bd
@@ -147,5 +155,5 @@ class Attributor:
                 steal_ns = int(self.steal.overlay(runs, start, end))
                 if steal_ns > 0:
                     best.component_ns["steal"] = best.component_ns.get("steal", 0) + steal_ns
-        best.coverage = self.timeline.coverage(start, end, drained_until)
+        best.coverage = self.timeline.coverage(start, end, drained_until, tid=best_tid)
         return best

@@ -119,7 +119,7 @@ class AttributionConfig(_Section):
 class TimelineConfig(_Section):
     ttl_s: float = Field(120.0, gt=0)
     max_threads: int = Field(50_000, gt=0)
-    max_stalls_per_thread: int = Field(512, gt=0)
+    max_stalls_per_thread: int = Field(4096, gt=0)
     max_records: int = Field(250_000, gt=0)
 
 

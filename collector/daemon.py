@@ -489,7 +489,8 @@ class Daemon:
                 if self.metrics is not None and self.steal is not None:
                     for cpu, secs in self.steal.totals().items():
                         self.metrics.set_steal_seconds(cpu, secs)
-                if self.kernel_metrics is not None:
+                if self.kernel_metrics is not None and ticks % 5 == 0:
+                    # Kernel maps are cumulative: a pass every few seconds is as exact as every second.
                     self.kernel_metrics.collect()
                 if self.kvm_counter is not None and self.vms is not None and self.probes is not None:
                     from collector.kvm_reasons import read_exit_totals

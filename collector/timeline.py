@@ -29,78 +29,79 @@ logger = logging.getLogger(__name__)
 # few hundred for an object per record), and turned into domain objects only
 # when a query returns them.
 _CODES = {c: i for i, c in enumerate(COMPONENTS)}
-_RUN = 255  # component code of an on-CPU segment (stored with the stalls: one set of arrays per thread)
 _NO_DETAILS: Mapping[str, Any] = {}
 
 
 class _Column:
-    """Records of one kind for one thread, sorted by end time."""
+    """Records of one kind for one thread, sorted by end time.
+
+    On-CPU segments need no component or details: with ``typed=False`` those
+    two columns are not kept.
+    """
 
     __slots__ = ("ends", "starts", "cpus", "comps", "details", "max_dur")
 
-    def __init__(self) -> None:
+    def __init__(self, typed: bool = True) -> None:
         self.max_dur = 0  # longest record ever held: bounds how far past a window's end a scan must look
         self.ends = array("q")
         self.starts = array("q")
         self.cpus = array("h")
-        self.comps = array("B")
-        self.details: list[Mapping[str, Any] | None] = []
+        self.comps: array | None = array("B") if typed else None
+        self.details: list[Mapping[str, Any] | None] | None = [] if typed else None
 
     def __len__(self) -> int:
         return len(self.ends)
 
     def insert(self, start: int, end: int, cpu: int, comp: int, details: Mapping[str, Any] | None,
                cap: int) -> int:
-        """Insert in end order; returns how many old records were dropped to stay under ``cap``."""
+        """Insert in end order; returns the end of the record dropped to stay under ``cap``, or 0."""
         if end - start > self.max_dur:
             self.max_dur = end - start
         # Records arrive almost in end order (each ring buffer is ordered; several
         # CPUs/probes interleave slightly), so this is an append in the common case.
-        if not self.ends or end >= self.ends[-1]:
-            self.ends.append(end)
-            self.starts.append(start)
-            self.cpus.append(cpu)
-            self.comps.append(comp)
-            self.details.append(details)
-        else:
-            i = bisect.bisect_right(self.ends, end)
-            self.ends.insert(i, end)
-            self.starts.insert(i, start)
-            self.cpus.insert(i, cpu)
+        i = len(self.ends) if not self.ends or end >= self.ends[-1] else bisect.bisect_right(self.ends, end)
+        self.ends.insert(i, end)
+        self.starts.insert(i, start)
+        self.cpus.insert(i, cpu)
+        if self.comps is not None and self.details is not None:
             self.comps.insert(i, comp)
             self.details.insert(i, details)
         if len(self.ends) > cap:
+            dropped_end = self.ends[0]
             self.drop_first(1)
-            return 1
+            return dropped_end
         return 0
 
     def drop_first(self, n: int) -> None:
         del self.ends[:n]
         del self.starts[:n]
         del self.cpus[:n]
-        del self.comps[:n]
-        del self.details[:n]
+        if self.comps is not None and self.details is not None:
+            del self.comps[:n]
+            del self.details[:n]
 
-    def overlapping(self, start: int, end: int, runs: bool) -> list[int]:
-        """Indexes of stalls (or, with ``runs``, on-CPU segments) overlapping ``[start, end]``."""
+    def overlapping(self, start: int, end: int) -> list[int]:
+        """Indexes of records overlapping ``[start, end]``."""
         ends = self.ends
         i = bisect.bisect_right(ends, start)
         # A record ending after end + max_dur started after the window ended.
         k = bisect.bisect_right(ends, end + self.max_dur, lo=i)
-        starts, comps = self.starts, self.comps
-        return [j for j in range(i, k) if starts[j] < end and (comps[j] == _RUN) == runs]
+        starts = self.starts
+        return [j for j in range(i, k) if starts[j] < end]
 
 
 class _ThreadLog:
-    __slots__ = ("pid", "cgroup_id", "log")
+    __slots__ = ("pid", "cgroup_id", "stalls", "runs", "complete_from")
 
     def __init__(self, pid: int, cgroup_id: int) -> None:
         self.pid = pid
         self.cgroup_id = cgroup_id
-        self.log = _Column()
+        self.stalls = _Column()
+        self.runs: _Column | None = None  # only watched threads report on-CPU segments
+        self.complete_from = 0  # records ending before this were dropped for space
 
     def records(self) -> int:
-        return len(self.log)
+        return len(self.stalls) + (len(self.runs) if self.runs is not None else 0)
 
 
 class Timeline:
@@ -109,11 +110,11 @@ class Timeline:
     Args:
         ttl_s: how long stalls are kept (spans older than this cannot be explained).
         max_threads: how many threads are tracked at most.
-        max_per_thread: how many records (stalls and on-CPU segments) are kept per thread.
+        max_per_thread: how many stalls are kept per thread (and half as many on-CPU segments).
         max_records: how many records are kept overall.
     """
 
-    def __init__(self, ttl_s: float = 120.0, max_threads: int = 50_000, max_per_thread: int = 512,
+    def __init__(self, ttl_s: float = 120.0, max_threads: int = 50_000, max_per_thread: int = 4096,
                  max_records: int = 250_000) -> None:
         self.ttl_ns = int(ttl_s * 1e9)
         self.max_threads = max_threads
@@ -125,9 +126,8 @@ class Timeline:
         self._by_pid: dict[int, set[int]] = defaultdict(set)
         self._by_cgroup: dict[int, set[int]] = defaultdict(set)
         self._losses: list[tuple[int, int, str]] = []
+        self._evicted: OrderedDict[int, int] = OrderedDict()
         self._probe_up_since: dict[str, int | None] = {}
-        self.cgroup_totals: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        """Σ stall ns per cgroup id and component since start (for metrics)."""
         self.threads_evicted = 0
 
     # -- ingestion ------------------------------------------------------------
@@ -136,7 +136,7 @@ class Timeline:
         log = self._threads.get(tid)
         if log is None:
             if len(self._threads) >= self.max_threads:
-                self._drop_thread(next(iter(self._threads)))
+                self._drop_thread(next(iter(self._threads)), for_space=True)
                 self.threads_evicted += 1
             log = _ThreadLog(pid, cgroup_id)
             self._threads[tid] = log
@@ -156,11 +156,18 @@ class Timeline:
                 log.pid = pid
         return log
 
-    def _drop_thread(self, tid: int) -> None:
+    def _drop_thread(self, tid: int, for_space: bool = False) -> None:
         log = self._threads.pop(tid, None)
         if log is None:
             return
         self._records -= log.records()
+        if for_space and log.records():
+            # A later query for this thread must not read "no stalls" as "complete".
+            last = max(log.stalls.ends[-1] if len(log.stalls) else 0,
+                       log.runs.ends[-1] if log.runs is not None and len(log.runs) else 0)
+            self._evicted[tid] = last
+            while len(self._evicted) > 50_000:
+                self._evicted.popitem(last=False)
         tids = self._by_pid.get(log.pid)
         if tids is not None:
             tids.discard(tid)
@@ -179,23 +186,27 @@ class Timeline:
             if oldest == keep:
                 self._threads.move_to_end(oldest)
                 continue
-            self._drop_thread(oldest)
+            self._drop_thread(oldest, for_space=True)
             self.threads_evicted += 1
 
     def add_stall(self, stall: Stall) -> None:
         with self._lock:
             log = self._log_for(stall.tid, stall.pid, stall.cgroup_id)
-            dropped = log.log.insert(stall.start_mono_ns, stall.end_mono_ns, stall.cpu,
+            dropped = log.stalls.insert(stall.start_mono_ns, stall.end_mono_ns, stall.cpu,
                                         _CODES[stall.component], stall.details or None, self.max_per_thread)
-            self._records += 1 - dropped
-            self.cgroup_totals[stall.cgroup_id or log.cgroup_id][stall.component] += stall.duration_ns
+            self._records += 1 - bool(dropped)
+            if dropped:
+                log.complete_from = max(log.complete_from, dropped)
             self._bound(stall.tid)
 
     def add_run(self, seg: RunSegment) -> None:
         with self._lock:
             log = self._log_for(seg.tid, seg.pid, seg.cgroup_id)
-            dropped = log.log.insert(seg.start_mono_ns, seg.end_mono_ns, seg.cpu, _RUN, None, self.max_per_thread)
-            self._records += 1 - dropped
+            if log.runs is None:
+                log.runs = _Column(typed=False)
+            dropped = log.runs.insert(seg.start_mono_ns, seg.end_mono_ns, seg.cpu, 0, None,
+                                      max(1, self.max_per_thread // 2))
+            self._records += 1 - bool(dropped)
             self._bound(seg.tid)
 
     def forget_thread(self, tid: int) -> None:
@@ -218,20 +229,25 @@ class Timeline:
             if len(self._losses) > 10_000:
                 del self._losses[:1000]
 
-    def coverage(self, start: int, end: int, drained_until: int) -> float:
+    def coverage(self, start: int, end: int, drained_until: int, tid: int = 0) -> float:
         """Share of ``[start, end]`` with complete kernel data (0..1).
 
         Complete means: every tracked probe was up, the ring buffers had been
-        drained past it, and no kernel events were lost in it.
+        drained past it, no kernel events were lost in it, and (for ``tid``)
+        none of that thread's records in it were dropped to bound memory.
         """
         if end <= start:
             return 0.0
         with self._lock:
             ups = list(self._probe_up_since.values())
             losses = [(a, b) for a, b, _ in self._losses if b > start and a < end]
+            thread_from = 0
+            if tid:
+                log = self._threads.get(tid)
+                thread_from = log.complete_from if log is not None else self._evicted.get(tid, 0)
         if not ups or any(u is None for u in ups):
             return 0.0
-        lo = max(start, max(ups))  # type: ignore[type-var]
+        lo = max(start, max(ups), thread_from)  # type: ignore[type-var]
         hi = min(end, drained_until)
         if hi <= lo:
             return 0.0
@@ -277,11 +293,13 @@ class Timeline:
                 log = self._threads.get(t)
                 if log is None:
                     continue
-                col = log.log
-                idx = col.overlapping(start, end, runs=False)
+                col = log.stalls
+                idx = col.overlapping(start, end)
                 if idx:
-                    out[t] = [Stall(COMPONENTS[col.comps[j]], col.starts[j], col.ends[j], t, log.pid,
-                                    log.cgroup_id, col.cpus[j], col.details[j] or _NO_DETAILS) for j in idx]
+                    comps, details = col.comps, col.details
+                    assert comps is not None and details is not None
+                    out[t] = [Stall(COMPONENTS[comps[j]], col.starts[j], col.ends[j], t, log.pid,
+                                    log.cgroup_id, col.cpus[j], details[j] or _NO_DETAILS) for j in idx]
         return out
 
     def runs(self, start: int, end: int, tid: int) -> list[RunSegment]:
@@ -290,9 +308,11 @@ class Timeline:
             log = self._threads.get(tid)
             if log is None:
                 return []
-            col = log.log
+            col = log.runs
+            if col is None:
+                return []
             return [RunSegment(tid, log.pid, log.cgroup_id, col.cpus[j], col.starts[j], col.ends[j])
-                    for j in col.overlapping(start, end, runs=True)]
+                    for j in col.overlapping(start, end)]
 
     def threads_of(self, *, pid: int = 0, cgroup_id: int = 0) -> list[int]:
         with self._lock:
@@ -308,11 +328,14 @@ class Timeline:
         with self._lock:
             for tid in list(self._threads):
                 log = self._threads[tid]
-                i = bisect.bisect_left(log.log.ends, horizon)
-                if i:
-                    log.log.drop_first(i)
-                    dropped += i
-                    self._records -= i
+                for col in (log.stalls, log.runs):
+                    if col is None:
+                        continue
+                    i = bisect.bisect_left(col.ends, horizon)
+                    if i:
+                        col.drop_first(i)
+                        dropped += i
+                        self._records -= i
                 if not log.records():
                     self._drop_thread(tid)
             self._losses = [x for x in self._losses if x[1] >= horizon]

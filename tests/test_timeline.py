@@ -39,7 +39,7 @@ def test_out_of_order_arrival_is_kept_sorted() -> None:
 
 
 def test_bounds_per_thread_and_threads() -> None:
-    tl = Timeline(max_threads=3, max_per_thread=4)
+    tl = Timeline(max_threads=3, max_per_thread=4)  # 4 stalls (and 2 on-CPU segments) per thread
     for i in range(10):
         tl.add_stall(stall("runqueue", i, i + 0.5))
     assert len(tl.query(0, 100 * MS, tid=10)[10]) == 4  # oldest dropped
@@ -62,14 +62,6 @@ def test_ttl_eviction_drops_old_records_and_empty_threads() -> None:
     assert tl.threads_of(pid=10) == []
     assert len(tl.query(0, 3000 * MS, tid=11)[11]) == 1
     assert len(tl.runs(0, 3000 * MS, 11)) == 1
-
-
-def test_cgroup_totals_accumulate_per_component() -> None:
-    tl = Timeline()
-    tl.add_stall(stall("runqueue", 0, 2))
-    tl.add_stall(stall("runqueue", 5, 6))
-    tl.add_stall(stall("memory_reclaim", 7, 10))
-    assert tl.cgroup_totals[77] == {"runqueue": 3 * MS, "memory_reclaim": 3 * MS}
 
 
 def test_coverage_needs_probes_up_drained_and_no_losses() -> None:
@@ -107,3 +99,21 @@ def test_global_record_budget_drops_least_recent_threads() -> None:
     # records are counted exactly through eviction
     tl.evict(now_mono_ns=200_000 * MS)
     assert tl.size() == (0, 0)
+
+
+def test_records_dropped_for_space_lower_that_threads_coverage() -> None:
+    tl = Timeline(max_per_thread=3)
+    tl.set_probe_up("sched", True, at_mono_ns=0)
+    for i in range(5):
+        tl.add_stall(stall("runqueue", i * 10, i * 10 + 1))
+    # stalls ending at 1 ms and 11 ms were dropped: [0, 11 ms] is no longer complete for this thread
+    assert tl.coverage(0, 20 * MS, 100 * MS, tid=10) == 0.45
+    assert tl.coverage(0, 20 * MS, 100 * MS, tid=99) == 1.0
+    assert tl.coverage(0, 20 * MS, 100 * MS) == 1.0
+    budget = Timeline(max_records=2)
+    budget.set_probe_up("sched", True, at_mono_ns=0)
+    budget.add_stall(stall("runqueue", 1, 2, tid=1, pid=1))
+    budget.add_stall(stall("runqueue", 3, 4, tid=2, pid=2))
+    budget.add_stall(stall("runqueue", 5, 6, tid=3, pid=3))  # thread 1 goes
+    assert budget.query(0, 10 * MS, tid=1) == {}
+    assert budget.coverage(0, 10 * MS, 100 * MS, tid=1) == 0.8  # nothing known before 2 ms

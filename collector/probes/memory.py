@@ -8,6 +8,9 @@ they are private, never written (position-independent code has no text
 relocations), so the kernel simply re-reads a page from the library file if a
 probe is ever compiled again. Writable and read-only data mappings (RELRO
 holds relocated pointers) are left alone: dropping those would lose state.
+
+The compiler's heap is freed by bcc (``bcc_free_memory``) but stays in the
+C allocator's arenas; ``malloc_trim`` hands those pages back to the kernel.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def _code_mappings(libraries: tuple[str, ...], maps_path: str) -> list[tuple[int
 
 def release_compiler_pages(libraries: tuple[str, ...] = COMPILER_LIBRARIES,
                            maps_path: str = "/proc/self/maps") -> int:
-    """Drop the resident code pages of the compiler libraries.
+    """Drop the resident code pages of the compiler libraries and trim the C heap.
 
     Returns:
         Bytes of address space released (resident or not).
@@ -54,4 +57,7 @@ def release_compiler_pages(libraries: tuple[str, ...] = COMPILER_LIBRARIES,
             released += hi - lo
         else:
             logger.debug("madvise(MADV_DONTNEED) on %s failed: errno %d", path, ctypes.get_errno())
+    trim = getattr(libc, "malloc_trim", None)  # glibc only
+    if trim is not None:
+        trim(0)
     return released
