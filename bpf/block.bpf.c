@@ -11,8 +11,10 @@
  * runs in the submitting task when the request is created, so plugged I/O
  * dispatched later from a kworker is still charged to the right thread; where
  * that tracepoint is missing, the task current at block_rq_issue is used.
- * Device time is block_rq_issue -> block_rq_complete (queueing in the I/O
- * scheduler is not virtualization overhead).
+ * A request's time runs from its creation (block_io_start: bio submitted,
+ * so plugging and I/O-scheduler queueing count, as the waiting thread
+ * experiences them) to block_rq_complete; from block_rq_issue where
+ * block_io_start does not exist.
  *
  * virtio_devs: user space writes the kernel dev_t (major << 20 | minor) of
  * every virtio disk (collector/blockdev.py). Watched workloads get a stall
@@ -35,6 +37,7 @@ struct blk_key {
 #define BLK_OP(a) ((a)->rwbs[0] == 'F' && (a)->rwbs[1] != 0 ? (a)->rwbs[1] : (a)->rwbs[0])
 
 struct blk_req {
+	__u64 start_ns;      /* request created (block_io_start), else issued */
 	__u64 issue_ns;      /* 0 until block_rq_issue */
 	__u64 cgroup_id;
 	__u32 pid;
@@ -84,6 +87,7 @@ TRACEPOINT_PROBE(block, block_io_start)
 	k.op = BLK_OP(args);
 	struct blk_req r = {};
 	blk_owner(&r);
+	r.start_ns = bpf_ktime_get_ns();
 	r.bytes = args->bytes;
 	inflight.update(&k, &r);
 	return 0;
@@ -106,6 +110,7 @@ TRACEPOINT_PROBE(block, block_rq_issue)
 	}
 	struct blk_req n = {};
 	blk_owner(&n);
+	n.start_ns = now;
 	n.issue_ns = now;
 	n.bytes = args->bytes;
 	inflight.update(&k, &n);
@@ -126,7 +131,10 @@ TRACEPOINT_PROBE(block, block_rq_complete)
 	inflight.delete(&k);
 	if (r.issue_ns == 0 || now < r.issue_ns)
 		return 0;
-	__u64 d = now - r.issue_ns;
+	/* The waiting thread is held back from the request's creation (I/O
+	 * scheduler queueing and plugging included) to its completion. */
+	__u64 start = r.start_ns && r.start_ns <= r.issue_ns ? r.start_ns : r.issue_ns;
+	__u64 d = now - start;
 
 	struct iso_hist_key hk = {};
 	hk.cgroup_id = r.cgroup_id;
@@ -159,7 +167,7 @@ TRACEPOINT_PROBE(block, block_rq_complete)
 	}
 	e->kind = ISO_EV_STALL;
 	e->component = ISO_C_VIRTIO_IO;
-	e->start_ns = r.issue_ns;
+	e->start_ns = start;
 	e->end_ns = now;
 	e->cgroup_id = r.cgroup_id;
 	e->pid = r.pid;

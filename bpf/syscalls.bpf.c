@@ -22,7 +22,7 @@
  * Tracking levels (the decision):
  *   full  - watch_all, watched_tgids, or watched_cgroups value ISO_SC_WATCH_FULL
  *           (what collector/probes/watch.py writes): histogram + a stall
- *           record for syscalls >= ISO_MIN_STALL_NS;
+ *           record for syscalls >= ISO_SYSCALL_WATCHED_MIN_NS;
  *   hist  - watched_cgroups value ISO_SC_WATCH_HIST (pod cgroups user space
  *           wants the syscall_latency_seconds histogram for): histogram only.
  */
@@ -55,6 +55,14 @@ struct sc_task {
 	__u8 in_bpf;          /* inside bpf(): bump the generation again on exit */
 	__u32 pad;
 };
+
+/* Watched threads report blocking syscalls down to this length: short I/O
+ * syscalls (a 4 KiB O_DIRECT read on virtio takes tens of microseconds) add
+ * up within one request, and the join needs their intervals to tell the
+ * virtio path and the kernel baseline apart. */
+#ifndef ISO_SYSCALL_WATCHED_MIN_NS
+#define ISO_SYSCALL_WATCHED_MIN_NS 20000ull
+#endif
 
 BPF_RINGBUF_OUTPUT(events, ISO_RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(lost_events, __u64, 1);
@@ -191,7 +199,7 @@ RAW_TRACEPOINT_PROBE(sys_exit)
 		__sync_fetch_and_add(&t->sum_ns, d);
 	}
 
-	if (level != SC_TRACK_FULL || d < ISO_MIN_STALL_NS)
+	if (level != SC_TRACK_FULL || d < ISO_SYSCALL_WATCHED_MIN_NS)
 		return 0;
 	struct iso_stall_event *e = events.ringbuf_reserve(sizeof(struct iso_stall_event));
 	if (!e) {

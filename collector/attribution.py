@@ -107,6 +107,12 @@ def thread_breakdown(stalls: list[Stall], start: int, end: int) -> Breakdown:
         else:
             per_comp.setdefault(s.component, []).append((a, b))
         bd.stalls.append(s)
+    if syscalls and "virtio_io" in per_comp:
+        # A blocking syscall that waited on a virtio request is the paravirtual I/O
+        # path end to end: the request setup, the virtqueue kick and the completion
+        # it runs on the way are the device's time too, not the kernel baseline.
+        dev = _merge(per_comp["virtio_io"])
+        per_comp["virtio_io"] += [(a, b) for a, b in _merge(syscalls) if _covered(a, b, dev)]
     comp = bd.component_ns
     taken: list[tuple[int, int]] = []
     order = [c for c in PRECEDENCE if c in per_comp] + [c for c in per_comp if c not in PRECEDENCE]

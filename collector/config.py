@@ -119,7 +119,7 @@ class AttributionConfig(_Section):
 class TimelineConfig(_Section):
     ttl_s: float = Field(120.0, gt=0)
     max_threads: int = Field(50_000, gt=0)
-    max_stalls_per_thread: int = Field(4096, gt=0)
+    max_stalls_per_thread: int = Field(32768, gt=0)
     max_records: int = Field(250_000, gt=0)
 
 
@@ -129,6 +129,10 @@ class ProbesConfig(_Section):
     disabled: list[str] = []
     watch_all: bool = False
     """Follow every task on the node, not only the ones that send spans."""
+    watch_cgroups: list[str] = []
+    """Cgroup path prefixes (``/kubepods/burstable``) followed from the moment they exist, before any span."""
+    watch_containers: bool = False
+    """Follow every container cgroup (Docker, containerd, CRI-O, Podman, pods) from its creation."""
     poll_interval_ms: float = Field(20.0, gt=0)
     steal_sample_ms: float = Field(10.0, gt=0)
 

@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from collector import capabilities, kernelenv, memguard
+from collector import capabilities, cgroupfs, kernelenv, memguard
 from collector import kvm_reasons  # noqa: F401  (registers the KVM exit-reason record decoders)
 from collector.attribution import Attributor
 from collector.clock import MonoWallClock
@@ -360,6 +360,7 @@ class Daemon:
             self.watch = WatchSet(self.probes.loaded_modules)
             if self.cfg.probes.watch_all:
                 self.watch.set_watch_all(True)
+            self._watch_existing_cgroups()
             self._start_kvm()
             self._fill_kernel_tables()
             if self.metrics is not None:
@@ -371,6 +372,39 @@ class Daemon:
             logger.exception("kernel probes could not be started; spans are forwarded unenriched")
         finally:
             self._probes_settled.set()
+
+    def _wants_cgroup(self, path: str) -> bool:
+        p = self.cfg.probes
+        if any(path == pre.rstrip("/") or path.startswith(pre.rstrip("/") + "/") for pre in p.watch_cgroups):
+            return True
+        if p.watch_containers:
+            info = cgroupfs.parse_cgroup_path(path)
+            return bool(info.container_id or info.pod_uid)
+        return False
+
+    def _watch_existing_cgroups(self) -> None:
+        """Configured cgroups are followed before they send any span (and so are those created later)."""
+        p = self.cfg.probes
+        v2 = self.resolver.v2_root if self.resolver is not None else None
+        if not (p.watch_cgroups or p.watch_containers) or v2 is None or self.watch is None:
+            return
+        for dirpath, _dirs, _files in os.walk(v2):
+            rel = "/" + os.path.relpath(dirpath, v2).lstrip(".")
+            if rel != "/" and self._wants_cgroup(rel.rstrip("/")):
+                try:
+                    self.watch.add_cgroup(os.stat(dirpath).st_ino)
+                except OSError:
+                    continue
+
+    def _watch_new_cgroup(self, path: str) -> None:
+        v2 = self.resolver.v2_root if self.resolver is not None else None
+        if self.watch is None or v2 is None or not self._wants_cgroup(path):
+            return
+        try:
+            # cgroup_mkdir fires for v1 hierarchies too: the kernel's cgroup id is the v2 directory's.
+            self.watch.add_cgroup(os.stat(os.path.join(v2, path.lstrip("/"))).st_ino)
+        except OSError:
+            pass
 
     def _fill_kernel_tables(self) -> None:
         """User-space knowledge the probes need: syscall classes, virtio disks, veth names."""
@@ -459,6 +493,8 @@ class Daemon:
                 # Children of a watched process are followed from their first instruction.
                 if ev.ppid in self.watch.tgids:
                     self.watch.add_tgid(ev.pid)
+            elif ev.kind is LifecycleKind.CGROUP_MKDIR:
+                self._watch_new_cgroup(ev.path)
             elif ev.kind is LifecycleKind.CGROUP_RMDIR and self.resolver is not None:
                 labels = self.resolver.forget_cgroup(ev.cgroup_id)
                 if labels is not None and self.metrics is not None and any(labels):

@@ -114,7 +114,7 @@ class Timeline:
         max_records: how many records are kept overall.
     """
 
-    def __init__(self, ttl_s: float = 120.0, max_threads: int = 50_000, max_per_thread: int = 4096,
+    def __init__(self, ttl_s: float = 120.0, max_threads: int = 50_000, max_per_thread: int = 32768,
                  max_records: int = 250_000) -> None:
         self.ttl_ns = int(ttl_s * 1e9)
         self.max_threads = max_threads

@@ -35,11 +35,19 @@ def test_components_are_clipped_to_the_window() -> None:
 
 
 def test_kernel_baseline_excludes_time_a_layer_explains() -> None:
-    # A 10 ms blocking read whose last 3 ms were a run-queue wait and 4 ms of virtio I/O inside it.
-    bd = thread_breakdown([st("syscall", 0, 10), st("virtio_io", 2, 6), st("runqueue", 7, 10)], 0, 20 * MS)
+    # A 10 ms blocking futex wait whose last 3 ms were a run-queue wait, and a 4 ms reclaim inside it.
+    bd = thread_breakdown([st("syscall", 0, 10), st("memory_reclaim", 2, 6), st("runqueue", 7, 10)], 0, 20 * MS)
     assert bd.component_ns["syscall"] == 3 * MS
-    assert bd.layer_ns() == {"L-0": 0, "L-1": 0, "L-2": 4 * MS, "L-3": 3 * MS, "L-4": 0, "kernel": 3 * MS}
+    assert bd.layer_ns() == {"L-0": 0, "L-1": 0, "L-2": 0, "L-3": 7 * MS, "L-4": 0, "kernel": 3 * MS}
     assert bd.overhead_ns() == 7 * MS  # the kernel baseline is not an overhead
+
+
+def test_a_syscall_that_waited_on_a_virtio_request_is_virtio_time() -> None:
+    # A 10 ms O_DIRECT read: 6 ms on the device, the rest setting up and completing the
+    # request, except the last 2 ms spent waiting for a CPU after the wake-up.
+    bd = thread_breakdown([st("syscall", 0, 10), st("virtio_io", 2, 8), st("runqueue", 8, 10),
+                           st("syscall", 12, 15)], 0, 20 * MS)
+    assert bd.component_ns == {"virtio_io": 8 * MS, "runqueue": 2 * MS, "syscall": 3 * MS}
 
 
 class _Steal:

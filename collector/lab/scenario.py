@@ -341,7 +341,10 @@ class Daemon:
         self.grpc_listen = grpc_listen
         self.http_listen = http_listen
         self.metrics_listen = metrics_listen
-        self.config = {"PROBES__WATCH_ALL": "true", **(config or {})}
+        # The lab's cgroups are followed from their creation (a service's first spans
+        # arrive in a batch seconds after they happened, too late to start watching
+        # then); following every task on the node would only add load to a shared machine.
+        self.config = {"PROBES__WATCH_CGROUPS": f"[/{LAB_CGROUP_PARENT}]", **(config or {})}
         self.log_path = log_path or os.path.join(os.path.dirname(os.path.abspath(traces_path)), "daemon.log")
         self.proc: subprocess.Popen[Any] | None = None
         self._unregister: Callable[[], None] = lambda: None

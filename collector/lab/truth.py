@@ -20,7 +20,9 @@ Sources and the oracle's assumptions:
   the request (``USER_HZ`` ticks, so a 10 ms granularity), counted only when
   the thread stayed on one CPU; otherwise the sum over the CPUs seen.
 * I/O time: the service times each ``O_DIRECT`` read itself (monotonic clock
-  around ``pread``); the caller passes the sum.
+  around ``pread``) minus the run-queue wait across the call (its thread's
+  ``schedstat`` run delay: waiting for a CPU after the wake-up is run-queue
+  time); the caller passes the sum.
 * memory stall: the ``some`` total of the service cgroup's v2
   ``memory.pressure`` (PSI). With one runnable thread in the group, "some
   task stalled on memory" is that thread's time in reclaim (and in waiting

@@ -42,7 +42,7 @@ SYSCALLS = ProbeSpec(
             raw_tp("cgroup:cgroup_attach_task", required=False)),
     features=("bpf", "raw_tracepoint", "ringbuf", "btf"),
     fallback="no kernel.syscall baseline",
-    ringbuf_pages=256,
+    ringbuf_pages=1024,
 )
 
 VMSCAN = ProbeSpec(

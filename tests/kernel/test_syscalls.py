@@ -87,16 +87,19 @@ def test_watched_blocking_syscalls_become_classed_stalls(load_probe, tmp_path):
         for op in report["ops"]:
             inside = [s for s in stalls if s.tid == report["tid"]
                       and op["t0"] <= s.start_mono_ns and s.end_mono_ns <= op["t1"]]
-            assert len(inside) == 1, (op, inside)
-            s = inside[0]
+            # One blocking call per operation, possibly preceded by short ones of the
+            # same class (a Python lock may spin through a few brief futex waits first).
+            assert inside, op
+            assert all(x.details["syscall.class"] == op["op"] for x in inside), (op, inside)
             measured = op["t1"] - op["t0"]
-            assert s.details["syscall.class"] == op["op"], (op, s)
+            total = sum(x.duration_ns for x in inside)
             # The process's own measurement also covers the Python call around the
             # syscall (and, on a loaded machine, waiting for a CPU before entering it).
-            assert s.duration_ns <= measured
-            assert measured - s.duration_ns <= 0.04 * measured, (op, s.duration_ns, measured)
-            assert s.pid == watched.pid
-            assert s.cgroup_id == watched_cg.id
+            assert total <= measured
+            assert measured - total <= 0.04 * measured, (op, total, measured)
+            for s in inside:
+                assert s.pid == watched.pid
+                assert s.cgroup_id == watched_cg.id
 
         # The unwatched process produced no stall record, but its cgroup histogram counts it.
         assert not [s for s in stalls if s.pid == unwatched.pid]
