@@ -35,12 +35,32 @@ struct skb_tx {
 	__u32 watched;
 };
 
-/* A veth crossing costs microseconds: watched workloads report every one
- * (one record per packet they send across namespaces), so the few microseconds
- * per packet add up on their spans instead of vanishing under a threshold. */
-#ifndef ISO_NETNS_WATCHED_MIN_NS
-#define ISO_NETNS_WATCHED_MIN_NS 0ull
+/*
+ * A veth crossing costs microseconds, so a watched thread's crossings are
+ * summed in the kernel (`burst`) instead of crossing one record per packet:
+ * crossings less than ISO_NETNS_BURST_GAP_NS apart join one burst, and a
+ * burst becomes one stall record once it holds ISO_NETNS_BURST_NS of
+ * crossing time, or when the thread's next crossing starts a new burst. The
+ * record covers the burst's crossing time, ending at its last crossing:
+ * exact in total, placed within the burst. A burst still open when its
+ * thread goes quiet stays below ISO_NETNS_BURST_NS.
+ */
+#ifndef ISO_NETNS_BURST_GAP_NS
+#define ISO_NETNS_BURST_GAP_NS 1000000ull
 #endif
+#ifndef ISO_NETNS_BURST_NS
+#define ISO_NETNS_BURST_NS 50000ull
+#endif
+
+struct nn_burst {
+	__u64 last_end;
+	__u64 sum_ns;
+	__u64 cgroup_id;
+	__u32 pid;
+	__u32 ifindex;
+	__u32 rx_ifindex;
+	__u32 pad;
+};
 
 BPF_RINGBUF_OUTPUT(events, ISO_RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(lost_events, __u64, 1);
@@ -50,6 +70,8 @@ BPF_HASH(watched_cgroups, __u64, __u8, ISO_MAX_WATCHED_CGROUPS);
 BPF_ARRAY(watch_all, __u32, 1);
 
 BPF_HASH(veth_ifaces, struct ifname, __u32, 4096);
+/* LRU: a thread that exits with an open burst ages out. */
+BPF_TABLE("lru_hash", __u32, struct nn_burst, burst, 16384);
 /* LRU: a queued skb that is never received (peer down, dropped) ages out. */
 BPF_TABLE("lru_hash", __u64, struct skb_tx, skbs, ISO_NETNS_MAX_INFLIGHT);
 BPF_HASH(hist, struct iso_hist_key, __u64, 8192);              /* (cgroup, tx ifindex, log2 ns) */
@@ -64,6 +86,29 @@ static inline __attribute__((always_inline)) __u32 nn_watched(__u64 cg, __u32 tg
 	if (watched_cgroups.lookup(&cg))
 		return 1;
 	return watched_tgids.lookup(&tgid) != 0;
+}
+
+static inline __attribute__((always_inline)) void nn_emit(__u32 tid, struct nn_burst *b)
+{
+	struct iso_stall_event *e = events.ringbuf_reserve(sizeof(struct iso_stall_event));
+	if (!e) {
+		__u32 zero = 0;
+		__u64 *lost = lost_events.lookup(&zero);
+		if (lost)
+			*lost += 1;
+		return;
+	}
+	e->kind = ISO_EV_STALL;
+	e->component = ISO_C_NETNS;
+	e->start_ns = b->last_end - b->sum_ns;
+	e->end_ns = b->last_end;
+	e->cgroup_id = b->cgroup_id;
+	e->pid = b->pid;
+	e->tid = tid;
+	e->cpu = -1;
+	e->detail = b->ifindex;
+	e->detail2 = b->rx_ifindex;
+	events.ringbuf_submit(e, 0);
 }
 
 TRACEPOINT_PROBE(net, net_dev_queue)
@@ -118,26 +163,45 @@ TRACEPOINT_PROBE(net, netif_receive_skb)
 		__sync_fetch_and_add(&t->sum_ns, d);
 	}
 
-	if (d < ISO_MIN_STALL_NS && !(v.watched && d >= ISO_NETNS_WATCHED_MIN_NS))
-		return 0;
-	struct iso_stall_event *e = events.ringbuf_reserve(sizeof(struct iso_stall_event));
-	if (!e) {
-		__u32 zero = 0;
-		__u64 *lost = lost_events.lookup(&zero);
-		if (lost)
-			*lost += 1;
+	if (!v.watched) {
+		if (d >= ISO_MIN_STALL_NS) {
+			struct nn_burst one = {};
+			one.last_end = now;
+			one.sum_ns = d;
+			one.cgroup_id = v.cgroup_id;
+			one.pid = v.pid;
+			one.ifindex = v.ifindex;
+			one.rx_ifindex = *rx_ifindex;
+			nn_emit(v.tid, &one);
+		}
 		return 0;
 	}
-	e->kind = ISO_EV_STALL;
-	e->component = ISO_C_NETNS;
-	e->start_ns = v.ts;
-	e->end_ns = now;
-	e->cgroup_id = v.cgroup_id;
-	e->pid = v.pid;
-	e->tid = v.tid;
-	e->cpu = bpf_get_smp_processor_id();
-	e->detail = v.ifindex;
-	e->detail2 = *rx_ifindex;
-	events.ringbuf_submit(e, 0);
+	__u32 tid = v.tid;
+	struct nn_burst *b = burst.lookup(&tid);
+	if (b && v.ts <= b->last_end + ISO_NETNS_BURST_GAP_NS) {
+		b->last_end = now > b->last_end ? now : b->last_end;
+		b->sum_ns += d;
+		if (b->sum_ns >= ISO_NETNS_BURST_NS) {
+			nn_emit(tid, b);
+			burst.delete(&tid);
+		}
+		return 0;
+	}
+	if (b) {
+		nn_emit(tid, b);  /* the previous burst ended: the thread went quiet in between */
+	}
+	struct nn_burst nb = {};
+	nb.last_end = now;
+	nb.sum_ns = d;
+	nb.cgroup_id = v.cgroup_id;
+	nb.pid = v.pid;
+	nb.ifindex = v.ifindex;
+	nb.rx_ifindex = *rx_ifindex;
+	if (d >= ISO_NETNS_BURST_NS) {
+		nn_emit(tid, &nb);
+		burst.delete(&tid);
+		return 0;
+	}
+	burst.update(&tid, &nb);
 	return 0;
 }

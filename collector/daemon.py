@@ -120,6 +120,7 @@ class Daemon:
         self._virtio_devs: set[int] = set()
         self._veths: set[str] = set()
         self._veth_ids: dict[str, int] = {}
+        self._netns_changed = threading.Event()
         self.vms: Any = None
         self.memory = memguard.MemoryGuard(None)
         self.kvm_counter: Any = None
@@ -162,6 +163,7 @@ class Daemon:
                         "cgroups": len(self.watch.cgroups) if self.watch else 0,
                         "all": bool(self.watch and self.watch.watch_all)},
             "clock": {"offset_ns": self.clock.offset_ns, "steps": self.clock.steps},
+            "veth_names": sorted(self._veths),
         }
 
     def drained_until(self) -> int:
@@ -489,7 +491,11 @@ class Daemon:
                 self.resolver.forget(ev.pid)
                 if self.watch is not None and ev.pid in self.watch.tgids:
                     self.watch.remove_tgid(ev.pid)
-            elif ev.kind in (LifecycleKind.FORK, LifecycleKind.CLONE_NS) and self.watch is not None:
+            elif ev.kind in (LifecycleKind.UNSHARE, LifecycleKind.SETNS, LifecycleKind.CLONE_NS):
+                self._netns_changed.set()
+                if ev.kind is LifecycleKind.CLONE_NS and self.watch is not None and ev.ppid in self.watch.tgids:
+                    self.watch.add_tgid(ev.pid)
+            elif ev.kind is LifecycleKind.FORK and self.watch is not None:
                 # Children of a watched process are followed from their first instruction.
                 if ev.ppid in self.watch.tgids:
                     self.watch.add_tgid(ev.pid)
@@ -518,7 +524,9 @@ class Daemon:
             ticks += 1
             try:
                 self.timeline.evict()
-                if ticks % 10 == 0:
+                if self._netns_changed.is_set() or ticks % 10 == 0:
+                    # New namespaces usually come with new veth pairs (a pod starting).
+                    self._netns_changed.clear()
                     self._refresh_veths()
                 for q in self.queues:
                     self.stats.set_gauge("queue_size", (q.name,), q.size())

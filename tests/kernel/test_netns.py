@@ -103,7 +103,8 @@ def test_veth_crossings_are_netns_stalls_for_both_sides(load_probe, veth_pair):
         report = json.loads(out.strip().splitlines()[-1])
         server.communicate(timeout=10)
 
-        events = probe.wait_for(lambda evs: sum(isinstance(e, Stall) for e in evs) >= 2 * ROUND_TRIPS)
+        events = probe.wait_for(lambda evs: any(isinstance(e, Stall) and e.tid == server_tid for e in evs)
+                                and any(isinstance(e, Stall) and e.tid == report["tid"] for e in evs))
         stalls = [e for e in events if isinstance(e, Stall)]
         assert all(s.component == "netns" for s in stalls)
         a_to_b = [s for s in stalls if s.tid == report["tid"]]
@@ -111,11 +112,12 @@ def test_veth_crossings_are_netns_stalls_for_both_sides(load_probe, veth_pair):
         def direction(s: Stall) -> tuple[int, int]:
             return s.details["net.ifindex"], s.details["net.peer_ifindex"]
 
-        # Every datagram each way. Packets the kernel itself answers in softirq
-        # (the ARP reply from B) are charged to the task that was current, here
-        # the client, hence the subset instead of equality.
-        assert sum(direction(s) == (id_a, id_b) for s in a_to_b) >= ROUND_TRIPS
-        assert sum(direction(s) == (id_b, id_a) for s in b_to_a) >= ROUND_TRIPS
+        # A watched thread's crossings are summed into bursts (one record per
+        # ISO_NETNS_BURST_NS of crossing time), both ways. Packets the kernel itself
+        # answers in softirq (the ARP reply from B) are charged to the task that was
+        # current, here the client, hence the subset instead of equality.
+        assert any(direction(s) == (id_a, id_b) for s in a_to_b)
+        assert any(direction(s) == (id_b, id_a) for s in b_to_a)
         assert {direction(s) for s in stalls} <= {(id_a, id_b), (id_b, id_a)}
         assert {(s.pid, s.cgroup_id) for s in a_to_b} == {(client.pid, cg_a.id)}
         assert {(s.pid, s.cgroup_id) for s in b_to_a} == {(server.pid, cg_b.id)}
@@ -130,6 +132,8 @@ def test_veth_crossings_are_netns_stalls_for_both_sides(load_probe, veth_pair):
             per_side[(k.cgroup_id, k.class_id)] += v.value
         assert per_side.get((cg_a.id, id_a), 0) >= ROUND_TRIPS
         assert per_side.get((cg_b.id, id_b), 0) >= ROUND_TRIPS
+        # The records hold all of the client's crossing time but its last, still open burst.
         totals = {(k.cgroup_id, k.class_id): v for k, v in probe.bpf["totals"].items()}
-        assert totals[(cg_a.id, id_a)].sum_ns == sum(s.duration_ns for s in a_to_b if direction(s) == (id_a, id_b))
+        recorded = sum(s.duration_ns for s in a_to_b if direction(s) == (id_a, id_b))
+        assert 0 <= totals[(cg_a.id, id_a)].sum_ns - recorded < 50_000 + max(s.duration_ns for s in a_to_b)
     assert probe.manager.check_losses()["netns"] == 0
