@@ -13,12 +13,17 @@ test: setup
 demo: setup
 	.venv/bin/isoscope demo
 
-# Every bench/*.py script in turn; the first failure stops the run.
+# Every benchmark, each writing its figures to bench/results/, then bench/RESULTS.md.
+# The soak runs its full 10 minutes here (SOAK_MINUTES=2 for a shorter one).
+SOAK_MINUTES ?= 10
 bench: setup
-	@set -e; found=0; for script in bench/*.py; do \
-		[ -e "$$script" ] || continue; found=1; \
-		echo "== $$script"; $(PYTHON_VENV) "$$script"; \
-	done; [ $$found = 1 ] || echo "no bench/*.py scripts"
+	-$(PYTHON_VENV) bench/syscall_tax.py --rounds 7 --write bench/results/syscall_tax.md
+	-$(PYTHON_VENV) bench/switch_tax.py --markdown bench/results/switch_tax.md
+	-$(PYTHON_VENV) bench/rss.py --markdown bench/results/rss.md
+	-$(PYTHON_VENV) bench/throughput.py --write bench/results/throughput.md
+	-$(PYTHON_VENV) bench/accuracy.py
+	-$(PYTHON_VENV) bench/soak.py --minutes $(SOAK_MINUTES) --out bench/results/soak.md
+	$(PYTHON_VENV) bench/collect_results.py
 
 # Build and run artefacts; the virtualenv is kept (see distclean).
 clean:

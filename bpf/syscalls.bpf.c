@@ -61,7 +61,7 @@ struct sc_task {
  * up within one request, and the join needs their intervals to tell the
  * virtio path and the kernel baseline apart. */
 #ifndef ISO_SYSCALL_WATCHED_MIN_NS
-#define ISO_SYSCALL_WATCHED_MIN_NS 20000ull
+#define ISO_SYSCALL_WATCHED_MIN_NS (ISO_MIN_STALL_NS < 20000ull ? ISO_MIN_STALL_NS : 20000ull)
 #endif
 
 BPF_RINGBUF_OUTPUT(events, ISO_RINGBUF_PAGES);

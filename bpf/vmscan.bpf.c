@@ -20,7 +20,7 @@ struct rc_key {
  * microseconds each) that add up to a large share of a request: watched
  * workloads report them all down to this length. */
 #ifndef ISO_RECLAIM_WATCHED_MIN_NS
-#define ISO_RECLAIM_WATCHED_MIN_NS 10000ull
+#define ISO_RECLAIM_WATCHED_MIN_NS (ISO_MIN_STALL_NS < 10000ull ? ISO_MIN_STALL_NS : 10000ull)
 #endif
 
 BPF_RINGBUF_OUTPUT(events, ISO_RINGBUF_PAGES);

@@ -56,6 +56,7 @@ class LoadedProbe:
     bpf: Any = None
     lost_seen: int = 0
     decode_errors: int = 0
+    budget: int = 0
 
 
 def _define(name: str) -> str:
@@ -194,18 +195,23 @@ class ProbeManager:
         sink = self._sink
 
         def _on_record(_ctx, data, size):
+            loaded.budget -= 1
+            # A negative answer makes libbpf stop this pass (the record itself is
+            # consumed, so it is handled first): under an event storm the drain
+            # loop yields to loss accounting and the rest of the pipeline.
+            done = -1 if loaded.budget <= 0 else 0
             try:
                 event = decode_record(ctypes.string_at(data, size))
             except DecodeError as exc:
                 loaded.decode_errors += 1
                 if loaded.decode_errors <= 3:
                     logger.warning("probe %s: undecodable record: %s", loaded.spec.name, exc)
-                return 0
+                return done
             try:
                 sink(event)
             except Exception:
                 logger.exception("event sink failed for probe %s", loaded.spec.name)
-            return 0
+            return done
 
         return _on_record
 
@@ -229,14 +235,19 @@ class ProbeManager:
 
     # -- draining -----------------------------------------------------------
 
-    def poll(self) -> None:
-        """Drain every ring buffer once and advance ``drained_until_mono_ns``."""
+    def poll(self, max_events: int = 20_000) -> None:
+        """Drain every ring buffer once (at most ``max_events`` records each) and advance ``drained_until_mono_ns``."""
         t0 = time.monotonic_ns()
+        complete = True
         with self._lock:
             for p in self._probes.values():
                 if p.bpf is not None and p.bpf._ringbuf_manager:
+                    p.budget = max_events
                     p.bpf.ring_buffer_consume()
-        self.drained_until_mono_ns = t0
+                    complete = complete and p.budget > 0
+        if complete:
+            # Only a pass that emptied every ring proves everything before t0 is in.
+            self.drained_until_mono_ns = t0
 
     def check_losses(self) -> dict[str, int]:
         """Read each probe's kernel-side loss counter; report increases. Returns totals."""
@@ -251,7 +262,7 @@ class ProbeManager:
                 continue
             # Reserve failures counted by the program, plus runs the kernel skipped
             # because another tracing program was running on that CPU.
-            total = int(sum(table[table.Key(0)])) + _recursion_misses(p.bpf)
+            total = int(sum(table[table.Key(0)])) + recursion_misses(p.bpf)
             totals[p.spec.name] = total
             p.status.lost_events = total
             if total > p.lost_seen:
@@ -296,7 +307,7 @@ class ProbeManager:
                     p.status.attached = False
 
 
-def _recursion_misses(bpf: Any) -> int:
+def recursion_misses(bpf: Any) -> int:
     """Program runs the kernel skipped (``recursion_misses`` in each program's fdinfo)."""
     total = 0
     for fn in list(getattr(bpf, "funcs", {}).values()):

@@ -179,8 +179,9 @@ def test_backend_outage_then_back_every_span_once_or_counted(backend: OtlpBacken
 
 def test_kill_9_with_persistent_queue_loses_no_acknowledged_span(tmp_path: Any) -> None:
     persist = tmp_path / "queue"
-    cfg = {"exporters": {"queue": {"persist_dir": str(persist), **FAST_RETRY["exporters"]["queue"]}}}
-    # A slow backend (one request at a time, 30 ms each, while ~65 spans/s arrive one per request)
+    cfg = {"exporters": {"queue": {"persist_dir": str(persist), "workers": 1,
+                                   **FAST_RETRY["exporters"]["queue"]}}}
+    # A slow backend (one export at a time, 30 ms each, while ~65 spans/s arrive one per request)
     # keeps a backlog inside the daemon at the moment it is killed.
     with OtlpBackend(delay_s=0.03) as backend, IsoscopeDaemon(forward=[backend.grpc_url], config=cfg) as daemon:
         grpc_p, grpc_s = make_sender("grpc", daemon, "e2e-kill-grpc", timeout_s=3.0)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from collector.model import Stats
-from collector.probes.loader import ProbeManager
+from collector.probes.loader import ProbeManager, recursion_misses
 from collector.probes.spec import ProbeSpec
 from collector.probes.watch import WatchSet
 
@@ -59,16 +59,7 @@ class RunningProbe:
         interrupt arriving during one): those events are lost without a ring
         buffer reserve ever failing.
         """
-        total = 0
-        for fn in self.bpf.funcs.values():
-            try:
-                with open(f"/proc/self/fdinfo/{fn.fd}", encoding="ascii") as fh:
-                    for line in fh:
-                        if line.startswith("recursion_misses:"):
-                            total += int(line.split()[1])
-            except OSError:
-                continue
-        return total
+        return recursion_misses(self.bpf)
 
     def drain(self) -> list[Any]:
         """Poll the ring buffer once and return a copy of every event so far."""
