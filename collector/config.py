@@ -72,6 +72,9 @@ class MetricsConfig(_Section):
     enabled: bool = True
     listen: str = "127.0.0.1:9464"
     max_label_values: int = Field(1000, ge=10)
+    otlp_endpoint: str | None = None
+    """Also push the metrics over OTLP (``grpc://host:port`` or ``http(s)://host:port``)."""
+    otlp_interval_s: float = Field(15.0, gt=0)
 
     _v = field_validator("listen")(classmethod(lambda cls, v: _check_listen(v)))
 

@@ -116,6 +116,7 @@ class Daemon:
         self._probe_thread: threading.Thread | None = None
         self._wal: DiskSpool | None = None
         self._pods: Any = None
+        self._otlp_metrics: Any = None
         self.kernel_metrics: KernelMetrics | None = None
         self._virtio_devs: set[int] = set()
         self._veths: set[str] = set()
@@ -189,6 +190,13 @@ class Daemon:
             except OSError as exc:
                 raise StartupError(f"metrics.listen: cannot listen on {cfg.metrics.listen}: {exc.strerror}") from None
             self.listen["metrics"] = f"{bound[0]}:{bound[1]}"
+            if cfg.metrics.otlp_endpoint:
+                from exporters.prometheus import OtlpMetricsExporter
+                try:
+                    self._otlp_metrics = OtlpMetricsExporter(self.metrics, self.stats, cfg.metrics.otlp_endpoint,
+                                                             interval_s=cfg.metrics.otlp_interval_s)
+                except ValueError as exc:
+                    raise StartupError(f"metrics.otlp_endpoint: {exc}") from None
         limit = (cfg.memory.limit_mb << 20) if cfg.memory.limit_mb else memguard.cgroup_memory_limit()
         self.memory = memguard.MemoryGuard(limit, cfg.memory.high_fraction)
         self._start_exporters()
@@ -593,6 +601,8 @@ class Daemon:
         if self._pods is not None:
             self._pods.shutdown()
         self.clock.shutdown()
+        if self._otlp_metrics is not None:
+            self._otlp_metrics.shutdown()
         if self.metrics is not None:
             self.metrics.shutdown()
 
