@@ -15,8 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +22,9 @@ import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from collector.lab.scenario import Daemon  # noqa: E402  (the lab's daemon launcher)
 V2 = "/sys/fs/cgroup/unified" if os.path.isdir("/sys/fs/cgroup/unified/cgroup.procs") or os.path.exists(
     "/sys/fs/cgroup/unified/cgroup.procs") else "/sys/fs/cgroup"
 
@@ -40,42 +41,12 @@ time.sleep(3600)
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rss_kb(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
-
-
-def start_daemon(tmp: str) -> tuple[subprocess.Popen, str]:
-    mport = free_port()
-    cfg = os.path.join(tmp, "config.yaml")
-    with open(cfg, "w") as f:
-        f.write("probes:\n  watch_all: true\n")
-    proc = subprocess.Popen([sys.executable, "-m", "collector.cli", "run", "--config", cfg,
-                             "--otlp-grpc-listen", f"127.0.0.1:{free_port()}",
-                             "--otlp-http-listen", f"127.0.0.1:{free_port()}",
-                             "--metrics-listen", f"127.0.0.1:{mport}",
-                             "--file-export", os.path.join(tmp, "traces.jsonl")],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "daemon.log"), "w"))
-    base = f"http://127.0.0.1:{mport}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(base + "/readyz", timeout=1).status == 200:
-                return proc, base
-        except OSError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("daemon did not become ready")
 
 
 def status(base: str) -> dict:
@@ -90,7 +61,9 @@ def main() -> int:
     ap.add_argument("--markdown")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="isoscope-rss-")
-    daemon, base = start_daemon(tmp)
+    # watch_all: every thread is followed in the kernel and in the timeline (the worst case).
+    lab = Daemon.on_free_ports(os.path.join(tmp, "traces.jsonl"), config={"PROBES__WATCH_ALL": "true"}).start()
+    daemon, base = lab.proc, f"http://{lab.metrics_listen}"
     procs: list[subprocess.Popen] = []
     cgdirs: list[str] = []
     try:
@@ -142,11 +115,7 @@ def main() -> int:
             p.kill()
         for p in procs:
             p.wait()
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(20)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
+        lab.stop()
         for d in cgdirs:
             try:
                 os.rmdir(d)

@@ -3,7 +3,6 @@ and on fixture trees of platforms that cannot run here."""
 
 from __future__ import annotations
 
-import os
 import secrets
 import subprocess
 import sys

@@ -193,7 +193,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve until SIGTERM/SIGINT, then flush spans and exit."""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s [lab] %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [lab] %(message)s")
     args = parse_args(argv)
     try:
         socket.sethostname(args.name)  # own UTS namespace

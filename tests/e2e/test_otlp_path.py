@@ -25,7 +25,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass

@@ -124,7 +124,6 @@ def test_compiler_code_pages_are_released_and_compiling_still_works(kernel_env) 
             second.shutdown()
     finally:
         first.shutdown()
-    from bcc import BPF  # noqa: F401  (compile once more without releasing, to measure the difference)
     mgr = ProbeManager([catalog.VMSCAN], kernel_env.features, lambda ev: None, Stats())
     try:
         mgr.load()

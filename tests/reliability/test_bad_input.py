@@ -19,8 +19,7 @@ import socket
 import threading
 import time
 import zlib
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import grpc
 import pytest

@@ -9,7 +9,6 @@ moved aside and counted; it must never make the daemon crash-loop.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import grpc

@@ -9,7 +9,6 @@ is not counted is the worst outcome.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 import grpc
