@@ -151,9 +151,13 @@ class TruthRecorder:
 
     def begin(self) -> TruthSnapshot:
         """Snapshot the counters now (call right after the span starts)."""
+        # Memory pressure first here and last in end(): reading the other counters
+        # allocates, and under a tight memcg limit that alone can reclaim; the
+        # oracle must cover that too, as the span does.
+        memstall = read_memory_pressure_ns(self.pressure_dir)
         oncpu, delay = read_thread_schedstat()
         return TruthSnapshot(time.monotonic_ns(), oncpu, delay, read_thread_cpu(), read_steal_ticks(),
-                             read_cpu_stat(self.cpu_dir), read_memory_pressure_ns(self.pressure_dir))
+                             read_cpu_stat(self.cpu_dir), memstall)
 
     def end(self, before: TruthSnapshot, io_ns: int = 0) -> dict[str, int | str]:
         """Deltas since ``before`` as ``test.truth.*`` attributes (call right before the span ends)."""
