@@ -1,6 +1,6 @@
 """Delivery guarantees of the real daemon, end to end, with the real OpenTelemetry SDK exporters as clients.
 
-* Backend down for ``E2E_OUTAGE_S`` seconds (default 60, the outage the acceptance names) while spans
+* Backend down for ``E2E_OUTAGE_S`` seconds (default 60) while spans
   keep arriving, then back on the same ports: every span the daemon
   acknowledged reaches the backend exactly once, or its loss is counted in
   ``isoscope_spans_dropped_total``.

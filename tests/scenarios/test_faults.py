@@ -1,6 +1,6 @@
 """Each injected fault is blamed on the right layer and hop, with the span's own kernel truth as oracle.
 
-Acceptance, per single fault on the middle hop of a three-hop chain:
+What must hold, per single fault on the middle hop of a three-hop chain:
 
 * of the faulted hop's spans whose injected stall (truth) is ≥ 20 % of their
   duration, ≥ 95 % carry ``isolation.blame`` = the component the truth says
