@@ -28,6 +28,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Sequence
 from urllib.parse import urlsplit
@@ -134,22 +135,33 @@ class Hop:
 
     def handle(self, headers: dict[str, str]) -> int:
         ctx = propagate.extract(headers)
-        with self.tracer.start_as_current_span(f"{self.name} GET /work", context=ctx,
-                                               kind=trace.SpanKind.SERVER) as span:
-            before = self.truth.begin()
-            status = 200
-            io_ns = self.work.run()
-            if self.downstream is not None:
-                try:
-                    status = self.call_downstream("/work")
-                except (OSError, http.client.HTTPException) as exc:
-                    span.record_exception(exc)
-                    status = 502
-            span.set_attributes(self.truth.end(before, io_ns))
-            span.set_attributes({HOP_ATTR: self.index, "http.response.status_code": status})
-            if status >= 500:
-                span.set_status(trace.Status(trace.StatusCode.ERROR))
-            return status
+        # The span covers exactly the oracle's window: it starts just before the first
+        # counter is read and ends just after the last. Whatever the tracer itself does
+        # around that (allocating attributes can reclaim under a tight memcg limit) is
+        # outside both, so the oracle is the span's own.
+        start = time.time_ns()
+        before = self.truth.begin()
+        end = None
+        with self.tracer.start_as_current_span(f"{self.name} GET /work", context=ctx, kind=trace.SpanKind.SERVER,
+                                               start_time=start, end_on_exit=False) as span:
+            try:
+                status = 200
+                io_ns = self.work.run()
+                if self.downstream is not None:
+                    try:
+                        status = self.call_downstream("/work")
+                    except (OSError, http.client.HTTPException) as exc:
+                        span.record_exception(exc)
+                        status = 502
+                truth = self.truth.end(before, io_ns)
+                end = time.time_ns()
+                span.set_attributes(truth)
+                span.set_attributes({HOP_ATTR: self.index, "http.response.status_code": status})
+                if status >= 500:
+                    span.set_status(trace.Status(trace.StatusCode.ERROR))
+                return status
+            finally:
+                span.end(end_time=end)
 
 
 def _handler_class(hop: Hop) -> type[BaseHTTPRequestHandler]:
