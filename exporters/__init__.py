@@ -14,11 +14,11 @@ from exporters.file import FileExporter
 from exporters.memory import InMemoryExporter
 from exporters.otlp_grpc import OtlpGrpcExporter
 from exporters.otlp_http import OtlpHttpExporter
-from exporters.queue import DiskSpool, ExportQueue, PartialSuccess, SpoolEntry, rejected_spans_of
+from exporters.queue import DiskSpool, ExportQueue, SpoolEntry
 
 __all__ = [
     "DiskSpool", "ExportQueue", "FileExporter", "InMemoryExporter", "OtlpGrpcExporter",
-    "OtlpHttpExporter", "PartialSuccess", "SpoolEntry", "exporter_from_url", "rejected_spans_of",
+    "OtlpHttpExporter", "SpoolEntry", "exporter_from_url",
 ]
 
 

@@ -24,7 +24,6 @@ from grpc_status import rpc_status
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from collector.model import ExportOutcome, ExportResult
-from exporters.queue import PartialSuccess
 
 logger = logging.getLogger(__name__)
 
@@ -142,9 +141,9 @@ class OtlpGrpcExporter:
             return ExportOutcome(ExportResult.RETRYABLE, None, f"channel closed: {exc}")
         partial = response.partial_success
         if partial.rejected_spans > 0:
-            return PartialSuccess(ExportResult.SUCCESS, None,
-                                  f"backend rejected {partial.rejected_spans} spans: {partial.error_message}",
-                                  rejected_spans=int(partial.rejected_spans))
+            return ExportOutcome(ExportResult.SUCCESS, None,
+                                 f"backend rejected {partial.rejected_spans} spans: {partial.error_message}",
+                                 rejected_spans=int(partial.rejected_spans))
         if partial.error_message:
             logger.warning("%s: backend warning: %s", self.name, partial.error_message)
         return ExportOutcome(ExportResult.SUCCESS, None, "")

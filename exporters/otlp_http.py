@@ -27,7 +27,6 @@ from google.rpc import status_pb2
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from collector.model import ExportOutcome, ExportResult
-from exporters.queue import PartialSuccess
 
 logger = logging.getLogger(__name__)
 
@@ -152,9 +151,9 @@ class OtlpHttpExporter:
                 logger.warning("%s: undecodable success response from %s", self.name, self.url)
         partial = response.partial_success
         if partial.rejected_spans > 0:
-            return PartialSuccess(ExportResult.SUCCESS, None,
-                                  f"backend rejected {partial.rejected_spans} spans: {partial.error_message}",
-                                  rejected_spans=int(partial.rejected_spans))
+            return ExportOutcome(ExportResult.SUCCESS, None,
+                                 f"backend rejected {partial.rejected_spans} spans: {partial.error_message}",
+                                 rejected_spans=int(partial.rejected_spans))
         return ExportOutcome(ExportResult.SUCCESS, None, "")
 
     def shutdown(self) -> None:

@@ -246,23 +246,6 @@ _JITTER = 0.5  # delay is drawn from [d*(1-j), d*(1+j)], as the OpenTelemetry Co
 
 
 @dataclass(slots=True)
-class PartialSuccess(ExportOutcome):
-    """A SUCCESS in which the backend refused some spans (OTLP ``partial_success``).
-
-    Attributes:
-        rejected_spans: spans the backend reported as rejected; the queue counts
-            them as ``spans_dropped_total{reason="rejected_by_backend"}``.
-    """
-
-    rejected_spans: int = 0
-
-
-def rejected_spans_of(outcome: ExportOutcome) -> int:
-    """Spans a backend refused inside a successful response (OTLP partial success)."""
-    return int(getattr(outcome, "rejected_spans", 0) or 0)
-
-
-@dataclass(slots=True)
 class _Batch:
     payload: bytes
     span_count: int
@@ -530,7 +513,7 @@ class ExportQueue:
             self._count_drop(batch.span_count, REASON_SHUTDOWN)
 
     def _count_success(self, batch: _Batch, outcome: ExportOutcome) -> None:
-        rejected = min(max(rejected_spans_of(outcome), 0), batch.span_count)
+        rejected = min(max(outcome.rejected_spans, 0), batch.span_count)
         accepted = batch.span_count - rejected
         if accepted:
             self.stats.inc("spans_exported_total", (self._exporter_label, "success"), accepted)

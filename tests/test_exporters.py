@@ -17,7 +17,6 @@ from exporters import (
     OtlpGrpcExporter,
     OtlpHttpExporter,
     exporter_from_url,
-    rejected_spans_of,
 )
 from exporters.otlp_http import parse_retry_after, traces_url
 from tests.otlp_backend import Failure, OtlpBackend, make_payload, make_request, span_hex
@@ -87,7 +86,7 @@ def test_grpc_partial_success(backend):
         backend.fail_next(Failure.partial(3, "3 spans too old"))
         outcome = exp.export(make_payload([1, 2, 3, 4]), 4)
         assert outcome.result is ExportResult.SUCCESS
-        assert rejected_spans_of(outcome) == 3
+        assert outcome.rejected_spans == 3
         assert "3 spans too old" in outcome.message
     finally:
         exp.shutdown()
@@ -178,7 +177,7 @@ def test_http_partial_success_and_url(backend):
         backend.fail_next(Failure.partial(1, "one bad span"))
         outcome = exp.export(make_payload([1, 2]), 2)
         assert outcome.result is ExportResult.SUCCESS
-        assert rejected_spans_of(outcome) == 1
+        assert outcome.rejected_spans == 1
         assert backend.attempts[0].headers["authorization"] == "Bearer t"
         assert backend.attempts[0].headers["content-type"] == "application/x-protobuf"
     finally:
