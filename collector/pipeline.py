@@ -52,6 +52,7 @@ class _Held:
     need_mono_ns: int
     deadline_mono_ns: int
     spool_key: str | None
+    may_conflict: bool | None  # known when the request was serialized at receipt
 
 
 def _thread_id(span: Any) -> int | None:
@@ -140,10 +141,13 @@ class EnrichPipeline:
                 self.stats.inc("requests_rejected_total", (batch.protocol, "backpressure"))
                 raise Backpressure("enrichment queue is full", retry_after_s=1.0)
         key = None
+        may_conflict = None
         if self._spool is not None:
-            key = self._spool.put(batch.request.SerializeToString(), batch.span_count)
+            payload = batch.request.SerializeToString()
+            key = self._spool.put(payload, batch.span_count)
+            may_conflict = b"isolation." in payload
         with self._cond:
-            self._queue.append(_Held(batch, need, now + self.hold_ns, key))
+            self._queue.append(_Held(batch, need, now + self.hold_ns, key, may_conflict))
             self._held_spans += batch.span_count
             self.stats.set_gauge("queue_size", ("enrich",), len(self._queue))
             self._cond.notify()
@@ -195,7 +199,7 @@ class EnrichPipeline:
         batch = held.batch
         if self._enrich_enabled():
             try:
-                self.enrich(batch, self._drained_until())
+                self.enrich(batch, self._drained_until(), held.may_conflict)
             except Exception:
                 self.stats.inc("enrichment_failures_total", ("join",), batch.span_count)
                 logger.exception("enrichment of a batch failed; forwarding it unenriched")
@@ -210,15 +214,23 @@ class EnrichPipeline:
 
     # -- the join -------------------------------------------------------------------
 
-    def enrich(self, batch: TraceBatch, drained: int) -> int:
-        """Enrich every span of a batch in place; returns how many were enriched."""
+    def enrich(self, batch: TraceBatch, drained: int, may_conflict: bool | None = None) -> int:
+        """Enrich every span of a batch in place; returns how many were enriched.
+
+        Args:
+            batch: the batch, enriched in place.
+            drained: how far (CLOCK_MONOTONIC ns) the kernel data has been drained.
+            may_conflict: whether the request may already hold ``isolation.*`` keys;
+                None looks at the request.
+        """
         cfg = self.cfg
         enriched = 0
         scope_cache: dict[int, Any] = {}
         resolved: dict[tuple[Any, int | None], Workload | None] = {}
         wl_attrs: dict[int, list[Any]] = {}
-        # One look at the whole request (C speed) instead of a scan of every span's attributes.
-        may_conflict = b"isolation." in batch.request.SerializeToString()
+        if may_conflict is None:
+            # One look at the whole request (C speed) instead of a scan of every span's attributes.
+            may_conflict = b"isolation." in batch.request.SerializeToString()
         for rs in batch.request.resource_spans:
             ident = resource_identity(rs.resource)
             service = str(ident.get("service.name") or "unknown_service")
