@@ -298,6 +298,23 @@ class OtlpBackend:
                 self._cond.wait(remaining)
             return True
 
+    def wait_for_span_ids(self, span_ids: Iterable[int], timeout_s: float) -> bool:
+        """Block until every given span id was accepted at least once.
+
+        Unlike :meth:`wait_for_spans` a duplicate delivery (an export that timed
+        out after the backend took it, then retried) cannot stand in for a
+        span that has not arrived yet.
+        """
+        want = {span_hex(i) for i in span_ids}
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while not want.issubset(self._accepted_ids):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return True
+
     def wait_for_attempts(self, count: int, timeout_s: float) -> bool:
         """Block until at least ``count`` requests arrived (accepted or not)."""
         deadline = time.monotonic() + timeout_s
