@@ -619,9 +619,13 @@ def scenarios() -> dict[str, Scenario]:
                  description="hop1 shares CPU 0 with two busy neighbours"),
         Scenario("virtio_io", [clean(), HopSpec([Fault("virtio_io", io_reads=160)]), clean()],
                  description="160 random 4 KiB O_DIRECT reads from the virtio disk per request on hop1"),
-        Scenario("memory_reclaim", [clean(), HopSpec([Fault("memory_reclaim", mem_write_mb=32)], work_ms=1),
+        # Pinned to one CPU because the oracle is the cgroup's PSI memory stall, which
+        # adds up one thread's stall exactly only while that thread stays on one CPU
+        # (see collector.lab.truth).
+        Scenario("memory_reclaim", [clean(), HopSpec([Fault("memory_reclaim", mem_write_mb=32)], work_ms=1,
+                                                     cpus={1}),
                                     clean(work_ms=2)],
-                 description="hop1 churns page cache and anonymous memory against a tight memcg limit"),
+                 description="hop1 (on CPU 1) churns page cache and anonymous memory against a tight memcg limit"),
         Scenario("netns", [clean(), HopSpec([Fault("netns")]), clean()],
                  description="hop1 sends 2000 datagrams across its veth per request"),
         Scenario("steal", [clean(), HopSpec([Fault("steal")], work_ms=20), clean()],

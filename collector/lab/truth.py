@@ -27,7 +27,11 @@ Sources and the oracle's assumptions:
   ``memory.pressure`` (PSI). With one runnable thread in the group, "some
   task stalled on memory" is that thread's time in reclaim (and in waiting
   for refaults of recently evicted working-set pages, which PSI also counts
-  as memory stall).
+  as memory stall). PSI is not a plain sum over CPUs, though: it weights each
+  CPU's stall time by that CPU's non-idle time, so a thread that ran on two
+  CPUs during the request is reported at roughly half its stall. The oracle
+  is exact only for a hop pinned to one CPU, which is how the lab runs its
+  reclaim fault.
 """
 
 from __future__ import annotations

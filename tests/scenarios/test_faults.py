@@ -60,16 +60,6 @@ def _assert_enriched(run: ScenarioRun) -> None:
         assert h.thread_scope >= 0.95 * h.spans, f"{h.service}: only {h.thread_scope}/{h.spans} at thread scope"
 
 
-# Share of eligible spans whose measured ns must be within ±10 % / ±2 ms of their oracle.
-WITHIN_TOLERANCE_PCT = {
-    # The reclaim oracle is the cgroup's PSI memory stall. PSI is not a sum of per-task
-    # stall time: each CPU's stall time is weighted by that CPU's non-idle time, so when
-    # the service's threads run on both CPUs during a request it reports less than the
-    # handling thread spent in reclaim. On 2–9 % of spans (varying with load) the thread's
-    # own reclaim intervals exceed PSI by more than the tolerance; reclaim is held to 90 %
-    # here, every other fault to 95 % (bench/RESULTS.md records the measured share).
-    "memory_reclaim": 90.0,
-}
 
 
 def _assert_faulted(h: HopScore, *, with_ns: bool = True) -> None:
@@ -78,7 +68,7 @@ def _assert_faulted(h: HopScore, *, with_ns: bool = True) -> None:
     assert h.blamed_right_pct >= 95.0, (
         f"{h.service}: blamed right on {h.blamed_right}/{h.eligible} spans ({h.blamed_right_pct:.1f} %)")
     if with_ns:
-        assert h.within_tol_pct >= WITHIN_TOLERANCE_PCT.get(h.fault, 95.0), (
+        assert h.within_tol_pct >= 95.0, (
             f"{h.service}: within ±10 %/±2 ms of the truth on {h.within_tol}/{h.eligible} spans "
             f"(mean truth {h.truth_ms:.2f} ms, measured {h.measured_ms:.2f} ms)")
 
