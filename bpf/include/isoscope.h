@@ -195,4 +195,48 @@ struct iso_kvm_key {
 };
 #define ISO_KVM_KEY_SIZE 16
 
+/* ---- wasm probe (bpf/wasm.bpf.c, collector/wasm.py) ---- */
+/*
+ * CPU-clock samples of WASM runtime processes, each classified by the code the
+ * thread was running: the guest's JIT-compiled code (anonymous executable
+ * mappings), the runtime's own code (its library or executable: WASI and other
+ * host calls, trampolines, the runtime's machinery) or other code (the
+ * embedding application, libc, the kernel on its behalf).  User space writes
+ * the code ranges of each runtime process into `wasm_code`; runtime samples
+ * cross as ISO_C_SANDBOX stalls of one sample period.
+ */
+#define ISO_WASM_GUEST        0u
+#define ISO_WASM_RUNTIME      1u
+#define ISO_WASM_OTHER        2u
+#define ISO_WASM_NPARTS       3u
+#define ISO_WASM_MAX_RANGES   16
+#define ISO_WASM_MAX_PROCS    1024
+#ifndef ISO_WASM_SAMPLE_NS
+#define ISO_WASM_SAMPLE_NS    1000000ull   /* cpu-clock sample period */
+#endif
+
+/* A code range [start, end) of a process's address space. 16 bytes. */
+struct iso_wasm_range {
+	__u64 start;
+	__u64 end;
+};
+
+/* Code ranges of one runtime process (value of `wasm_code`, key tgid). 528 bytes. */
+struct iso_wasm_code {
+	__u32 n_guest;
+	__u32 n_runtime;
+	__u32 runtime_is_process;  /* the runtime is the executable: all non-guest time is the runtime's */
+	__u32 _pad;
+	struct iso_wasm_range guest[ISO_WASM_MAX_RANGES];
+	struct iso_wasm_range runtime[ISO_WASM_MAX_RANGES];
+};
+#define ISO_WASM_CODE_SIZE 528
+
+/* Sample counts per process and part (key of `wasm_samples`, value __u64). 8 bytes. */
+struct iso_wasm_key {
+	__u32 tgid;
+	__u32 part;        /* ISO_WASM_* */
+};
+#define ISO_WASM_KEY_SIZE 8
+
 #endif /* ISOSCOPE_H */

@@ -7,7 +7,7 @@ precision where the kernel allows them.
 
 from __future__ import annotations
 
-from collector.probes.spec import ProbeSpec, fentry, kprobe, raw_tp, tp
+from collector.probes.spec import ProbeSpec, fentry, kprobe, perf_event, raw_tp, tp
 
 
 def _sched_defines() -> dict[str, int | str]:
@@ -105,6 +105,22 @@ KVM = ProbeSpec(
     fallback="no host-side VM-exit attribution (only matters on nodes that run VMs)",
 )
 
+WASM_SAMPLE_NS = 1_000_000
+"""CPU-clock sampling period of WASM runtime processes: 1 ms, so a span's sandbox time has ~1 ms grain."""
+
+WASM = ProbeSpec(
+    name="wasm",
+    source="wasm.bpf.c",
+    summary="CPU samples of WASM runtime processes split into guest code, runtime (WASI and other host "
+            "calls) and other code; runtime time is l4.sandbox",
+    attach=(perf_event("software:cpu-clock", WASM_SAMPLE_NS),),
+    features=("bpf", "ringbuf"),
+    required=False,
+    fallback="WASM workloads are detected, but their sandbox time is not measured",
+    cflags=(f"-DISO_WASM_SAMPLE_NS={WASM_SAMPLE_NS}ull",),
+    method="perf event sampling",
+)
+
 CFS_THROTTLE_FENTRY = ProbeSpec(
     name="cfs_throttle_fentry",
     source="cfs_throttle_fentry.bpf.c",
@@ -130,7 +146,7 @@ CFS_THROTTLE_KPROBE = ProbeSpec(
 )
 
 ALL_PROBES: tuple[ProbeSpec, ...] = (
-    SCHED, SYSCALLS, VMSCAN, BLOCK, LIFECYCLE, NETNS, KVM, CFS_THROTTLE_FENTRY, CFS_THROTTLE_KPROBE,
+    SCHED, SYSCALLS, VMSCAN, BLOCK, LIFECYCLE, NETNS, KVM, WASM, CFS_THROTTLE_FENTRY, CFS_THROTTLE_KPROBE,
 )
 
 

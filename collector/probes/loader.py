@@ -171,6 +171,15 @@ class ProbeManager:
                 loaded.status.reason += f"; {spec.fallback}"
             logger.warning("probe %s: %s", spec.name, loaded.status.reason)
             return
+        try:
+            self._attach_perf_events(bpf, spec)
+        except Exception as exc:  # perf_event_open refused (paranoid level, no PMU access in a sandbox)
+            bpf.cleanup()
+            loaded.status.reason = f"could not open perf events: {str(exc).strip()}"
+            if spec.fallback:
+                loaded.status.reason += f"; {spec.fallback}"
+            logger.warning("probe %s: %s", spec.name, loaded.status.reason)
+            return
         loaded.bpf = bpf
         try:
             events = bpf[b"events"]
@@ -181,6 +190,21 @@ class ProbeManager:
         loaded.status.attached = True
         loaded.status.method = self._methods.get(spec.name, spec.method)
         logger.info("probe %s attached (%s)", spec.name, ", ".join(spec.attach_strings()))
+
+    @staticmethod
+    def _attach_perf_events(bpf: Any, spec: ProbeSpec) -> None:
+        """Attach the probe's sampling programs (bcc attaches tracepoints itself, perf events on request)."""
+        from bcc import PerfSWConfig, PerfType
+
+        for ap in spec.attach:
+            if ap.kind != "perf_event":
+                continue
+            category, event = ap.category, ap.event
+            if category != "software":
+                raise ValueError(f"unsupported perf event {ap.target}")
+            config = getattr(PerfSWConfig, event.replace("-", "_").upper())
+            bpf.attach_perf_event(ev_type=PerfType.SOFTWARE, ev_config=config,
+                                  fn_name=f"on_{event.replace('-', '_')}".encode(), sample_period=ap.sample_period)
 
     @staticmethod
     def _free_llvm() -> None:

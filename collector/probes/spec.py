@@ -15,17 +15,21 @@ class AttachPoint:
     """One kernel hook a probe uses.
 
     Attributes:
-        kind: ``"tracepoint"``, ``"raw_tracepoint"``, ``"kprobe"`` or ``"uprobe"``.
+        kind: ``"tracepoint"``, ``"raw_tracepoint"``, ``"kprobe"``, ``"fentry"``
+            or ``"perf_event"``.
         target: ``"category:event"`` for tracepoints (raw tracepoints use the
             same spelling; the category tells where to look in tracefs), the
-            kernel function for kprobes.
+            kernel function for kprobes, ``"software:cpu-clock"`` for a
+            software perf event (handled by the program ``on_cpu_clock``).
         required: whether the probe is useless without it. An optional attach
             point that is missing is only reported.
+        sample_period: perf events: the sampling period (ns for clock events).
     """
 
     kind: str
     target: str
     required: bool = True
+    sample_period: int = 0
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.target}"
@@ -94,3 +98,8 @@ def kprobe(function: str, required: bool = False) -> AttachPoint:
 def fentry(function: str, required: bool = False) -> AttachPoint:
     """An fentry (BPF trampoline) attach point: an optional extra where the kernel allows it."""
     return AttachPoint("fentry", function, required)
+
+
+def perf_event(target: str, sample_period: int, required: bool = True) -> AttachPoint:
+    """A sampling perf event on every CPU; ``target`` is ``software:<event>`` (e.g. ``software:cpu-clock``)."""
+    return AttachPoint("perf_event", target, required, sample_period)

@@ -47,6 +47,11 @@ class WatchSet:
             if t is not None:
                 yield t
 
+    def tgid_snapshot(self) -> set[int]:
+        """A copy of the watched processes, safe to iterate while others add and remove."""
+        with self._lock:
+            return set(self.tgids)
+
     def add_tgid(self, tgid: int) -> bool:
         """Watch a process. Returns False when the map is full (the process is then not watched)."""
         with self._lock:
