@@ -109,35 +109,67 @@ def add_attributes(span: Span, attrs: list[KeyValue], may_conflict: bool = True)
     return len(added)
 
 
+TOUCHING_GAP_NS = 50_000
+"""Stalls of one component and thread this close together become one child span."""
+
+SAMPLED_GAP_NS: dict[str, int] = {"sandbox": 10_000_000}
+"""Components measured by sampling arrive as one-period stalls interleaved with samples of other
+code (a host call's own syscalls, say): their stalls up to this far apart form one child, whose
+``merged.ns`` is the sampled time and whose interval shows where it fell."""
+
+
+def _merged(group: list[Stall]) -> Stall:
+    first = min(s.start_mono_ns for s in group)
+    last = max(s.end_mono_ns for s in group)
+    # A member that is itself a merged run counts what it merged, not its whole interval.
+    total = sum(int((s.details or {}).get("merged.ns", s.duration_ns)) for s in group)
+    return Stall(group[0].component, first, last, group[0].tid, group[0].pid, group[0].cgroup_id, -1,
+                 {"merged.ns": total})
+
+
+def _coalesce_touching(stalls: list[Stall]) -> list[tuple[Stall, int]]:
+    """Runs of touching stalls of one component and thread, each as (stall, how many it merges)."""
+    out: list[tuple[Stall, int]] = []
+    run: list[Stall] = []
+    for s in sorted(stalls, key=lambda s: (s.component, s.tid, s.start_mono_ns)):
+        if run and (s.component, s.tid) == (run[-1].component, run[-1].tid) \
+                and s.start_mono_ns <= max(r.end_mono_ns for r in run) + SAMPLED_GAP_NS.get(s.component,
+                                                                                          TOUCHING_GAP_NS):
+            run.append(s)
+            continue
+        if run:
+            out.append((run[0], 1) if len(run) == 1 else (_merged(run), len(run)))
+        run = [s]
+    if run:
+        out.append((run[0], 1) if len(run) == 1 else (_merged(run), len(run)))
+    return out
+
+
 def _merge_for_children(stalls: list[Stall], min_stall_ns: int, max_children: int) -> list[tuple[Stall, int]]:
-    """Pick the stalls that become child spans; merge the rest per component.
+    """Pick the stalls that become child spans; merge touching ones, and the rest per component.
 
     Returns (stall, merged_count) pairs; merged entries span from the first
     merged stall's start to the last one's end.
     """
     # The kernel baseline is an attribute, not a "held back" interval: no child spans for it.
-    long = [s for s in stalls if s.duration_ns >= min_stall_ns and COMPONENT_LAYER[s.component] != KERNEL]
+    runs = _coalesce_touching([s for s in stalls if COMPONENT_LAYER[s.component] != KERNEL])
+    long = [(s, n) for s, n in runs if s.duration_ns >= min_stall_ns]
     if len(long) <= max_children:
-        return [(s, 1) for s in sorted(long, key=lambda s: s.start_mono_ns)]
-    long.sort(key=lambda s: s.duration_ns, reverse=True)
+        return sorted(long, key=lambda p: p[0].start_mono_ns)
+    long.sort(key=lambda p: p[0].duration_ns, reverse=True)
     # Reserve one merged child per component present in the tail.
     keep_n = max_children
     while keep_n > 0:
-        tail_components = {s.component for s in long[keep_n:]}
+        tail_components = {s.component for s, _ in long[keep_n:]}
         if keep_n + len(tail_components) <= max_children:
             break
         keep_n -= 1
-    kept = [(s, 1) for s in long[:keep_n]]
-    groups: dict[str, list[Stall]] = {}
-    for s in long[keep_n:]:
-        groups.setdefault(s.component, []).append(s)
-    for comp, group in groups.items():
-        first = min(s.start_mono_ns for s in group)
-        last = max(s.end_mono_ns for s in group)
-        total = sum(s.duration_ns for s in group)
-        merged = Stall(comp, first, last, group[0].tid, group[0].pid, group[0].cgroup_id, -1,
-                       {"merged.ns": total})
-        kept.append((merged, len(group)))
+    kept = long[:keep_n]
+    groups: dict[str, list[tuple[Stall, int]]] = {}
+    for s, n in long[keep_n:]:
+        groups.setdefault(s.component, []).append((s, n))
+    for group in groups.values():
+        kept.append((_merged([s for s, _ in group]), sum(n for _, n in group)))
     kept = kept[:max_children]
     kept.sort(key=lambda p: p[0].start_mono_ns)
     return kept

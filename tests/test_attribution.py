@@ -138,6 +138,21 @@ def test_child_spans_shape_and_merging() -> None:
     assert len({k.span_id for k in kids}) == len(kids)
 
 
+def test_touching_stalls_of_one_thread_become_one_child() -> None:
+    """Touching stalls merge into one child; sampled ``sandbox`` stalls up to 10 ms apart do too."""
+    parent = Span(trace_id=b"\x01" * 16, span_id=b"\x02" * 8, name="GET /")
+    queued = [st("runqueue", 0, 1), st("runqueue", 1.02, 2), st("runqueue", 3, 4)]  # 20 µs, then 1 ms apart
+    samples = [st("sandbox", i, i + 1) for i in (10, 11, 13, 17)] + [st("sandbox", 40, 41)]
+    other_thread = [st("sandbox", 11, 12, tid=6)]
+    bd = Breakdown(stalls=queued + samples + other_thread, duration_ns=50 * MS)
+    kids = child_spans(parent, bd, _workload(), lambda m: m, min_stall_ns=MS, max_children=16, window=(0, 50 * MS))
+    got = sorted((k.start_time_unix_nano, k.name.rsplit(" ", 1)[-1], attrs(k)["thread.id"],
+                  attrs(k).get("isolation.merged_count", 1), attrs(k).get("merged.ns")) for k in kids)
+    assert got == [(0, "runqueue", 5, 2, 2 * MS - int(0.02 * MS)), (3 * MS, "runqueue", 5, 1, None),
+                   (10 * MS, "sandbox", 5, 4, 4 * MS), (11 * MS, "sandbox", 6, 1, None),
+                   (40 * MS, "sandbox", 5, 1, None)]
+
+
 def test_isoscope_scope_is_added_once_per_resource() -> None:
     rs = ResourceSpans()
     cache: dict = {}
