@@ -125,8 +125,8 @@ class Daemon:
         self.vms: Any = None
         self.memory = memguard.MemoryGuard(None)
         self.kvm_counter: Any = None
-        self.wasm: Any = None
-        self._wasm_splits: list[dict[str, int]] = []
+        self.sandbox: Any = None
+        self._sandbox_splits: list[dict[str, int | str]] = []
 
     # -- readiness --------------------------------------------------------------
 
@@ -167,7 +167,7 @@ class Daemon:
                         "all": bool(self.watch and self.watch.watch_all)},
             "clock": {"offset_ns": self.clock.offset_ns, "steps": self.clock.steps},
             "veth_names": sorted(self._veths),
-            "wasm": self._wasm_splits,
+            "sandbox": self._sandbox_splits,
         }
 
     def drained_until(self) -> int:
@@ -375,7 +375,7 @@ class Daemon:
                 self.watch.set_watch_all(True)
             self._watch_existing_cgroups()
             self._start_kvm()
-            self._start_wasm()
+            self._start_sandbox()
             self._fill_kernel_tables()
             if self.metrics is not None:
                 self.kernel_metrics = KernelMetrics(self.probes.bpf, self.metrics, self.resolver.cgroup_labels,
@@ -475,18 +475,23 @@ class Daemon:
         if self.metrics is not None:
             self.kvm_counter = kvm_reasons.KvmExitCounter(self.metrics.add_kvm_exits, self.vms.vm_label)
 
-    def _start_wasm(self) -> None:
-        """WASM runtimes among the span senders get their CPU samples split into guest and sandbox time."""
-        if self.probes is None or not self.probes.attached("wasm"):
+    def _start_sandbox(self) -> None:
+        """Sandbox runtimes (WASM among the span senders, gVisor Sentries) get their CPU samples split."""
+        if self.probes is None or not self.probes.attached("sandbox"):
             return
-        from collector.wasm import WasmTracker
-        self.wasm = WasmTracker(self.probes.bpf("wasm"), catalog.WASM_SAMPLE_NS, self.cfg.kernel.host_proc)
+        from collector.sandbox_sampler import SandboxTracker
+        self.sandbox = SandboxTracker(self.probes.bpf("sandbox"), catalog.SANDBOX_SAMPLE_NS,
+                                      self.cfg.kernel.host_proc)
 
-    def _refresh_wasm(self, reread: bool) -> None:
-        if self.wasm is None or self.watch is None:
+    def _refresh_sandbox(self, ticks: int) -> None:
+        if self.sandbox is None or self.watch is None:
             return
-        self.wasm.refresh(self.watch.tgid_snapshot(), reread=reread)
-        self._wasm_splits = [s.as_dict() for s in self.wasm.splits()]
+        from collector.sandbox_sampler import find_sentries
+        # New senders every second (their spans get sandbox time from then on); known runtimes'
+        # code ranges (newly compiled modules) every few seconds; Sentries by a /proc scan less often.
+        sentries = find_sentries(self.cfg.kernel.host_proc) if ticks % 10 == 1 else None
+        self.sandbox.refresh(self.watch.tgid_snapshot(), sentries, reread=ticks % 5 == 0)
+        self._sandbox_splits = [s.as_dict() for s in self.sandbox.splits()]
 
     def _start_steal(self) -> None:
         try:
@@ -561,9 +566,7 @@ class Daemon:
                 if self.kernel_metrics is not None and ticks % 5 == 0:
                     # Kernel maps are cumulative: a pass every few seconds is as exact as every second.
                     self.kernel_metrics.collect()
-                # New senders every second (their spans get sandbox time from then on);
-                # known runtimes' code ranges (newly compiled modules) every few seconds.
-                self._refresh_wasm(reread=ticks % 5 == 0)
+                self._refresh_sandbox(ticks)
                 if self.kvm_counter is not None and self.vms is not None and self.probes is not None:
                     from collector.kvm_reasons import read_exit_totals
                     self.vms.refresh()

@@ -27,6 +27,7 @@ __all__ = [
     "VIRTIO_DEVICE_NAMES",
     "detect_host_stack",
     "detect_process_stack",
+    "gvisor_role",
 ]
 
 NOTES = "notes"
@@ -366,6 +367,12 @@ def _gvisor_role(comm: str, argv0: str, argv: list[str], exe: str) -> str | None
             if sub in argv[1:]:
                 return "sandbox" if sub == "boot" else "gofer"
     return None
+
+
+def gvisor_role(pid: int | str, proc_root: str = "/proc") -> str | None:
+    """``sandbox`` (the Sentry) or ``gofer`` when ``pid`` is one of gVisor's long-running processes."""
+    comm, argv0, argv = _names(pid, proc_root)
+    return _gvisor_role(comm, argv0, argv, _exe_name(pid, proc_root))
 
 
 def _vmm_name(comm: str, argv0: str, exe: str) -> str | None:

@@ -195,48 +195,49 @@ struct iso_kvm_key {
 };
 #define ISO_KVM_KEY_SIZE 16
 
-/* ---- wasm probe (bpf/wasm.bpf.c, collector/wasm.py) ---- */
+/* ---- sandbox probe (bpf/sandbox.bpf.c, collector/sandbox_sampler.py) ---- */
 /*
- * CPU-clock samples of WASM runtime processes, each classified by the code the
- * thread was running: the guest's JIT-compiled code (anonymous executable
- * mappings), the runtime's own code (its library or executable: WASI and other
- * host calls, trampolines, the runtime's machinery) or other code (the
- * embedding application, libc, the kernel on its behalf).  User space writes
- * the code ranges of each runtime process into `wasm_code`; runtime samples
- * cross as ISO_C_SANDBOX stalls of one sample period.
+ * CPU-clock samples of sandbox runtime processes (WASM runtimes, gVisor's
+ * Sentry), each classified by the code the thread was running: a WASM
+ * guest's JIT-compiled code (anonymous executable mappings), the runtime's own
+ * code (its library or executable: WASI and other host calls, trampolines,
+ * the runtime's machinery) or other code (the embedding application, libc,
+ * the kernel on its behalf).  User space writes the code ranges of each
+ * process into `sandbox_code`; runtime samples cross as ISO_C_SANDBOX stalls
+ * of one sample period.
  */
-#define ISO_WASM_GUEST        0u
-#define ISO_WASM_RUNTIME      1u
-#define ISO_WASM_OTHER        2u
-#define ISO_WASM_NPARTS       3u
-#define ISO_WASM_MAX_RANGES   16
-#define ISO_WASM_MAX_PROCS    1024
-#ifndef ISO_WASM_SAMPLE_NS
-#define ISO_WASM_SAMPLE_NS    1000000ull   /* cpu-clock sample period */
+#define ISO_SBX_GUEST         0u
+#define ISO_SBX_RUNTIME       1u
+#define ISO_SBX_OTHER         2u
+#define ISO_SBX_NPARTS        3u
+#define ISO_SBX_MAX_RANGES    16
+#define ISO_SBX_MAX_PROCS     1024
+#ifndef ISO_SBX_SAMPLE_NS
+#define ISO_SBX_SAMPLE_NS     1000000ull   /* cpu-clock sample period */
 #endif
 
 /* A code range [start, end) of a process's address space. 16 bytes. */
-struct iso_wasm_range {
+struct iso_sbx_range {
 	__u64 start;
 	__u64 end;
 };
 
-/* Code ranges of one runtime process (value of `wasm_code`, key tgid). 528 bytes. */
-struct iso_wasm_code {
+/* Code ranges of one runtime process (value of `sandbox_code`, key tgid). 528 bytes. */
+struct iso_sbx_code {
 	__u32 n_guest;
 	__u32 n_runtime;
-	__u32 runtime_is_process;  /* the runtime is the executable: all non-guest time is the runtime's */
+	__u32 runtime_is_process;  /* the process is the runtime (a WASM CLI, the Sentry): all non-guest time is its */
 	__u32 _pad;
-	struct iso_wasm_range guest[ISO_WASM_MAX_RANGES];
-	struct iso_wasm_range runtime[ISO_WASM_MAX_RANGES];
+	struct iso_sbx_range guest[ISO_SBX_MAX_RANGES];
+	struct iso_sbx_range runtime[ISO_SBX_MAX_RANGES];
 };
-#define ISO_WASM_CODE_SIZE 528
+#define ISO_SBX_CODE_SIZE 528
 
-/* Sample counts per process and part (key of `wasm_samples`, value __u64). 8 bytes. */
-struct iso_wasm_key {
+/* Sample counts per process and part (key of `sandbox_samples`, value __u64). 8 bytes. */
+struct iso_sbx_key {
 	__u32 tgid;
-	__u32 part;        /* ISO_WASM_* */
+	__u32 part;        /* ISO_SBX_* */
 };
-#define ISO_WASM_KEY_SIZE 8
+#define ISO_SBX_KEY_SIZE 8
 
 #endif /* ISOSCOPE_H */

@@ -105,19 +105,19 @@ KVM = ProbeSpec(
     fallback="no host-side VM-exit attribution (only matters on nodes that run VMs)",
 )
 
-WASM_SAMPLE_NS = 1_000_000
-"""CPU-clock sampling period of WASM runtime processes: 1 ms, so a span's sandbox time has ~1 ms grain."""
+SANDBOX_SAMPLE_NS = 1_000_000
+"""CPU-clock sampling period of sandbox runtimes: 1 ms, so a span's sandbox time has ~1 ms grain."""
 
-WASM = ProbeSpec(
-    name="wasm",
-    source="wasm.bpf.c",
-    summary="CPU samples of WASM runtime processes split into guest code, runtime (WASI and other host "
-            "calls) and other code; runtime time is l4.sandbox",
-    attach=(perf_event("software:cpu-clock", WASM_SAMPLE_NS),),
+SANDBOX = ProbeSpec(
+    name="sandbox",
+    source="sandbox.bpf.c",
+    summary="CPU samples of WASM runtimes (guest code vs. WASI and other host calls) and gVisor Sentries; "
+            "the runtimes' own time is l4.sandbox",
+    attach=(perf_event("software:cpu-clock", SANDBOX_SAMPLE_NS),),
     features=("bpf", "ringbuf"),
     required=False,
-    fallback="WASM workloads are detected, but their sandbox time is not measured",
-    cflags=(f"-DISO_WASM_SAMPLE_NS={WASM_SAMPLE_NS}ull",),
+    fallback="WASM and gVisor workloads are detected, but their sandbox time is not measured",
+    cflags=(f"-DISO_SBX_SAMPLE_NS={SANDBOX_SAMPLE_NS}ull",),
     method="perf event sampling",
 )
 
@@ -146,7 +146,7 @@ CFS_THROTTLE_KPROBE = ProbeSpec(
 )
 
 ALL_PROBES: tuple[ProbeSpec, ...] = (
-    SCHED, SYSCALLS, VMSCAN, BLOCK, LIFECYCLE, NETNS, KVM, WASM, CFS_THROTTLE_FENTRY, CFS_THROTTLE_KPROBE,
+    SCHED, SYSCALLS, VMSCAN, BLOCK, LIFECYCLE, NETNS, KVM, SANDBOX, CFS_THROTTLE_FENTRY, CFS_THROTTLE_KPROBE,
 )
 
 

@@ -100,7 +100,7 @@ def _wasm_spans(backend: OtlpBackend) -> list[dict[str, Any]]:
 def test_wasi_host_calls_are_blamed_on_the_sandbox_and_guest_code_is_not(
         daemon: IsoscopeDaemon, backend: OtlpBackend) -> None:
     status = {p["name"]: p for p in daemon.status()["probes"]}
-    assert status["wasm"]["attached"], status["wasm"]
+    assert status["sandbox"]["attached"], status["sandbox"]
     proc = subprocess.Popen([PYTHON, "-c", SENDER, daemon.grpc_endpoint, str(SPANS_PER_KIND)], cwd=REPO_ROOT,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
@@ -110,7 +110,7 @@ def test_wasi_host_calls_are_blamed_on_the_sandbox_and_guest_code_is_not(
         assert words[:1] == ["ready"], (words, proc.stderr.read() if proc.poll() is not None else "")
         pid = int(words[1])
         deadline = time.monotonic() + 15
-        while not any(w["pid"] == pid for w in daemon.status()["wasm"]):
+        while not any(w["pid"] == pid for w in daemon.status()["sandbox"]):
             assert time.monotonic() < deadline, f"the daemon never sampled the wasmtime process: {daemon.status()}"
             time.sleep(0.2)
         proc.stdin.write("go\n")

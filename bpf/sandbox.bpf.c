@@ -1,9 +1,10 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
- * WASM runtimes (l4.sandbox): where their threads spend CPU time.
+ * Sandbox runtimes (l4.sandbox): where the threads of WASM runtimes and of
+ * gVisor's Sentry spend CPU time.
  *
- * A software cpu-clock perf event fires every ISO_WASM_SAMPLE_NS of CPU time
- * on each CPU.  Samples of processes user space registered in `wasm_code` are
+ * A software cpu-clock perf event fires every ISO_SBX_SAMPLE_NS of CPU time
+ * on each CPU.  Samples of processes user space registered in `sandbox_code` are
  * classified by the user-space instruction pointer (for a sample taken in the
  * kernel: where the thread entered the kernel, i.e. the first frame of its
  * user stack):
@@ -11,15 +12,15 @@
  *   runtime  inside the runtime library or executable (host calls such as WASI,
  *            trampolines, the runtime's own machinery) — the sandbox's time,
  *   other    anything else (the embedding application, libc, kernel work on
- *            its behalf); in a process whose executable is the runtime, this
- *            is the runtime's too.
- * Counts per (process, part) are kept in `wasm_samples`; runtime samples also
+ *            its behalf); in a process that is the runtime (a WASM runtime's
+ *            own executable, gVisor's Sentry), this is the runtime's too.
+ * Counts per (process, part) are kept in `sandbox_samples`; runtime samples also
  * cross as ISO_C_SANDBOX stalls covering the sample period that ended at the
  * sample, so spans of the process get their sandbox time.
  *
- * Maps: `wasm_code` is written and pruned by user space when runtime processes
- * come and go; `wasm_samples` is an LRU map, and user space deletes the keys of
- * processes that exited.
+ * Maps: `sandbox_code` is written and pruned by user space when runtime
+ * processes come and go; `sandbox_samples` is an LRU map, and user space
+ * deletes the keys of processes that exited.
  */
 #include <uapi/linux/bpf_perf_event.h>
 #include "isoscope.h"
@@ -27,12 +28,12 @@
 BPF_RINGBUF_OUTPUT(events, ISO_RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(lost_events, __u64, 1);
 
-BPF_HASH(wasm_code, __u32, struct iso_wasm_code, ISO_WASM_MAX_PROCS);
-BPF_TABLE("lru_hash", struct iso_wasm_key, __u64, wasm_samples, ISO_WASM_MAX_PROCS * ISO_WASM_NPARTS);
+BPF_HASH(sandbox_code, __u32, struct iso_sbx_code, ISO_SBX_MAX_PROCS);
+BPF_TABLE("lru_hash", struct iso_sbx_key, __u64, sandbox_samples, ISO_SBX_MAX_PROCS * ISO_SBX_NPARTS);
 
-static inline __attribute__((always_inline)) int in_ranges(const struct iso_wasm_range *r, __u32 n, __u64 ip)
+static inline __attribute__((always_inline)) int in_ranges(const struct iso_sbx_range *r, __u32 n, __u64 ip)
 {
-	for (int i = 0; i < ISO_WASM_MAX_RANGES; i++) {
+	for (int i = 0; i < ISO_SBX_MAX_RANGES; i++) {
 		if (i < n && ip >= r[i].start && ip < r[i].end)
 			return 1;
 	}
@@ -43,7 +44,7 @@ int on_cpu_clock(struct bpf_perf_event_data *ctx)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 tgid = pid_tgid >> 32;
-	struct iso_wasm_code *code = wasm_code.lookup(&tgid);
+	struct iso_sbx_code *code = sandbox_code.lookup(&tgid);
 	if (!code)
 		return 0;
 
@@ -57,23 +58,23 @@ int on_cpu_clock(struct bpf_perf_event_data *ctx)
 		ip = PT_REGS_IP(&ctx->regs);
 	}
 
-	__u32 part = ISO_WASM_OTHER;
+	__u32 part = ISO_SBX_OTHER;
 	if (!in_kernel && in_ranges(code->guest, code->n_guest, ip))
-		part = ISO_WASM_GUEST;
+		part = ISO_SBX_GUEST;
 	else if (code->runtime_is_process || in_ranges(code->runtime, code->n_runtime, ip))
-		part = ISO_WASM_RUNTIME;
+		part = ISO_SBX_RUNTIME;
 
-	struct iso_wasm_key k = {};
+	struct iso_sbx_key k = {};
 	k.tgid = tgid;
 	k.part = part;
 	__u64 one = 1;
-	__u64 *n = wasm_samples.lookup(&k);
+	__u64 *n = sandbox_samples.lookup(&k);
 	if (n)
 		__sync_fetch_and_add(n, 1);
 	else
-		wasm_samples.update(&k, &one);
+		sandbox_samples.update(&k, &one);
 
-	if (part != ISO_WASM_RUNTIME)
+	if (part != ISO_SBX_RUNTIME)
 		return 0;
 	struct iso_stall_event *e = events.ringbuf_reserve(sizeof(struct iso_stall_event));
 	if (!e) {
@@ -86,7 +87,7 @@ int on_cpu_clock(struct bpf_perf_event_data *ctx)
 	__u64 now = bpf_ktime_get_ns();
 	e->kind = ISO_EV_STALL;
 	e->component = ISO_C_SANDBOX;
-	e->start_ns = now - ISO_WASM_SAMPLE_NS;
+	e->start_ns = now - ISO_SBX_SAMPLE_NS;
 	e->end_ns = now;
 	e->cgroup_id = bpf_get_current_cgroup_id();
 	e->pid = tgid;
