@@ -166,19 +166,13 @@ class ProbeManager:
         try:
             bpf = BPF(src_file=str(src).encode(), cflags=self.cflags_for(spec, have))
         except Exception as exc:  # bcc raises bare Exception for compile and attach errors
-            loaded.status.reason = f"could not compile/attach {src.name}: {str(exc).strip().splitlines()[-1]}"
-            if spec.fallback:
-                loaded.status.reason += f"; {spec.fallback}"
-            logger.warning("probe %s: %s", spec.name, loaded.status.reason)
+            self._unavailable(loaded, f"could not compile/attach {src.name}: {str(exc).strip().splitlines()[-1]}")
             return
         try:
             self._attach_perf_events(bpf, spec)
         except Exception as exc:  # perf_event_open refused (paranoid level, no PMU access in a sandbox)
             bpf.cleanup()
-            loaded.status.reason = f"could not open perf events: {str(exc).strip()}"
-            if spec.fallback:
-                loaded.status.reason += f"; {spec.fallback}"
-            logger.warning("probe %s: %s", spec.name, loaded.status.reason)
+            self._unavailable(loaded, f"could not open perf events: {str(exc).strip()}")
             return
         loaded.bpf = bpf
         try:
@@ -190,6 +184,12 @@ class ProbeManager:
         loaded.status.attached = True
         loaded.status.method = self._methods.get(spec.name, spec.method)
         logger.info("probe %s attached (%s)", spec.name, ", ".join(spec.attach_strings()))
+
+    @staticmethod
+    def _unavailable(loaded: LoadedProbe, reason: str) -> None:
+        spec = loaded.spec
+        loaded.status.reason = f"{reason}; {spec.fallback}" if spec.fallback else reason
+        logger.warning("probe %s: %s", spec.name, loaded.status.reason)
 
     @staticmethod
     def _attach_perf_events(bpf: Any, spec: ProbeSpec) -> None:
