@@ -19,6 +19,7 @@ SOAK_MINUTES ?= 10
 bench: setup
 	-$(PYTHON_VENV) bench/syscall_tax.py --rounds 7 --write bench/results/syscall_tax.md
 	-$(PYTHON_VENV) bench/switch_tax.py --markdown bench/results/switch_tax.md
+	-$(PYTHON_VENV) bench/sample_tax.py --markdown bench/results/sample_tax.md
 	-$(PYTHON_VENV) bench/rss.py --markdown bench/results/rss.md
 	-$(PYTHON_VENV) bench/throughput.py --write bench/results/throughput.md
 	-$(PYTHON_VENV) bench/accuracy.py

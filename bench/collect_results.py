@@ -16,6 +16,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 ORDER = [
     ("syscall_tax.md", "bench/syscall_tax.py"),
     ("switch_tax.md", "bench/switch_tax.py"),
+    ("sample_tax.md", "bench/sample_tax.py"),
     ("rss.md", "bench/rss.py"),
     ("throughput.md", "bench/throughput.py"),
     ("accuracy.md", "bench/accuracy.py"),

@@ -482,6 +482,7 @@ class Daemon:
         from collector.sandbox_sampler import SandboxTracker
         self.sandbox = SandboxTracker(self.probes.bpf("sandbox"), catalog.SANDBOX_SAMPLE_NS,
                                       self.cfg.kernel.host_proc)
+        self.probes.set_sampling("sandbox", False)  # no timer interrupts until there is something to sample
 
     def _refresh_sandbox(self, ticks: int) -> None:
         if self.sandbox is None or self.watch is None:
@@ -491,6 +492,8 @@ class Daemon:
         # code ranges (newly compiled modules) every few seconds; Sentries by a /proc scan less often.
         sentries = find_sentries(self.cfg.kernel.host_proc) if ticks % 10 == 1 else None
         self.sandbox.refresh(self.watch.tgid_snapshot(), sentries, reread=ticks % 5 == 0)
+        if self.probes is not None:
+            self.probes.set_sampling("sandbox", bool(self.sandbox.pids))
         self._sandbox_splits = [s.as_dict() for s in self.sandbox.splits()]
 
     def _start_steal(self) -> None:

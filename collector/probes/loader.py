@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 from collector.model import ProbeStatus, Stats
 from collector.probes.decode import DecodeError, decode_record
 from collector.probes.memory import release_compiler_pages
-from collector.probes.spec import ProbeSpec
+from collector.probes.spec import AttachPoint, ProbeSpec
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ class LoadedProbe:
     lost_seen: int = 0
     decode_errors: int = 0
     budget: int = 0
+    sampling: bool = False
+    """Its perf events are open (see :meth:`ProbeManager.set_sampling`)."""
 
 
 def _define(name: str) -> str:
@@ -169,7 +171,7 @@ class ProbeManager:
             self._unavailable(loaded, f"could not compile/attach {src.name}: {str(exc).strip().splitlines()[-1]}")
             return
         try:
-            self._attach_perf_events(bpf, spec)
+            loaded.sampling = self._attach_perf_events(bpf, spec)
         except Exception as exc:  # perf_event_open refused (paranoid level, no PMU access in a sandbox)
             bpf.cleanup()
             self._unavailable(loaded, f"could not open perf events: {str(exc).strip()}")
@@ -192,19 +194,50 @@ class ProbeManager:
         logger.warning("probe %s: %s", spec.name, loaded.status.reason)
 
     @staticmethod
-    def _attach_perf_events(bpf: Any, spec: ProbeSpec) -> None:
-        """Attach the probe's sampling programs (bcc attaches tracepoints itself, perf events on request)."""
+    def _perf_events(spec: ProbeSpec) -> list[tuple[int, int, AttachPoint]]:
+        """(perf type, config, attach point) of each perf event the probe declares."""
         from bcc import PerfSWConfig, PerfType
 
+        out = []
         for ap in spec.attach:
             if ap.kind != "perf_event":
                 continue
-            category, event = ap.category, ap.event
-            if category != "software":
+            if ap.category != "software":
                 raise ValueError(f"unsupported perf event {ap.target}")
-            config = getattr(PerfSWConfig, event.replace("-", "_").upper())
-            bpf.attach_perf_event(ev_type=PerfType.SOFTWARE, ev_config=config,
-                                  fn_name=f"on_{event.replace('-', '_')}".encode(), sample_period=ap.sample_period)
+            out.append((PerfType.SOFTWARE, getattr(PerfSWConfig, ap.event.replace("-", "_").upper()), ap))
+        return out
+
+    def _attach_perf_events(self, bpf: Any, spec: ProbeSpec) -> bool:
+        """Open the probe's sampling events on every CPU (bcc attaches tracepoints itself). Returns whether any."""
+        events = self._perf_events(spec)
+        for ev_type, config, ap in events:
+            bpf.attach_perf_event(ev_type=ev_type, ev_config=config,
+                                  fn_name=f"on_{ap.event.replace('-', '_')}".encode(), sample_period=ap.sample_period)
+        return bool(events)
+
+    def set_sampling(self, name: str, on: bool) -> bool:
+        """Open or close a probe's perf events, returning whether they are open.
+
+        A sampling event interrupts every CPU once per period even when there
+        is nothing to sample (a timer interrupt costs far more in a VM than the
+        program does), so a probe's owner closes them while it has nothing
+        registered. They are opened at load, so a kernel that refuses them is
+        reported at start.
+        """
+        with self._lock:
+            p = self._probes.get(name)
+            if p is None or p.bpf is None or on == p.sampling:
+                return bool(p and p.sampling)
+            try:
+                if on:
+                    p.sampling = self._attach_perf_events(p.bpf, p.spec)
+                else:
+                    for ev_type, config, _ap in self._perf_events(p.spec):
+                        p.bpf.detach_perf_event(ev_type=ev_type, ev_config=config)
+                    p.sampling = False
+            except Exception:
+                logger.exception("probe %s: could not %s its perf events", name, "open" if on else "close")
+            return p.sampling
 
     @staticmethod
     def _free_llvm() -> None:

@@ -193,3 +193,29 @@ def test_a_perf_event_that_cannot_be_opened_leaves_the_probe_down_with_the_reaso
         assert pm.bpf("sandbox") is None
     finally:
         pm.shutdown()
+
+
+def test_sampling_can_be_switched_off_and_on(load_probe):
+    """With nothing to sample the probe's perf events are closed: no program runs at all."""
+    rp = load_probe(catalog.SANDBOX)
+    fd = rp.bpf.funcs[b"on_cpu_clock"].fd
+
+    def runs() -> int:  # samples of registered processes: one per millisecond of their CPU while on
+        return sum(int(v.value) for v in rp.bpf[b"sandbox_samples"].values())
+
+    tracker = SandboxTracker(rp.bpf, catalog.SANDBOX_SAMPLE_NS)
+    proc = subprocess.Popen([sys.executable, "-c", SENTRY, "6"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().split()[:1] == ["ready"]
+        tracker.register_sentry(proc.pid)
+        assert rp.manager.set_sampling("sandbox", False) is False
+        n0 = runs()
+        time.sleep(0.5)
+        assert runs() == n0, "samples arrived with sampling off"
+        assert rp.manager.set_sampling("sandbox", True) is True
+        time.sleep(0.5)
+        assert runs() - n0 >= 200, "a busy registered process must be sampled once sampling is back on"
+        assert fd == rp.bpf.funcs[b"on_cpu_clock"].fd  # the program stayed loaded throughout
+    finally:
+        proc.kill()
+        proc.wait(10)
