@@ -57,6 +57,8 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
+from tests.otlp_backend import OtlpBackend
+
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -306,6 +308,20 @@ def isoscope_daemon() -> Iterator[Any]:
     finally:
         for d in reversed(made):
             d.close()
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[OtlpBackend]:
+    """A recording OTLP backend (gRPC and HTTP) shared by a test module."""
+    with OtlpBackend() as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def daemon(backend: OtlpBackend) -> Iterator[IsoscopeDaemon]:
+    """The daemon with its kernel probes, forwarding over gRPC to the module's recording backend."""
+    with IsoscopeDaemon(forward=[backend.grpc_url]) as d:
+        yield d
 
 
 # -- reading what a backend received ---------------------------------------------------

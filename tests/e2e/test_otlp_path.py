@@ -37,7 +37,7 @@ import requests
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from tests.cgroup_helpers import Cgroup, make_cgroup
-from tests.e2e.daemon import PYTHON, REPO_ROOT, IsoscopeDaemon, attributes, received_spans
+from tests.e2e.daemon import PYTHON, REPO_ROOT, IsoscopeDaemon, attributes, backend, daemon, received_spans  # noqa: F401
 from tests.e2e.flaskapp import ORIGINAL_ATTRIBUTES
 from tests.otlp_backend import OtlpBackend
 
@@ -114,19 +114,6 @@ def _records(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-@pytest.fixture(scope="module")
-def backend() -> Iterator[OtlpBackend]:
-    with OtlpBackend() as b:
-        yield b
-
-
-@pytest.fixture(scope="module")
-def daemon(backend: OtlpBackend) -> Iterator[IsoscopeDaemon]:
-    """The daemon with its kernel probes, forwarding over gRPC to the recording backend."""
-    with IsoscopeDaemon(forward=[backend.grpc_url]) as d:
-        yield d
 
 
 def _cgroup_root() -> Iterator[str]:

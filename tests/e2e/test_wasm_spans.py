@@ -13,11 +13,11 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
-from tests.e2e.daemon import PYTHON, REPO_ROOT, IsoscopeDaemon, attributes, received_spans
+from tests.e2e.daemon import PYTHON, REPO_ROOT, IsoscopeDaemon, attributes, backend, daemon, received_spans  # noqa: F401
 from tests.otlp_backend import OtlpBackend
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
@@ -73,18 +73,6 @@ for i in range(per_kind):
 provider.shutdown()
 print("done", flush=True)
 '''
-
-
-@pytest.fixture(scope="module")
-def backend() -> Iterator[OtlpBackend]:
-    with OtlpBackend() as b:
-        yield b
-
-
-@pytest.fixture(scope="module")
-def daemon(backend: OtlpBackend) -> Iterator[IsoscopeDaemon]:
-    with IsoscopeDaemon(forward=[backend.grpc_url]) as d:
-        yield d
 
 
 def _wasm_spans(backend: OtlpBackend) -> list[dict[str, Any]]:
