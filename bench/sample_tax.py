@@ -27,11 +27,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from probe_harness import AttachedProbe  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -69,33 +70,20 @@ def build(workdir: str) -> str:
     return exe
 
 
-class Probe:
-    """bpf/sandbox.bpf.c loaded through the daemon's loader and drained like the daemon does."""
+class Probe(AttachedProbe):
+    """bpf/sandbox.bpf.c loaded through the daemon's loader, with a tracker to register processes."""
+
+    def __init__(self) -> None:
+        from collector.probes.catalog import SANDBOX
+
+        super().__init__(SANDBOX)
 
     def __enter__(self) -> "Probe":
-        try:
-            import bcc  # noqa: F401
-        except ImportError:
-            sys.path.append("/usr/lib/python3/dist-packages")
-        from collector.kernelenv import prepare
-        from collector.model import Stats
-        from collector.probes.catalog import SANDBOX, SANDBOX_SAMPLE_NS
-        from collector.probes.loader import ProbeManager
+        from collector.probes.catalog import SANDBOX_SAMPLE_NS
         from collector.sandbox_sampler import SandboxTracker
 
-        env = prepare()
-        self.events = 0
-
-        def sink(_ev: object) -> None:
-            self.events += 1
-
-        self.manager = ProbeManager([SANDBOX], env.features, sink, Stats())
-        (status,) = self.manager.load()
-        if not status.attached:
-            raise RuntimeError(f"sandbox probe did not attach: {status.reason}")
-        self.bpf = self.manager.bpf("sandbox")
+        super().__enter__()
         self.tracker = SandboxTracker(self.bpf, SANDBOX_SAMPLE_NS)
-        self.manager.start()
         return self
 
     def run_stats(self) -> tuple[int, int]:
@@ -107,9 +95,6 @@ class Probe:
                 key, _, value = line.partition(":")
                 stats[key.strip()] = value.strip()
         return int(stats.get("run_time_ns", 0)), int(stats.get("run_cnt", 0))
-
-    def __exit__(self, *exc: object) -> None:
-        self.manager.shutdown()
 
 
 def spin_ns(exe: str, seconds: float, cpu: int, probe: Probe | None, register: bool) -> tuple[float, int, int]:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from probe_harness import AttachedProbe, import_bcc  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
 PINGPONG_C = r"""
@@ -64,30 +66,13 @@ def round_trip_us(exe: str, iters: int, cpu: int) -> float:
     return float(out.stdout.strip())
 
 
-class SchedProbeAttached:
+def sched_probe() -> AttachedProbe:
     """bpf/sched.bpf.c loaded through the daemon's loader, drained like the daemon does."""
+    from collector.btf import sched_defines
+    from collector.probes.catalog import SCHED
 
-    def __enter__(self) -> "SchedProbeAttached":
-        try:
-            import bcc  # noqa: F401
-        except ImportError:
-            sys.path.append("/usr/lib/python3/dist-packages")
-        from collector.btf import sched_defines
-        from collector.kernelenv import prepare
-        from collector.model import Stats
-        from collector.probes.catalog import SCHED
-        from collector.probes.loader import ProbeManager
-
-        env = prepare()
-        self.pm = ProbeManager([SCHED], env.features, lambda ev: None, Stats(), defines=sched_defines())
-        status = self.pm.load()[0]
-        if not status.attached:
-            raise RuntimeError(status.reason)
-        self.pm.start(poll_interval_s=0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.pm.shutdown()
+    import_bcc()
+    return AttachedProbe(SCHED, defines=sched_defines(), poll_interval_s=0.05)
 
 
 class RunqlatAttached:
@@ -127,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         round_trip_us(exe, args.iters // 10, args.cpu)  # warm-up
         for _ in range(args.rounds):
             results["bare"].append(round_trip_us(exe, args.iters, args.cpu))
-            with SchedProbeAttached():
+            with sched_probe():
                 time.sleep(0.2)
                 results["sched"].append(round_trip_us(exe, args.iters, args.cpu))
             with RunqlatAttached():

@@ -32,7 +32,6 @@ import multiprocessing as mp
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile

@@ -1,0 +1,49 @@
+"""One probe loaded for a benchmark exactly as the daemon loads it, and drained the way the daemon drains it."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Mapping
+
+
+def import_bcc() -> None:
+    """Make Debian's bcc importable from the venv when the bridge is not in place."""
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        sys.path.append("/usr/lib/python3/dist-packages")
+
+
+class AttachedProbe:
+    """``with AttachedProbe(spec) as p:`` — ``p.manager`` is the loader, ``p.bpf`` the bcc module.
+
+    Args:
+        spec: the probe (a ``collector.probes.catalog`` entry).
+        defines: extra ``-D`` definitions, as the daemon passes them.
+        sink: receives decoded events (default: dropped).
+        poll_interval_s: ring-buffer drain interval of the background thread.
+    """
+
+    def __init__(self, spec: Any, *, defines: Mapping[str, int | str] | None = None,
+                 sink: Callable[[Any], None] | None = None, poll_interval_s: float = 0.02) -> None:
+        self.spec = spec
+        self.defines = dict(defines or {})
+        self.sink = sink or (lambda _ev: None)
+        self.poll_interval_s = poll_interval_s
+
+    def __enter__(self) -> "AttachedProbe":
+        import_bcc()
+        from collector.kernelenv import prepare
+        from collector.model import Stats
+        from collector.probes.loader import ProbeManager
+
+        self.manager = ProbeManager([self.spec], prepare().features, self.sink, Stats(), defines=self.defines)
+        (status,) = self.manager.load()
+        if not status.attached:
+            raise RuntimeError(f"probe {self.spec.name} did not attach: {status.reason}")
+        self.bpf = self.manager.bpf(self.spec.name)
+        self.manager.start(poll_interval_s=self.poll_interval_s)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.manager.shutdown()
