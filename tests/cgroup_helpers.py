@@ -32,109 +32,31 @@ import logging
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
 
+from collector.cgroupctl import V1_ROOT, CgroupDirs, read_procs, write_value
 from collector.cgroupfs import cgroup_v2_root, read_proc_cgroups
 
 logger = logging.getLogger(__name__)
 
-V1_ROOT = "/sys/fs/cgroup"
 
-
-class Cgroup:
+class Cgroup(CgroupDirs):
     """One test cgroup, present in the v2 hierarchy and in selected v1 hierarchies.
 
     Attributes:
-        name: path relative to each hierarchy root, without leading ``/``.
-        path: the cgroup path as ``/proc/<pid>/cgroup`` prints it (``"/" + name``).
-        v2_path: absolute directory in the v2 hierarchy, or ``""`` if not placed in v2.
-        v1_paths: v1 controller → absolute directory.
         procs: processes started with :meth:`spawn` (killed on :meth:`remove`).
+        (and those of :class:`collector.cgroupctl.CgroupDirs`)
     """
 
     def __init__(self, name: str, v2_root: str | None, v1_controllers: Sequence[str],
                  v1_root: str = V1_ROOT) -> None:
-        self.name = name.strip("/")
-        self.path = "/" + self.name
-        self.v2_root = v2_root
-        self.v1_root = v1_root
-        self.v2_path = os.path.join(v2_root, self.name) if v2_root else ""
-        self.v1_paths = {c: os.path.join(v1_root, c, self.name) for c in v1_controllers}
+        super().__init__(name, v2_root, list(v1_controllers), v1_root)
         self.procs: list[subprocess.Popen[Any]] = []
         self._added: dict[int, dict[str, str]] = {}  # pid -> hierarchy dir -> original cgroup dir
-        self._created: list[str] = []  # directories made here, parents first
         self._removed = False
-        for directory in self._all_dirs():
-            self._mkdirs(directory)
-
-    # -- construction -------------------------------------------------------
-
-    def _all_dirs(self) -> list[str]:
-        return ([self.v2_path] if self.v2_path else []) + list(self.v1_paths.values())
-
-    def _mkdirs(self, directory: str) -> None:
-        # Parents can be shared with concurrently running tests (kubepods.slice);
-        # a parent removed under us between exists-check and mkdir is retried.
-        missing = []
-        d = directory
-        while not os.path.isdir(d):
-            missing.append(d)
-            d = os.path.dirname(d)
-        for d in reversed(missing):
-            for attempt in range(5):
-                try:
-                    os.mkdir(d)
-                    self._created.append(d)
-                    break
-                except FileExistsError:
-                    break
-                except FileNotFoundError:
-                    if attempt == 4:
-                        raise
-                    os.makedirs(os.path.dirname(d), exist_ok=True)
-
-    @property
-    def id(self) -> int:
-        """The v2 cgroup id: inode number of the v2 directory (``bpf_get_current_cgroup_id``)."""
-        if not self.v2_path:
-            raise ValueError(f"{self.path} is not in the v2 hierarchy")
-        return os.stat(self.v2_path).st_ino
-
-    def set_cpu_quota(self, quota_us: int | None, period_us: int = 100_000) -> None:
-        """Set the CFS quota (``None`` = unlimited) on v1 ``cpu`` if used, else v2 ``cpu.max``."""
-        if "cpu" in self.v1_paths:
-            _write(os.path.join(self.v1_paths["cpu"], "cpu.cfs_period_us"), str(period_us))
-            _write(os.path.join(self.v1_paths["cpu"], "cpu.cfs_quota_us"),
-                   str(-1 if quota_us is None else quota_us))
-            return
-        self._enable_v2_controller("cpu")
-        _write(os.path.join(self.v2_path, "cpu.max"),
-               f"{'max' if quota_us is None else quota_us} {period_us}")
-
-    def set_memory_limit(self, limit_bytes: int | None) -> None:
-        """Set the memory limit on v1 ``memory`` if used, else v2 ``memory.max``."""
-        if "memory" in self.v1_paths:
-            _write(os.path.join(self.v1_paths["memory"], "memory.limit_in_bytes"),
-                   str(-1 if limit_bytes is None else limit_bytes))
-            return
-        self._enable_v2_controller("memory")
-        _write(os.path.join(self.v2_path, "memory.max"),
-               "max" if limit_bytes is None else str(limit_bytes))
-
-    def _enable_v2_controller(self, controller: str) -> None:
-        if not self.v2_path or not self.v2_root:
-            raise RuntimeError(f"no v2 placement for {self.path} to set {controller} on")
-        with open(os.path.join(self.v2_root, "cgroup.controllers"), encoding="utf-8") as fh:
-            if controller not in fh.read().split():
-                raise RuntimeError(f"v2 controller {controller} not available in {self.v2_root}")
-        parts = self.name.split("/")
-        for i in range(len(parts)):
-            parent = os.path.join(self.v2_root, *parts[:i])
-            _write(os.path.join(parent, "cgroup.subtree_control"), f"+{controller}")
 
     # -- processes ----------------------------------------------------------
 
@@ -146,12 +68,12 @@ class Cgroup:
         if pid not in self._added:
             current = read_proc_cgroups(pid)
             origin: dict[str, str] = {}
-            for directory in self._all_dirs():
+            for directory in self.dirs():
                 key = "" if directory == self.v2_path else self._controller_of(directory)
                 origin[directory] = os.path.join(self._root_of(directory), current.get(key, "/").lstrip("/"))
             self._added[pid] = origin
-        for directory in self._all_dirs():
-            _write(os.path.join(directory, "cgroup.procs"), str(pid))
+        for directory in self.dirs():
+            write_value(os.path.join(directory, "cgroup.procs"), str(pid))
 
     def spawn(self, argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen[Any]:
         """Start a process that is inside this cgroup from its first instruction.
@@ -159,23 +81,10 @@ class Cgroup:
         The child writes itself into ``cgroup.procs`` before exec, so even a
         short-lived program is never observed outside the cgroup.
         """
-        targets = [os.path.join(d, "cgroup.procs") for d in self._all_dirs()]
-
-        def enter() -> None:
-            for t in targets:
-                with open(t, "w", encoding="ascii") as fh:
-                    fh.write("0")  # "0" = the writing process itself
-
         popen_kwargs.setdefault("stdin", subprocess.DEVNULL)
-        proc = subprocess.Popen(list(argv), preexec_fn=enter, **popen_kwargs)  # noqa: PLW1509
+        proc = subprocess.Popen(list(argv), preexec_fn=self.enter_fn(), **popen_kwargs)  # noqa: PLW1509
         self.procs.append(proc)
         return proc
-
-    def pids(self) -> list[int]:
-        """Pids currently in the cgroup (v2 if placed there, else the first v1 hierarchy)."""
-        directory = self.v2_path or next(iter(self.v1_paths.values()))
-        with open(os.path.join(directory, "cgroup.procs"), encoding="ascii") as fh:
-            return [int(x) for x in fh.read().split()]
 
     # -- teardown -----------------------------------------------------------
 
@@ -201,19 +110,18 @@ class Cgroup:
         # Added processes go back where they came from; anything else still
         # inside (their children) goes to the hierarchy root, so the
         # directories can be removed.
-        for directory in self._all_dirs():
+        for directory in self.dirs():
             root = self._root_of(directory)
-            for pid in _read_pids(directory):
+            for pid in read_procs(directory):
                 target = self._added.get(pid, {}).get(directory, root)
                 if not os.path.isdir(target):
                     target = root
                 try:
-                    _write(os.path.join(target, "cgroup.procs"), str(pid))
+                    write_value(os.path.join(target, "cgroup.procs"), str(pid))
                 except OSError as exc:
                     if exc.errno != errno.ESRCH:
                         logger.warning("could not move pid %d out of %s: %s", pid, directory, exc)
-        for d in reversed(self._created):
-            _rmdir_retry(d)
+        self.remove_created()
 
     def _root_of(self, directory: str) -> str:
         if self.v2_path and directory == self.v2_path:
@@ -237,45 +145,6 @@ class Cgroup:
 
     def __repr__(self) -> str:
         return f"Cgroup({self.path!r}, v2={bool(self.v2_path)}, v1={sorted(self.v1_paths)})"
-
-
-def _write(path: str, value: str) -> None:
-    with open(path, "w", encoding="ascii") as fh:
-        fh.write(value)
-
-
-def _read_pids(directory: str) -> list[int]:
-    try:
-        with open(os.path.join(directory, "cgroup.procs"), encoding="ascii") as fh:
-            return [int(x) for x in fh.read().split()]
-    except OSError:
-        return []
-
-
-def _rmdir_retry(directory: str) -> None:
-    # A killed process leaves its cgroup asynchronously; a shared parent may
-    # still hold another test's child (EBUSY/ENOTEMPTY: leave it to its owner).
-    for _ in range(50):
-        try:
-            os.rmdir(directory)
-            return
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY):
-                logger.warning("rmdir %s: %s", directory, exc)
-                return
-            if any(os.path.isdir(os.path.join(directory, e)) for e in _safe_listdir(directory)):
-                return  # has child cgroups owned by someone else
-            time.sleep(0.02)
-    logger.warning("cgroup %s still busy, left in place", directory)
-
-
-def _safe_listdir(directory: str) -> list[str]:
-    try:
-        return os.listdir(directory)
-    except OSError:
-        return []
 
 
 def make_cgroup(name: str, v1_controllers: Sequence[str] = ("cpu",), cpu_quota_us: int | None = None,

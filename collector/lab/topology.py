@@ -14,7 +14,6 @@ memory limit. On a pure-v2 machine ``cpu.max`` / ``memory.max`` are used.
 from __future__ import annotations
 
 import atexit
-import errno
 import logging
 import os
 import signal
@@ -24,11 +23,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from collector.cgroupctl import V1_ROOT, CgroupDirs, read_procs
 from collector.cgroupfs import cgroup_v2_root
 
 logger = logging.getLogger(__name__)
 
-V1_ROOT = "/sys/fs/cgroup"
 LAB_CGROUP_PARENT = "isoscope-lab"
 """Parent cgroup of every lab cgroup (shared by concurrent labs; removed when empty)."""
 
@@ -97,43 +96,10 @@ def run(argv: list[str], *, check: bool = True) -> subprocess.CompletedProcess[s
 # Cgroups
 # ---------------------------------------------------------------------------
 
-def _write(path: str, value: str) -> None:
-    with open(path, "w", encoding="ascii") as fh:
-        fh.write(value)
-
-
-def _read_pids(directory: str) -> list[int]:
-    try:
-        with open(os.path.join(directory, "cgroup.procs"), encoding="ascii") as fh:
-            return [int(x) for x in fh.read().split()]
-    except OSError:
-        return []
-
-
-def _rmdir(directory: str) -> None:
-    # Killed processes leave their cgroup asynchronously: retry EBUSY briefly.
-    for _ in range(100):
-        try:
-            os.rmdir(directory)
-            return
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY):
-                raise
-            if any(os.path.isdir(os.path.join(directory, e)) for e in os.listdir(directory)):
-                return  # a concurrent lab still has children here
-            time.sleep(0.02)
-    logger.warning("cgroup %s still busy, left in place", directory)
-
-
-class LabCgroup:
+class LabCgroup(CgroupDirs):
     """A cgroup in the v2 hierarchy and, when mounted, in the v1 ``cpu`` and ``memory`` hierarchies.
 
     Attributes:
-        name: path below each hierarchy root.
-        v2_path: directory in the v2 hierarchy.
-        v1_paths: v1 controller → directory (empty on pure-v2 machines).
         pure_v2: True when limits go to ``cpu.max`` / ``memory.max``.
     """
 
@@ -141,69 +107,12 @@ class LabCgroup:
         v2 = cgroup_v2_root()
         if not v2:
             raise LabError("no cgroup2 hierarchy mounted")
-        self.name = name.strip("/")
-        self.v2_root = v2
-        self.v1_root = v1_root
-        self.v2_path = os.path.join(v2, self.name)
-        self.v1_paths = {c: os.path.join(v1_root, c, self.name) for c in ("cpu", "memory")
-                         if os.path.isfile(os.path.join(v1_root, c, "cgroup.procs"))
-                         and os.path.realpath(os.path.join(v1_root, c)) != os.path.realpath(v2)}
+        v1 = [c for c in ("cpu", "memory")
+              if os.path.isfile(os.path.join(v1_root, c, "cgroup.procs"))
+              and os.path.realpath(os.path.join(v1_root, c)) != os.path.realpath(v2)]
+        super().__init__(name, v2, v1, v1_root)
         self.pure_v2 = not self.v1_paths
-        self._created: list[str] = []
-        for d in self.dirs():
-            self._mkdirs(d)
         self._cleanup = JANITOR.register(f"cgroup {self.name}", self._remove)
-
-    def dirs(self) -> list[str]:
-        """Every directory of this cgroup (v2 first)."""
-        return [self.v2_path, *self.v1_paths.values()]
-
-    def _mkdirs(self, directory: str) -> None:
-        missing = []
-        d = directory
-        while not os.path.isdir(d):
-            missing.append(d)
-            d = os.path.dirname(d)
-        for d in reversed(missing):
-            try:
-                os.mkdir(d)
-                self._created.append(d)
-            except FileExistsError:
-                pass
-
-    @property
-    def id(self) -> int:
-        """The v2 cgroup id (inode of the v2 directory), what ``bpf_get_current_cgroup_id`` returns."""
-        return os.stat(self.v2_path).st_ino
-
-    @property
-    def cpu_dir(self) -> str:
-        """Directory holding this cgroup's ``cpu.stat`` with throttling counters."""
-        return self.v1_paths.get("cpu", self.v2_path)
-
-    def _enable_v2(self, controller: str) -> None:
-        parts = self.name.split("/")
-        for i in range(len(parts)):
-            _write(os.path.join(self.v2_root, *parts[:i], "cgroup.subtree_control"), f"+{controller}")
-
-    def set_cpu_quota(self, quota_us: int | None, period_us: int = 100_000) -> None:
-        """CFS bandwidth limit: ``quota_us`` of CPU time per ``period_us`` (None = unlimited)."""
-        if "cpu" in self.v1_paths:
-            _write(os.path.join(self.v1_paths["cpu"], "cpu.cfs_period_us"), str(period_us))
-            _write(os.path.join(self.v1_paths["cpu"], "cpu.cfs_quota_us"),
-                   str(-1 if quota_us is None else quota_us))
-            return
-        self._enable_v2("cpu")
-        _write(os.path.join(self.v2_path, "cpu.max"), f"{'max' if quota_us is None else quota_us} {period_us}")
-
-    def set_memory_limit(self, limit_bytes: int | None) -> None:
-        """Hard memory limit (None = unlimited)."""
-        if "memory" in self.v1_paths:
-            _write(os.path.join(self.v1_paths["memory"], "memory.limit_in_bytes"),
-                   str(-1 if limit_bytes is None else limit_bytes))
-            return
-        self._enable_v2("memory")
-        _write(os.path.join(self.v2_path, "memory.max"), "max" if limit_bytes is None else str(limit_bytes))
 
     def memory_usage(self) -> int:
         """Bytes charged to the cgroup now."""
@@ -214,28 +123,13 @@ class LabCgroup:
         with open(path, encoding="ascii") as fh:
             return int(fh.read().strip())
 
-    def enter_fn(self) -> Callable[[], None]:
-        """A ``preexec_fn`` that moves the child into every hierarchy before it execs."""
-        targets = [os.path.join(d, "cgroup.procs") for d in self.dirs()]
-
-        def enter() -> None:
-            for t in targets:
-                with open(t, "w", encoding="ascii") as fh:
-                    fh.write("0")
-
-        return enter
-
-    def pids(self) -> list[int]:
-        """Pids inside the cgroup (v2 view)."""
-        return _read_pids(self.v2_path)
-
     def kill_all(self, timeout_s: float = 5.0) -> None:
         """SIGKILL every process inside and wait until the cgroup is empty."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             pids = set(self.pids())
             for d in self.v1_paths.values():
-                pids.update(_read_pids(d))
+                pids.update(read_procs(d))
             if not pids:
                 return
             for pid in pids:
@@ -248,8 +142,7 @@ class LabCgroup:
 
     def _remove(self) -> None:
         self.kill_all()
-        for d in reversed(self._created):
-            _rmdir(d)
+        self.remove_created()
 
     def remove(self) -> None:
         """Kill what is inside and remove the directories this object created (idempotent)."""
