@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
- * KVM exits seen from the host (l0.ept, l1.vm_exit, l2.pv_exit).
+ * KVM exits seen from the host (l0.ept, l1.vm_exit, l2.pv_exit; l4.sandbox for
+ * microVM sandboxes such as Firecracker).
  *
  * kvm:kvm_exit and kvm:kvm_entry fire on the vCPU thread of the VMM process
  * (QEMU, Firecracker, Cloud Hypervisor ...): exit -> entry is the time the
@@ -13,7 +14,9 @@
  * kvm_mmio, kvm_fast_mmio and kvm_hypercall firing between an exit and its
  * entry mark the exit as paravirtual I/O, whatever its reason: on Intel a
  * virtio kick over PCI arrives as EPT_MISCONFIG + kvm_fast_mmio, and only the
- * mark tells it from a real EPT fault.
+ * mark tells it from a real EPT fault.  Exits of a VMM listed in
+ * `kvm_sandbox_vmms` (a Firecracker microVM: the VMM is the pod's sandbox) are
+ * the sandbox's own time, except EPT/NPT faults and guest idle time.
  *
  * Every exit is counted in `kvm_totals` (per VMM tgid, reason, isa,
  * component); exits >= ISO_MIN_STALL_NS that are not guest idle time (HLT)
@@ -34,6 +37,7 @@ BPF_RINGBUF_OUTPUT(events, ISO_RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(lost_events, __u64, 1);
 
 BPF_ARRAY(kvm_class, __u32, ISO_KVM_CLASS_SLOTS);
+BPF_HASH(kvm_sandbox_vmms, __u32, __u8, ISO_KVM_MAX_SANDBOX_VMMS);
 BPF_HASH(kvm_inflight, __u32, struct kvm_inflight_val, ISO_KVM_MAX_VCPUS);
 BPF_HASH(kvm_totals, struct iso_kvm_key, struct iso_total, ISO_KVM_MAX_KEYS);
 /* PV events (pio/mmio/hypercall) seen with no traced exit in flight: guests run
@@ -121,9 +125,12 @@ TRACEPOINT_PROBE(kvm, kvm_entry)
 		comp = ISO_C_PV_EXIT;
 		idle = 0;
 	}
+	__u32 tgid = (__u32)(pid_tgid >> 32);
+	if (!idle && comp != ISO_C_EPT && kvm_sandbox_vmms.lookup(&tgid))
+		comp = ISO_C_SANDBOX;
 
 	struct iso_kvm_key k = {};
-	k.tgid = (__u32)(pid_tgid >> 32);
+	k.tgid = tgid;
 	k.reason = v.isa == ISO_KVM_ISA_VMX ? (v.reason & 0xffff) : v.reason;
 	k.isa = v.isa;
 	k.component = comp | idle;
@@ -146,7 +153,7 @@ TRACEPOINT_PROBE(kvm, kvm_entry)
 	e->start_ns = v.ts;
 	e->end_ns = now;
 	e->cgroup_id = bpf_get_current_cgroup_id();
-	e->pid = (__u32)(pid_tgid >> 32);
+	e->pid = tgid;
 	e->tid = tid;
 	e->cpu = (__s32)bpf_get_smp_processor_id();
 	e->detail = v.reason;

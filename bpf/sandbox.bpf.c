@@ -94,7 +94,7 @@ int on_cpu_clock(struct bpf_perf_event_data *ctx)
 	e->tid = (__u32)pid_tgid;
 	e->cpu = bpf_get_smp_processor_id();
 	e->detail = in_kernel;
-	e->detail2 = ip;
+	e->detail2 = 0;    /* kvm exit stalls of a sandbox VMM carry their isa here (never 0) */
 	events.ringbuf_submit(e, 0);
 	return 0;
 }

@@ -19,7 +19,7 @@ import time
 from typing import Any, Callable
 
 from collector import capabilities, cgroupfs, kernelenv, memguard
-from collector import kvm_reasons  # noqa: F401  (registers the KVM exit-reason record decoders)
+from collector import kvm_reasons  # (importing it also registers the KVM exit-reason record decoders)
 from collector.attribution import Attributor
 from collector.clock import MonoWallClock
 from collector.config import Config, ConfigError
@@ -469,11 +469,21 @@ class Daemon:
             logger.error("kvm.classification: %s; using the default classification", exc)
             kvm_reasons.fill_kernel_classification(self.probes.bpf("kvm"), kvm_reasons.load_classification(None))
         self.vms = VmRegistry(self.cfg.kernel.host_proc, self.cfg.kernel.host_sys)
-        self.vms.refresh()
         if self.resolver is not None:
             self.resolver.vms = self.vms
         if self.metrics is not None:
             self.kvm_counter = kvm_reasons.KvmExitCounter(self.metrics.add_kvm_exits, self.vms.vm_label)
+        self._refresh_vms()
+
+    def _refresh_vms(self) -> None:
+        """VMMs come and go: identity for the exit counters, and which of them are microVM sandboxes."""
+        if self.vms is None or self.probes is None or not self.probes.attached("kvm"):
+            return
+        bpf = self.probes.bpf("kvm")
+        vms = self.vms.refresh()
+        kvm_reasons.sync_sandbox_vmms(bpf, vms)
+        if self.kvm_counter is not None:
+            self.kvm_counter.update(kvm_reasons.read_exit_totals(bpf))
 
     def _start_sandbox(self) -> None:
         """Sandbox runtimes (WASM among the span senders, gVisor Sentries) get their CPU samples split."""
@@ -570,10 +580,7 @@ class Daemon:
                     # Kernel maps are cumulative: a pass every few seconds is as exact as every second.
                     self.kernel_metrics.collect()
                 self._refresh_sandbox(ticks)
-                if self.kvm_counter is not None and self.vms is not None and self.probes is not None:
-                    from collector.kvm_reasons import read_exit_totals
-                    self.vms.refresh()
-                    self.kvm_counter.update(read_exit_totals(self.probes.bpf("kvm")))
+                self._refresh_vms()
             except Exception:
                 logger.exception("housekeeping failed")
 

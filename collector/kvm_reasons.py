@@ -435,8 +435,40 @@ def decode_details(detail: int, detail2: int) -> dict[str, Any]:
     return out
 
 
+def decode_sandbox_details(detail: int, detail2: int) -> dict[str, Any]:
+    """Details of a ``sandbox`` stall: a microVM sandbox's exit carries its isa in ``detail2`` (never 0);
+    a CPU sample of a sandbox runtime (``bpf/sandbox.bpf.c``) has ``detail2`` 0 and ``detail`` = in kernel."""
+    if detail2 & 0xFF in ISA_NAMES:
+        return decode_details(detail, detail2)
+    return {"sandbox.sampled_in_kernel": bool(detail)}
+
+
 for _component in ("vm_exit", "pv_exit", "ept"):
     decode.register_detail_decoder(_component, decode_details)
+decode.register_detail_decoder("sandbox", decode_sandbox_details)
+
+SANDBOX_VMMS = ("firecracker",)
+"""VMMs that are an L-4 sandbox themselves: their exits (but EPT/NPT and guest idle) are ``l4.sandbox``."""
+
+
+def sync_sandbox_vmms(bpf: Any, vms: Iterable[Any]) -> int:
+    """Make the probe's ``kvm_sandbox_vmms`` set exactly the sandbox VMMs among ``vms``; returns its size.
+
+    Args:
+        bpf: the loaded ``kvm`` probe.
+        vms: the VMs on the node now (``collector.vms.VmInfo``: ``pid`` and ``vmm``).
+    """
+    table = bpf["kvm_sandbox_vmms"]
+    want = {int(vm.pid) for vm in vms if vm.vmm in SANDBOX_VMMS}
+    for key in list(table.keys()):
+        if int(key.value) not in want:
+            try:
+                del table[key]
+            except KeyError:
+                pass
+    for tgid in want:
+        table[table.Key(tgid)] = table.Leaf(1)
+    return len(want)
 
 
 # ---------------------------------------------------------------------------

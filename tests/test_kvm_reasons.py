@@ -142,6 +142,17 @@ def test_stall_record_decodes_with_kvm_details():
     assert ev.details["kvm.exit_reason"] == "INVALID_STATE" and ev.details["kvm.failed_entry"] is True
 
 
+def test_sandbox_stalls_decode_by_origin():
+    """A microVM sandbox's exit keeps its KVM details; a sandbox runtime's CPU sample says where it was taken."""
+    ev = decode.decode_record(_stall_record("sandbox", 10, kr.ISA_VMX, 0, 1))
+    assert (ev.component, ev.layer) == ("sandbox", "L-4")
+    assert ev.details["kvm.exit_reason"] == "CPUID" and ev.details["kvm.vcpu"] == 1
+    r = decode.StallRecord(kind=decode.header_constants()["ISO_EV_STALL"], component=decode.COMPONENT_CODE["sandbox"],
+                           start_ns=1_000_000, end_ns=2_000_000, pid=7, tid=8, cpu=0, detail=1, detail2=0)
+    ev = decode.decode_record(bytes(r))
+    assert ev.layer == "L-4" and ev.details == {"sandbox.sampled_in_kernel": True}
+
+
 class _K(ctypes.Structure):
     _fields_ = kr._KvmKey._fields_
 
@@ -163,6 +174,11 @@ def test_exit_counter_feeds_deltas():
     items[0] = (_K(10, 48, 1, decode.COMPONENT_CODE["ept"]), _V(8, 80_000))
     assert counter.update(kr.totals_from_items(items)) == 3
     assert got == [("EPT_VIOLATION", "L-0", "qemu/10", 3, 3e-05)]
+    # A Firecracker microVM's exits (the kernel marks them sandbox) are counted under L-4.
+    got.clear()
+    items = [(_K(11, 30, 1, decode.COMPONENT_CODE["sandbox"]), _V(4, 8_000))]
+    counter.update(kr.totals_from_items(items))
+    assert got == [("IO_INSTRUCTION", "L-4", "qemu/11", 4, 8e-06)]
 
 
 def test_vendor_isa(tmp_path):

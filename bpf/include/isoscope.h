@@ -181,6 +181,10 @@ struct iso_total {
 #define ISO_KVM_PV_FAST_MMIO  4u
 #define ISO_KVM_PV_HYPERCALL  8u
 #define ISO_KVM_MAX_VCPUS     8192   /* in-flight exits (one per vCPU thread) */
+/* kvm_sandbox_vmms: VMM tgids that are an L-4 sandbox themselves (Firecracker),
+ * filled from user space.  Their exits that are neither EPT/NPT (L-0, the
+ * hardware's) nor guest idle are the microVM's own machinery: ISO_C_SANDBOX. */
+#define ISO_KVM_MAX_SANDBOX_VMMS 4096
 #define ISO_KVM_MAX_KEYS      16384  /* exit totals keys */
 /* Stall record of a KVM exit: detail = exit reason as traced (VMX: full value,
  * bit 31 = failed VM entry), detail2 = isa | pv marks << 8 | vcpu_id << 32. */

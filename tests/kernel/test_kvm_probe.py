@@ -73,3 +73,42 @@ def test_real_guest_io_is_seen(load_probe):  # noqa: F811
         # kvm_pvm: exits are not traced; each port write still fires kvm_pio
         assert untimed >= 50, untimed
         assert events == []
+
+
+# A stand-in for a Firecracker VMM: a process under Firecracker's name with a
+# vCPU thread named like Firecracker's (firecracker itself cannot run here).
+FIRECRACKER = r'''
+import ctypes, threading, time
+ctypes.CDLL(None).prctl(15, b"firecracker", 0, 0, 0)
+def vcpu():
+    ctypes.CDLL(None).prctl(15, b"fc_vcpu 0", 0, 0, 0)
+    time.sleep(30)
+threading.Thread(target=vcpu, daemon=True).start()
+print("ready", flush=True)
+time.sleep(30)
+'''
+
+
+def test_firecracker_vmms_are_marked_as_sandboxes_and_unmarked_when_gone(load_probe):  # noqa: F811
+    """Exits of a Firecracker VMM are l4.sandbox: the kernel learns which VMMs those are, and forgets them."""
+    import subprocess
+    import sys
+
+    from collector.vms import VmRegistry
+
+    rp = load_probe(catalog.KVM)
+    table = rp.bpf["kvm_sandbox_vmms"]
+    registry = VmRegistry()
+    fc = subprocess.Popen([sys.executable, "-c", FIRECRACKER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert fc.stdout is not None and fc.stdout.readline().strip() == "ready"
+        with run_guest(count=1, hold_s=3) as guest:  # a plain KVM user: a VM, not a sandbox
+            vms = {vm.pid: vm for vm in registry.refresh()}
+            assert vms[fc.pid].vmm == "firecracker" and vms[guest.pid].vmm == "kvm"
+            assert kr.sync_sandbox_vmms(rp.bpf, vms.values()) == 1
+            assert {int(k.value) for k in table.keys()} == {fc.pid}
+    finally:
+        fc.kill()
+        fc.wait(10)
+    kr.sync_sandbox_vmms(rp.bpf, registry.refresh())
+    assert len(table) == 0
