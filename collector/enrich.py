@@ -131,15 +131,16 @@ def _coalesce_touching(stalls: list[Stall]) -> list[tuple[Stall, int]]:
     """Runs of touching stalls of one component and thread, each as (stall, how many it merges)."""
     out: list[tuple[Stall, int]] = []
     run: list[Stall] = []
+    run_end = 0
     for s in sorted(stalls, key=lambda s: (s.component, s.tid, s.start_mono_ns)):
-        if run and (s.component, s.tid) == (run[-1].component, run[-1].tid) \
-                and s.start_mono_ns <= max(r.end_mono_ns for r in run) + SAMPLED_GAP_NS.get(s.component,
-                                                                                          TOUCHING_GAP_NS):
+        gap = SAMPLED_GAP_NS.get(s.component, TOUCHING_GAP_NS)
+        if run and (s.component, s.tid) == (run[-1].component, run[-1].tid) and s.start_mono_ns <= run_end + gap:
             run.append(s)
+            run_end = max(run_end, s.end_mono_ns)
             continue
         if run:
             out.append((run[0], 1) if len(run) == 1 else (_merged(run), len(run)))
-        run = [s]
+        run, run_end = [s], s.end_mono_ns
     if run:
         out.append((run[0], 1) if len(run) == 1 else (_merged(run), len(run)))
     return out
