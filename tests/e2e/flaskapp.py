@@ -12,8 +12,9 @@ own thread's ``/proc/thread-self/schedstat`` run delay before and after; the
 delta (time runnable but not running: run-queue waits *and* CFS throttling,
 since a throttled task stays runnable) is recorded as
 ``test.truth.run_delay_ns`` on ``b.burn`` and on b's server span. The window
-of ``b.burn`` brackets the two reads as tightly as Python allows, so the
-kernel-side stall time inside that window must match the oracle.
+of ``b.burn`` is set to the two reads' own window (wall clock read just
+before the first and just after the second), so the kernel-side stall time
+inside that window must match the oracle.
 
 Every span the application ends is also written (span id, trace id, parent,
 name, attributes, resource) as one JSON line to ``--record``, so a test can
@@ -151,11 +152,17 @@ def build_app(role: str, downstream: str) -> Any:
         mark_original()
         ms = float(request.args.get("ms", "5"))
         server_span = trace.get_current_span()
-        with tracer.start_as_current_span("b.burn") as burn:
-            before = read_run_delay_ns()
-            burn_cpu(ms)
-            after = read_run_delay_ns()
-            burn.set_attribute("test.truth.run_delay_ns", after - before)
+        # The span is given exactly the oracle's window (clock read, counter read … counter
+        # read, clock read): a throttling episode that starts while the tracer itself runs
+        # would otherwise be inside the span but outside the oracle.
+        start = time.time_ns()
+        before = read_run_delay_ns()
+        burn_cpu(ms)
+        after = read_run_delay_ns()
+        end = time.time_ns()
+        burn = tracer.start_span("b.burn", start_time=start)
+        burn.set_attribute("test.truth.run_delay_ns", after - before)
+        burn.end(end_time=end)
         server_span.set_attribute("test.truth.run_delay_ns", after - before)
         return jsonify({"run_delay_ns": after - before, "tid": threading.get_native_id(), "pid": os.getpid()})
 
