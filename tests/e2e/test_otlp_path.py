@@ -347,12 +347,16 @@ tracer = provider.get_tracer("e2e-pidns")
 print(f"ready {os.getpid()} {threading.get_native_id()}", flush=True)
 sys.stdin.readline()  # the test sets the CPU quota, then says go
 for i in range(count):
-    with tracer.start_as_current_span(f"ns-op-{i}") as span:
-        before = read_run_delay_ns()
-        burn_cpu(burn_ms)
-        after = read_run_delay_ns()
-        span.set_attribute("test.truth.run_delay_ns", after - before)
-        span.set_attribute("test.ns.pid", os.getpid())
+    # The span gets exactly the oracle's window (as b.burn in flaskapp does).
+    start = time.time_ns()
+    before = read_run_delay_ns()
+    burn_cpu(burn_ms)
+    after = read_run_delay_ns()
+    end = time.time_ns()
+    span = tracer.start_span(f"ns-op-{i}", start_time=start)
+    span.set_attribute("test.truth.run_delay_ns", after - before)
+    span.set_attribute("test.ns.pid", os.getpid())
+    span.end(end_time=end)
 provider.shutdown()
 print("done", flush=True)
 '''
