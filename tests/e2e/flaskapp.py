@@ -12,9 +12,8 @@ own thread's ``/proc/thread-self/schedstat`` run delay before and after; the
 delta (time runnable but not running: run-queue waits *and* CFS throttling,
 since a throttled task stays runnable) is recorded as
 ``test.truth.run_delay_ns`` on ``b.burn`` and on b's server span. The window
-of ``b.burn`` is set to the two reads' own window (wall clock read just
-before the first and just after the second), so the kernel-side stall time
-inside that window must match the oracle.
+of ``b.burn`` is set to the two reads' own window (:func:`measured_window`),
+so the kernel-side stall time inside that window must match the oracle.
 
 Every span the application ends is also written (span id, trace id, parent,
 name, attributes, resource) as one JSON line to ``--record``, so a test can
@@ -33,7 +32,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +46,28 @@ ORIGINAL_ATTRIBUTES = {
 """Set by the application on its server spans; the forwarded spans must carry them unchanged."""
 
 
-def read_run_delay_ns() -> int:
-    """This thread's cumulative run delay (ns): field 2 of ``/proc/thread-self/schedstat``."""
-    with open("/proc/thread-self/schedstat", "rb") as f:
-        return int(f.read().split()[1])
+def measured_window(work: Callable[[], None]) -> tuple[int, int, int]:
+    """Run ``work``; return (start, end) wall-clock ns of the window the run delay was read over, and the delta.
+
+    CFS throttling takes effect when the thread returns to user space —
+    typically from the first system call after the quota ran out, which may be
+    the one reading the counter. The counter is read with one ``pread`` on a
+    file opened beforehand, and the clock on the side of it that keeps such a
+    wait out of both or in both: at the start, counter then clock (a wait at
+    the read's return is after the value was taken and before the window); at
+    the end, clock then counter (the same wait is after the window and after
+    the value). So the span window and the oracle cover the same waits.
+    """
+    fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+    try:
+        before = int(os.pread(fd, 256, 0).split()[1])
+        start = time.time_ns()
+        work()
+        end = time.time_ns()
+        after = int(os.pread(fd, 256, 0).split()[1])
+    finally:
+        os.close(fd)
+    return start, end, after - before
 
 
 def burn_cpu(ms: float) -> None:
@@ -152,19 +169,13 @@ def build_app(role: str, downstream: str) -> Any:
         mark_original()
         ms = float(request.args.get("ms", "5"))
         server_span = trace.get_current_span()
-        # The span is given exactly the oracle's window (clock read, counter read … counter
-        # read, clock read): a throttling episode that starts while the tracer itself runs
-        # would otherwise be inside the span but outside the oracle.
-        start = time.time_ns()
-        before = read_run_delay_ns()
-        burn_cpu(ms)
-        after = read_run_delay_ns()
-        end = time.time_ns()
+        # The span is given exactly the oracle's window (see measured_window).
+        start, end, run_delay = measured_window(lambda: burn_cpu(ms))
         burn = tracer.start_span("b.burn", start_time=start)
-        burn.set_attribute("test.truth.run_delay_ns", after - before)
+        burn.set_attribute("test.truth.run_delay_ns", run_delay)
         burn.end(end_time=end)
-        server_span.set_attribute("test.truth.run_delay_ns", after - before)
-        return jsonify({"run_delay_ns": after - before, "tid": threading.get_native_id(), "pid": os.getpid()})
+        server_span.set_attribute("test.truth.run_delay_ns", run_delay)
+        return jsonify({"run_delay_ns": run_delay, "tid": threading.get_native_id(), "pid": os.getpid()})
 
     FlaskInstrumentor().instrument_app(app)
     return app

@@ -337,7 +337,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from collector.instrumentation import ThreadIdSpanProcessor
-from tests.e2e.flaskapp import burn_cpu, read_run_delay_ns
+from tests.e2e.flaskapp import burn_cpu, measured_window
 
 endpoint, count, burn_ms = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 provider = TracerProvider(resource=Resource.create({"service.name": "e2e-pidns", "process.pid": os.getpid()}))
@@ -347,14 +347,9 @@ tracer = provider.get_tracer("e2e-pidns")
 print(f"ready {os.getpid()} {threading.get_native_id()}", flush=True)
 sys.stdin.readline()  # the test sets the CPU quota, then says go
 for i in range(count):
-    # The span gets exactly the oracle's window (as b.burn in flaskapp does).
-    start = time.time_ns()
-    before = read_run_delay_ns()
-    burn_cpu(burn_ms)
-    after = read_run_delay_ns()
-    end = time.time_ns()
+    start, end, run_delay = measured_window(lambda: burn_cpu(burn_ms))  # the span gets the oracle's window
     span = tracer.start_span(f"ns-op-{i}", start_time=start)
-    span.set_attribute("test.truth.run_delay_ns", after - before)
+    span.set_attribute("test.truth.run_delay_ns", run_delay)
     span.set_attribute("test.ns.pid", os.getpid())
     span.end(end_time=end)
 provider.shutdown()
