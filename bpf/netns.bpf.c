@@ -38,12 +38,12 @@ struct skb_tx {
 /*
  * A veth crossing costs microseconds, so a watched thread's crossings are
  * summed in the kernel (`burst`) instead of crossing one record per packet:
- * crossings less than ISO_NETNS_BURST_GAP_NS apart join one burst, and a
- * burst becomes one stall record once it holds ISO_NETNS_BURST_NS of
- * crossing time, or when the thread's next crossing starts a new burst. The
- * record covers the burst's crossing time, ending at its last crossing:
- * exact in total, placed within the burst. A burst still open when its
- * thread goes quiet stays below ISO_NETNS_BURST_NS.
+ * crossings of one direction and cgroup less than ISO_NETNS_BURST_GAP_NS
+ * apart join one burst, and a burst becomes one stall record once it holds
+ * ISO_NETNS_BURST_NS of crossing time, or when the thread's next crossing
+ * starts a new burst. The record covers the burst's crossing time, ending at
+ * its last crossing: exact in total, placed within the burst. A burst still
+ * open when its thread goes quiet stays below ISO_NETNS_BURST_NS.
  */
 #ifndef ISO_NETNS_BURST_GAP_NS
 #define ISO_NETNS_BURST_GAP_NS 1000000ull
@@ -163,22 +163,26 @@ TRACEPOINT_PROBE(net, netif_receive_skb)
 		__sync_fetch_and_add(&t->sum_ns, d);
 	}
 
+	/* This crossing as a burst of its own. */
+	struct nn_burst nb = {};
+	nb.last_end = now;
+	nb.sum_ns = d;
+	nb.cgroup_id = v.cgroup_id;
+	nb.pid = v.pid;
+	nb.ifindex = v.ifindex;
+	nb.rx_ifindex = *rx_ifindex;
 	if (!v.watched) {
-		if (d >= ISO_MIN_STALL_NS) {
-			struct nn_burst one = {};
-			one.last_end = now;
-			one.sum_ns = d;
-			one.cgroup_id = v.cgroup_id;
-			one.pid = v.pid;
-			one.ifindex = v.ifindex;
-			one.rx_ifindex = *rx_ifindex;
-			nn_emit(v.tid, &one);
-		}
+		if (d >= ISO_MIN_STALL_NS)
+			nn_emit(v.tid, &nb);
 		return 0;
 	}
 	__u32 tid = v.tid;
 	struct nn_burst *b = burst.lookup(&tid);
-	if (b && v.ts <= b->last_end + ISO_NETNS_BURST_GAP_NS) {
+	/* A burst is one direction of one cgroup: its record names them. A crossing
+	 * charged to this thread in another direction (an ARP reply the kernel sends
+	 * in softirq while the thread is current) starts a burst of its own. */
+	if (b && v.ts <= b->last_end + ISO_NETNS_BURST_GAP_NS && b->ifindex == nb.ifindex &&
+	    b->rx_ifindex == nb.rx_ifindex && b->cgroup_id == nb.cgroup_id) {
 		b->last_end = now > b->last_end ? now : b->last_end;
 		b->sum_ns += d;
 		if (b->sum_ns >= ISO_NETNS_BURST_NS) {
@@ -188,15 +192,8 @@ TRACEPOINT_PROBE(net, netif_receive_skb)
 		return 0;
 	}
 	if (b) {
-		nn_emit(tid, b);  /* the previous burst ended: the thread went quiet in between */
+		nn_emit(tid, b);  /* the previous burst ended: a pause, or another direction */
 	}
-	struct nn_burst nb = {};
-	nb.last_end = now;
-	nb.sum_ns = d;
-	nb.cgroup_id = v.cgroup_id;
-	nb.pid = v.pid;
-	nb.ifindex = v.ifindex;
-	nb.rx_ifindex = *rx_ifindex;
 	if (d >= ISO_NETNS_BURST_NS) {
 		nn_emit(tid, &nb);
 		burst.delete(&tid);
