@@ -460,13 +460,14 @@ def sync_sandbox_vmms(bpf: Any, vms: Iterable[Any]) -> int:
     """
     table = bpf["kvm_sandbox_vmms"]
     want = {int(vm.pid) for vm in vms if vm.vmm in SANDBOX_VMMS}
-    for key in list(table.keys()):
-        if int(key.value) not in want:
-            try:
-                del table[key]
-            except KeyError:
-                pass
-    for tgid in want:
+    have = {int(key.value) for key in table.keys()}
+    # Called every second: only the changes touch the map.
+    for tgid in have - want:
+        try:
+            del table[table.Key(tgid)]
+        except KeyError:
+            pass
+    for tgid in want - have:
         table[table.Key(tgid)] = table.Leaf(1)
     return len(want)
 

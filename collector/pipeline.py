@@ -55,6 +55,14 @@ class _Held:
     may_conflict: bool | None  # known when the request was serialized at receipt
 
 
+def _may_hold_isolation_keys(payload: bytes) -> bool:
+    """Whether a serialized request may already carry ``isolation.*`` attributes.
+
+    One look at the whole request (C speed) instead of a scan of every span's attributes.
+    """
+    return b"isolation." in payload
+
+
 def _thread_id(span: Any) -> int | None:
     for kv in span.attributes:
         if kv.key == "thread.id":
@@ -145,7 +153,7 @@ class EnrichPipeline:
         if self._spool is not None:
             payload = batch.request.SerializeToString()
             key = self._spool.put(payload, batch.span_count)
-            may_conflict = b"isolation." in payload
+            may_conflict = _may_hold_isolation_keys(payload)
         with self._cond:
             self._queue.append(_Held(batch, need, now + self.hold_ns, key, may_conflict))
             self._held_spans += batch.span_count
@@ -229,8 +237,7 @@ class EnrichPipeline:
         resolved: dict[tuple[Any, int | None], Workload | None] = {}
         wl_attrs: dict[int, list[Any]] = {}
         if may_conflict is None:
-            # One look at the whole request (C speed) instead of a scan of every span's attributes.
-            may_conflict = b"isolation." in batch.request.SerializeToString()
+            may_conflict = _may_hold_isolation_keys(batch.request.SerializeToString())
         for rs in batch.request.resource_spans:
             ident = resource_identity(rs.resource)
             service = str(ident.get("service.name") or "unknown_service")

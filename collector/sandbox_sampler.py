@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from collector.stack import gvisor_role
-from collector.wasm import RUNTIME_LIB_PREFIXES, WASM_RUNTIMES, maybe_wasm
+from collector.wasm import RUNTIME_LIB_PREFIXES, WASM_RUNTIMES
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +199,8 @@ class SandboxTracker:
         """(Re)write the code ranges of a WASM runtime process; False when it is gone or runs none."""
         ranges = code_ranges(pid, self._proc_root)
         if ranges is None or not (ranges.runtime or ranges.runtime_is_process):
-            self.forget(pid)
+            if pid in self._registered:
+                self.forget(pid)
             return False
         self._write(pid, "wasm", ranges)
         return True
@@ -234,7 +235,7 @@ class SandboxTracker:
         wanted = set(senders)
         self._not_wasm = {p: t for p, t in self._not_wasm.items() if now - t < self.RECHECK_S}
         for pid in wanted - self._registered.keys() - self._not_wasm.keys():
-            if not maybe_wasm(pid, self._proc_root) or not self.register_wasm(pid):
+            if not self.register_wasm(pid):  # one read of its maps tells runtime or not
                 self._not_wasm[pid] = now
         if sentries is None:
             sentries = [p for p, (kind, _) in self._registered.items()

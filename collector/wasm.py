@@ -20,8 +20,8 @@ from collector.stack import detect_host_stack, detect_process_stack
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RUNTIME_LIB_PREFIXES", "WASM_RUNTIMES", "WasmProcess", "WasmUsage", "find_wasm_processes", "maybe_wasm",
-           "measure", "runtime_library", "sample"]
+__all__ = ["RUNTIME_LIB_PREFIXES", "WASM_RUNTIMES", "WasmProcess", "WasmUsage", "find_wasm_processes", "measure",
+           "runtime_library", "sample"]
 
 WASM_RUNTIMES: tuple[str, ...] = ("wasmtime", "wasmedge")
 RUNTIME_LIB_PREFIXES = ("libwasmtime", "_libwasmtime", "libwasmedge")
@@ -92,7 +92,7 @@ def find_wasm_processes(proc_root: str = "/proc", sys_root: str = "/sys", dev_ro
     except OSError:
         return out
     for pid in pids:
-        if not maybe_wasm(pid, proc_root):
+        if not _maybe_wasm(pid, proc_root):
             continue
         st = detect_process_stack(pid, proc_root, sys_root, dev_root, host=host)
         if st.sandbox in WASM_RUNTIMES or st.runtime in WASM_RUNTIMES:
@@ -101,7 +101,7 @@ def find_wasm_processes(proc_root: str = "/proc", sys_root: str = "/sys", dev_ro
     return out
 
 
-def maybe_wasm(pid: int, proc_root: str) -> bool:
+def _maybe_wasm(pid: int, proc_root: str) -> bool:
     """Cheap pre-filter before full stack detection: a runtime name or a runtime library."""
     try:
         with open(os.path.join(proc_root, str(pid), "comm"), encoding="utf-8", errors="replace") as fh:

@@ -364,15 +364,21 @@ class ProbeManager:
                     p.status.attached = False
 
 
+def program_fdinfo(fd: int) -> dict[str, int]:
+    """The numeric fields of a loaded BPF program's ``/proc/self/fdinfo`` (``run_time_ns``, ``recursion_misses`` …)."""
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                value = value.strip()
+                if value.isdigit():
+                    out[key.strip()] = int(value)
+    except OSError:
+        pass
+    return out
+
+
 def recursion_misses(bpf: Any) -> int:
     """Program runs the kernel skipped (``recursion_misses`` in each program's fdinfo)."""
-    total = 0
-    for fn in list(getattr(bpf, "funcs", {}).values()):
-        try:
-            with open(f"/proc/self/fdinfo/{fn.fd}", encoding="ascii") as fh:
-                for line in fh:
-                    if line.startswith("recursion_misses:"):
-                        total += int(line.split()[1])
-        except OSError:
-            continue
-    return total
+    return sum(program_fdinfo(fn.fd).get("recursion_misses", 0) for fn in list(getattr(bpf, "funcs", {}).values()))
