@@ -1,8 +1,12 @@
-"""One probe loaded for a benchmark exactly as the daemon loads it, and drained the way the daemon drains it."""
+"""Pieces the kernel benchmarks share: a probe loaded and drained exactly as the daemon does it, and
+the small C load generators they time."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 
@@ -12,6 +16,14 @@ def import_bcc() -> None:
         import bcc  # noqa: F401
     except ImportError:
         sys.path.append("/usr/lib/python3/dist-packages")
+
+
+def build_c(workdir: str, name: str, source: str, opt: str = "-O2") -> str:
+    """Compile a one-file C program into ``workdir``; returns the executable's path."""
+    src, exe = os.path.join(workdir, f"{name}.c"), os.path.join(workdir, name)
+    Path(src).write_text(source)
+    subprocess.run(["gcc", opt, "-o", exe, src], check=True)
+    return exe
 
 
 class AttachedProbe:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from probe_harness import AttachedProbe  # noqa: E402
+from probe_harness import AttachedProbe, build_c  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -63,13 +63,6 @@ int main(int argc, char **argv) {
 BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
 
 
-def build(workdir: str) -> str:
-    src, exe = os.path.join(workdir, "spin.c"), os.path.join(workdir, "spin")
-    Path(src).write_text(SPIN_C)
-    subprocess.run(["gcc", "-O1", "-o", exe, src], check=True)
-    return exe
-
-
 class Probe(AttachedProbe):
     """bpf/sandbox.bpf.c loaded through the daemon's loader, with a tracker to register processes."""
 
@@ -88,13 +81,10 @@ class Probe(AttachedProbe):
 
     def run_stats(self) -> tuple[int, int]:
         """(run_time_ns, run_cnt) of the sampling program so far."""
-        fd = self.bpf.funcs[b"on_cpu_clock"].fd
-        stats = {}
-        with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                stats[key.strip()] = value.strip()
-        return int(stats.get("run_time_ns", 0)), int(stats.get("run_cnt", 0))
+        from collector.probes.loader import program_fdinfo
+
+        info = program_fdinfo(self.bpf.funcs[b"on_cpu_clock"].fd)
+        return info.get("run_time_ns", 0), info.get("run_cnt", 0)
 
 
 def spin_ns(exe: str, seconds: float, cpu: int, probe: Probe | None, register: bool) -> tuple[float, int, int]:
@@ -130,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(BPF_STATS).write_text("1")
     try:
         with tempfile.TemporaryDirectory(prefix="isoscope-bench-") as tmp:
-            exe = build(tmp)
+            exe = build_c(tmp, "spin", SPIN_C, "-O1")
             base, off, idle, reg = [], [], [], []
             idle_cost, reg_cost = [0, 0], [0, 0]
             for _ in range(args.rounds):

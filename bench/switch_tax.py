@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from probe_harness import AttachedProbe, import_bcc  # noqa: E402
+from probe_harness import AttachedProbe, build_c, import_bcc  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -51,14 +51,6 @@ int main(int argc, char **argv) {
     return 0;
 }
 """
-
-
-def build(workdir: str) -> str:
-    src = os.path.join(workdir, "pingpong.c")
-    exe = os.path.join(workdir, "pingpong")
-    Path(src).write_text(PINGPONG_C)
-    subprocess.run(["gcc", "-O2", "-o", exe, src], check=True)
-    return exe
 
 
 def round_trip_us(exe: str, iters: int, cpu: int) -> float:
@@ -108,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, list[float]] = {"bare": [], "sched": [], "runqlat": []}
     with tempfile.TemporaryDirectory() as tmp:
-        exe = build(tmp)
+        exe = build_c(tmp, "pingpong", PINGPONG_C, "-O2")
         round_trip_us(exe, args.iters // 10, args.cpu)  # warm-up
         for _ in range(args.rounds):
             results["bare"].append(round_trip_us(exe, args.iters, args.cpu))
