@@ -10,8 +10,10 @@
  *   - timestamps are bpf_ktime_get_ns() (CLOCK_MONOTONIC);
  *   - pid = tgid, tid = kernel pid, both in the host (init) PID namespace;
  *   - cgroup_id is bpf_get_current_cgroup_id() (the cgroup v2 id);
- *   - one ring buffer named `events` per probe (declared here); a failed reserve
- *     calls iso_lost_inc(), which counts in the per-CPU array `lost_events`;
+ *   - one ring buffer named `events` per probe (each declares its own, see the
+ *     list of maps below); a failed reserve adds 1 to slot 0 of the per-CPU
+ *     array `lost_events` (in each probe's own lines: bcc rewrites map calls
+ *     only in the main source file, so no helper here can do it);
  *   - every map is bounded and per-task entries are deleted on exit.
  */
 #ifndef ISOSCOPE_H
