@@ -1,6 +1,6 @@
 """Attribution accuracy per lab scenario: the daemon's verdict against every span's own kernel truth.
 
-Runs each scenario of :func:`collector.lab.scenarios` (three-hop chains in real
+Runs each scenario of :func:`isoscope_lab.scenarios` (three-hop chains in real
 namespaces and cgroups, one daemon for all) and writes the table to
 ``bench/results/accuracy.md``. Needs root.
 
@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from collector.lab import Daemon, ScenarioRun, run_scenario, scenarios  # noqa: E402
+from isoscope_lab import Daemon, ScenarioRun, run_scenario, scenarios  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ class AttachedProbe:
     """``with AttachedProbe(spec) as p:`` — ``p.manager`` is the loader, ``p.bpf`` the bcc module.
 
     Args:
-        spec: the probe (a ``collector.probes.catalog`` entry).
+        spec: the probe (a ``isoscope.probes.catalog`` entry).
         defines: extra ``-D`` definitions, as the daemon passes them.
         sink: receives decoded events (default: dropped).
         poll_interval_s: ring-buffer drain interval of the background thread.
@@ -45,9 +45,9 @@ class AttachedProbe:
 
     def __enter__(self) -> "AttachedProbe":
         import_bcc()
-        from collector.kernelenv import prepare
-        from collector.model import Stats
-        from collector.probes.loader import ProbeManager
+        from isoscope.kernel.env import prepare
+        from isoscope.model import Stats
+        from isoscope.probes.loader import ProbeManager
 
         self.manager = ProbeManager([self.spec], prepare().features, self.sink, Stats(), defines=self.defines)
         (status,) = self.manager.load()

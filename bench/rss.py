@@ -24,7 +24,7 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from collector.lab.scenario import Daemon  # noqa: E402  (the lab's daemon launcher)
+from isoscope_lab.scenario import Daemon  # noqa: E402  (the lab's daemon launcher)
 V2 = "/sys/fs/cgroup/unified" if os.path.isdir("/sys/fs/cgroup/unified/cgroup.procs") or os.path.exists(
     "/sys/fs/cgroup/unified/cgroup.procs") else "/sys/fs/cgroup"
 

@@ -67,13 +67,13 @@ class Probe(AttachedProbe):
     """bpf/sandbox.bpf.c loaded through the daemon's loader, with a tracker to register processes."""
 
     def __init__(self) -> None:
-        from collector.probes.catalog import SANDBOX
+        from isoscope.probes.catalog import SANDBOX
 
         super().__init__(SANDBOX)
 
     def __enter__(self) -> "Probe":
-        from collector.probes.catalog import SANDBOX_SAMPLE_NS
-        from collector.sandbox_sampler import SandboxTracker
+        from isoscope.probes.catalog import SANDBOX_SAMPLE_NS
+        from isoscope.probes.sandbox_sampler import SandboxTracker
 
         super().__enter__()
         self.tracker = SandboxTracker(self.bpf, SANDBOX_SAMPLE_NS)
@@ -81,7 +81,7 @@ class Probe(AttachedProbe):
 
     def run_stats(self) -> tuple[int, int]:
         """(run_time_ns, run_cnt) of the sampling program so far."""
-        from collector.probes.loader import program_fdinfo
+        from isoscope.probes.loader import program_fdinfo
 
         info = program_fdinfo(self.bpf.funcs[b"on_cpu_clock"].fd)
         return info.get("run_time_ns", 0), info.get("run_cnt", 0)

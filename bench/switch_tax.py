@@ -60,8 +60,8 @@ def round_trip_us(exe: str, iters: int, cpu: int) -> float:
 
 def sched_probe() -> AttachedProbe:
     """bpf/sched.bpf.c loaded through the daemon's loader, drained like the daemon does."""
-    from collector.btf import sched_defines
-    from collector.probes.catalog import SCHED
+    from isoscope.kernel.btf import sched_defines
+    from isoscope.probes.catalog import SCHED
 
     import_bcc()
     return AttachedProbe(SCHED, defines=sched_defines(), poll_interval_s=0.05)

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    from collector.kernelenv import prepare
+    from isoscope.kernel.env import prepare
     env = prepare()
     try:
         import bcc  # noqa: F401
@@ -152,11 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.append("/usr/lib/python3/dist-packages")
     from bcc import BPF
 
-    from collector.model import Stats
-    from collector.probes import catalog
-    from collector.probes.loader import ProbeManager
-    from collector.probes.watch import WatchSet
-    from collector.syscall_classes import fill_class_map
+    from isoscope.model import Stats
+    from isoscope.probes import catalog
+    from isoscope.probes.loader import ProbeManager
+    from isoscope.probes.watch import WatchSet
+    from isoscope.probes.syscall_classes import fill_class_map
 
     specs = [catalog.SYSCALLS]
     with_sched = (ROOT / "bpf" / catalog.SCHED.source).exists()

@@ -58,7 +58,7 @@ if [ "$mode" = venv ]; then
     "${PYTHON:-python3}" -m venv "$repo/.venv"
   fi
   pip_flags=()
-  target='.[test]'
+  target='.[test,lab]'
   stamp="$repo/.venv/.isoscope-setup"
 else
   py=$(command -v python3)
@@ -100,7 +100,7 @@ if [ "${ISOSCOPE_SKIP_KERNEL:-0}" = 1 ]; then
 else
   # --link-modules: also make the fallback headers visible to every bcc user
   # (bpfcc tools, tests) through /lib/modules/$(uname -r)/{build,source}.
-  "$py" -m collector.kernelenv --prepare --link-modules \
+  "$py" -m isoscope.kernel.env --prepare --link-modules \
     || log "warning: kernel access incomplete (see above); eBPF probes will report why"
 fi
 

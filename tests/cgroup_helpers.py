@@ -37,8 +37,8 @@ from typing import Any
 
 import pytest
 
-from collector.cgroupctl import V1_ROOT, CgroupDirs, read_procs, write_value
-from collector.cgroupfs import cgroup_v2_root, read_proc_cgroups
+from isoscope_lab.cgroupctl import V1_ROOT, CgroupDirs, read_procs, write_value
+from isoscope.host.cgroupfs import cgroup_v2_root, read_proc_cgroups
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class Cgroup(CgroupDirs):
 
     Attributes:
         procs: processes started with :meth:`spawn` (killed on :meth:`remove`).
-        (and those of :class:`collector.cgroupctl.CgroupDirs`)
+        (and those of :class:`isoscope_lab.cgroupctl.CgroupDirs`)
     """
 
     def __init__(self, name: str, v2_root: str | None, v1_controllers: Sequence[str],

@@ -55,10 +55,10 @@ def kernel_env() -> Iterator[Any]:
 
     Mounts tracefs if needed and sets ``BCC_KERNEL_SOURCE`` when the headers
     need it, so tests may ``import bcc`` afterwards. Yields
-    :class:`collector.kernelenv.KernelEnv`.
+    :class:`isoscope.kernel.env.KernelEnv`.
     """
     _fail_unless_root("kernel_env")
-    from collector.kernelenv import BCC_ENV, prepare
+    from isoscope.kernel.env import BCC_ENV, prepare
 
     before = os.environ.get(BCC_ENV)
     env = prepare()

@@ -59,8 +59,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from collector.model import iter_spans
-from collector.otlpjson import decode_request, encode_response
+from isoscope.model import iter_spans
+from isoscope.otlpjson import decode_request, encode_response
 
 logger = logging.getLogger(__name__)
 

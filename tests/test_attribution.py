@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, Span
 
-from collector.attribution import Attributor, thread_breakdown
-from collector.enrich import add_attributes, child_spans, contract_attributes, isoscope_scope
-from collector.model import Breakdown, IsolationStack, RunSegment, Stall, Workload
-from collector.timeline import Timeline
+from isoscope.join.attribution import Attributor, thread_breakdown
+from isoscope.pipeline.enrich import add_attributes, child_spans, contract_attributes, isoscope_scope
+from isoscope.model import Breakdown, IsolationStack, RunSegment, Stall, Workload
+from isoscope.join.timeline import Timeline
 
 MS = 1_000_000
 

@@ -1,4 +1,4 @@
-"""collector.cgroupfs against real cgroups, namespaces and processes (and documented formats)."""
+"""isoscope.host.cgroupfs against real cgroups, namespaces and processes (and documented formats)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from collector.cgroupfs import (
+from isoscope.host.cgroupfs import (
     CgroupIdCache, cgroup_id, cgroup_path_by_id, cgroup_v2_root, host_pid_from_ns, ns_inodes, nspid,
     parse_cgroup_path, read_cpu_quota, read_cpu_stat, read_proc_cgroups,
 )

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from collector.config import Config, ConfigError, load_config
+from isoscope.config import Config, ConfigError, load_config
 
 
 def test_defaults_match_the_output_contract() -> None:
@@ -89,7 +89,7 @@ def _run_cli(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.
     import os
     env = {k: v for k, v in os.environ.items() if not k.startswith("ISOSCOPE_")}
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "collector.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "isoscope.cli", *args], capture_output=True, text=True,
                           timeout=60, env=env)
 
 

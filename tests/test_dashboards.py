@@ -8,13 +8,13 @@ return data.
 What Prometheus scrapes is chosen by ``METRICS_TARGET`` (environment variable
 ``ISOSCOPE_METRICS_TARGET``):
 
-* ``"exporter"`` — ``exporters.prometheus.PrometheusExporter`` fed through its API with
+* ``"exporter"`` — ``isoscope.metrics.prometheus.PrometheusExporter`` fed through its API with
   values measured on this machine (``/proc/stat`` steal, timer-wakeup latencies); every
   panel must return data;
 * ``"daemon"``   — the real ``isoscope run`` daemon, fed OTLP spans over HTTP; a panel may
   be empty only when the daemon exports no sample of its metric on this machine (no VM
   runs here, so there are no KVM exits, for instance);
-* ``"auto"``     — both, the daemon only when ``collector.daemon`` and ``.venv/bin/isoscope``
+* ``"auto"``     — both, the daemon only when ``isoscope.daemon`` and ``.venv/bin/isoscope``
   exist.
 """
 
@@ -37,8 +37,8 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from collector.model import Breakdown, Stall, Stats
-from exporters.prometheus import PrometheusExporter
+from isoscope.model import Breakdown, Stall, Stats
+from isoscope.metrics.prometheus import PrometheusExporter
 
 try:
     from tests.promserver import PrometheusServer, PromQLError, free_port
@@ -67,7 +67,7 @@ class MetricsTarget:
 # ---------------------------------------------------------------------------
 
 def daemon_available() -> bool:
-    return importlib.util.find_spec("collector.daemon") is not None and ISOSCOPE_BIN.exists()
+    return importlib.util.find_spec("isoscope.daemon") is not None and ISOSCOPE_BIN.exists()
 
 
 def _cpu_steal_seconds() -> dict[int, float]:

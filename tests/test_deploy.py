@@ -24,7 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from collector.config import load_config
+from isoscope.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 KDIR = ROOT / "deploy" / "kubernetes"
@@ -528,8 +528,8 @@ def test_dockerfile_copies_what_the_setup_script_needs() -> None:
     assert "scripts" in copied
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     needed = {"pyproject.toml", project["project"]["readme"]}
-    needed |= {p.split(".")[0] for p in project["tool"]["setuptools"]["packages"]}
-    needed.add("bpf")  # compiled on the node at start
+    # The package folders (the probes' C sources are package data inside src/, compiled on the node at start).
+    needed |= set(project["tool"]["setuptools"]["packages"]["find"]["where"])
     # Every repository file or directory the script names must be in the image.
     text = setup.read_text()
     for entry in ROOT.iterdir():

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from collector.model import ExportOutcome, ExportResult, Stats
-from exporters import DiskSpool, ExportQueue, InMemoryExporter, OtlpGrpcExporter, OtlpHttpExporter
-from exporters.queue import decode_frame, encode_frame, SpoolCorrupt
+from isoscope.model import ExportOutcome, ExportResult, Stats
+from isoscope.exporters import DiskSpool, ExportQueue, InMemoryExporter, OtlpGrpcExporter, OtlpHttpExporter
+from isoscope.exporters.queue import decode_frame, encode_frame, SpoolCorrupt
 from tests.otlp_backend import Failure, OtlpBackend, make_payload, span_hex
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -362,8 +362,8 @@ def test_shutdown_deadline_with_persistence_keeps_leftovers_for_next_start(backe
 
 PRODUCER = textwrap.dedent("""
     import sys, time
-    from collector.model import Stats
-    from exporters import ExportQueue, OtlpGrpcExporter
+    from isoscope.model import Stats
+    from isoscope.exporters import ExportQueue, OtlpGrpcExporter
     from tests.otlp_backend import make_payload, span_hex
 
     endpoint, spool_dir = sys.argv[1], sys.argv[2]

@@ -1,4 +1,4 @@
-"""Single-attempt exporters against a real loopback OTLP backend, plus file/memory exporters."""
+"""Single-attempt exporters against a real loopback OTLP backend, plus file/memory isoscope.exporters."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ import time
 import grpc
 import pytest
 
-from collector.model import ExportOutcome, ExportResult
-from collector.otlpjson import decode_request
-from exporters import (
+from isoscope.model import ExportOutcome, ExportResult
+from isoscope.otlpjson import decode_request
+from isoscope.exporters import (
     FileExporter,
     InMemoryExporter,
     OtlpGrpcExporter,
     OtlpHttpExporter,
     exporter_from_url,
 )
-from exporters.otlp_http import parse_retry_after, traces_url
+from isoscope.exporters.otlp_http import parse_retry_after, traces_url
 from tests.otlp_backend import Failure, OtlpBackend, make_payload, make_request, span_hex
 
 

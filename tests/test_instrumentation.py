@@ -10,9 +10,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from collector.instrumentation import ThreadIdSpanProcessor
-from collector.model import Stats, TraceBatch, iter_spans
-from collector.receiver import OtlpGrpcReceiver
+from isoscope.instrumentation import ThreadIdSpanProcessor
+from isoscope.model import Stats, TraceBatch, iter_spans
+from isoscope.receivers.otlp import OtlpGrpcReceiver
 
 
 def _provider(exporter) -> TracerProvider:

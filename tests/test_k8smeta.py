@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from collector.k8smeta import (
+from isoscope.metadata.kubernetes import (
     CgroupIdentity,
     CgroupOnlyPodMetadata,
     KubeAPIConfig,
@@ -22,7 +22,7 @@ from collector.k8smeta import (
     normalize_container_id,
     parse_cgroup_identity,
 )
-from collector.model import Stats
+from isoscope.model import Stats
 from tests.k8s_api_server import KubeAPIServer, TLSFiles, make_pod, make_tls_files
 
 TOKEN = "tkn-" + secrets.token_hex(8)
@@ -408,7 +408,7 @@ def test_cgroup_path_identity(path: str, expected: CgroupIdentity) -> None:
     if expected.container_id:
         assert ident.container_id == expected.container_id
     # A plain Docker container outside Kubernetes may still yield its id
-    # (collector.cgroupfs knows runtimes beyond the kubelet's layouts).
+    # (isoscope.host.cgroupfs knows runtimes beyond the kubelet's layouts).
     assert ident.container_id in (expected.container_id, CID)
 
 

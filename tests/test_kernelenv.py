@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from collector import kernelenv
-from collector.kernelenv import (BCC_ENV, FEATURES, Features, HeadersChoice, detect_features, ensure_tracefs,
+from isoscope.kernel import env as kernelenv
+from isoscope.kernel.env import (BCC_ENV, FEATURES, Features, HeadersChoice, detect_features, ensure_tracefs,
                                  find_kernel_headers, link_modules_dir, prepare)
 
 pytestmark = pytest.mark.kernel
@@ -365,7 +365,7 @@ def test_feature_detection_is_fast(kernel_env) -> None:
 # ---------------------------------------------------------------------------
 
 def test_cli_reports_choices_as_json(repo_root: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "collector.kernelenv", "--json"], cwd=repo_root,
+    out = subprocess.run([sys.executable, "-m", "isoscope.kernel.env", "--json"], cwd=repo_root,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
@@ -375,7 +375,7 @@ def test_cli_reports_choices_as_json(repo_root: Path) -> None:
 
 
 def test_cli_text_names_every_feature(repo_root: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "collector.kernelenv"], cwd=repo_root,
+    out = subprocess.run([sys.executable, "-m", "isoscope.kernel.env"], cwd=repo_root,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     for name in FEATURES:

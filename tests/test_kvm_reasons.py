@@ -12,9 +12,9 @@ import os
 
 import pytest
 
-from collector import kvm_reasons as kr
-from collector.model import Stall
-from collector.probes import decode
+from isoscope.probes import kvm_reasons as kr
+from isoscope.model import Stall
+from isoscope.probes import decode
 
 TRACEFS = "/sys/kernel/tracing"
 

@@ -13,10 +13,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
-from collector import otlpjson
-from collector.model import iter_spans
-from collector.otlpjson import OtlpJsonError, decode_request, encode_request, encode_response
-from collector.receiver.validate import MAX_ANYVALUE_DEPTH, validate_request
+from isoscope import otlpjson
+from isoscope.model import iter_spans
+from isoscope.otlpjson import OtlpJsonError, decode_request, encode_request, encode_response
+from isoscope.receivers.otlp.validate import MAX_ANYVALUE_DEPTH, validate_request
 
 TRACE = "5b8efff798038103d269b633813fc60c"
 SPAN = "eee19b7ec3c1b174"

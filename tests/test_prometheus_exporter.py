@@ -15,8 +15,8 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from prometheus_client.parser import text_string_to_metric_families as text_families
 
-from collector.model import Breakdown, Stall, Stats
-from exporters.prometheus import (
+from isoscope.model import Breakdown, Stall, Stats
+from isoscope.metrics.prometheus import (
     DEFAULT_LOG2_LE_EXPONENTS,
     DEFAULT_SPAN_BUCKETS,
     PrometheusExporter,
@@ -438,7 +438,7 @@ def otlp_receiver():
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_otlp_metrics_export_mirrors_the_metrics(otlp_receiver, protocol: str):
-    from exporters.prometheus import OtlpMetricsExporter
+    from isoscope.metrics.prometheus import OtlpMetricsExporter
 
     stats = Stats()
     exp = PrometheusExporter(stats, version="9.9.9")

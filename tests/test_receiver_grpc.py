@@ -24,8 +24,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from collector.model import Backpressure, Stats, TraceBatch, iter_spans
-from collector.receiver import OtlpGrpcReceiver
+from isoscope.model import Backpressure, Stats, TraceBatch, iter_spans
+from isoscope.receivers.otlp import OtlpGrpcReceiver
 
 METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 
@@ -336,7 +336,7 @@ def _connected_pair(family: int, host: str):
 
 @pytest.mark.parametrize("family,host", [(2, "127.0.0.1"), (10, "::1")])
 def test_peer_resolver_finds_owner(family, host):
-    from collector.receiver.peer import PeerResolver
+    from isoscope.metadata.peer import PeerResolver
     srv, cli, acc, addr = _connected_pair(family, host)
     try:
         r = PeerResolver()
@@ -349,7 +349,7 @@ def test_peer_resolver_finds_owner(family, host):
 
 
 def test_peer_resolver_never_raises_and_is_bounded(tmp_path):
-    from collector.receiver.peer import PeerResolver
+    from isoscope.metadata.peer import PeerResolver
     r = PeerResolver(proc_root=str(tmp_path / "missing"), max_entries=8, ttl_s=60)
     for port in range(20):
         assert r.resolve("127.0.0.1", 40000 + port, 4317) == 0
@@ -360,7 +360,7 @@ def test_peer_resolver_never_raises_and_is_bounded(tmp_path):
 
 def test_peer_resolver_cache_and_ttl(tmp_path):
     """A fake procfs: the cache answers until the TTL expires, then procfs is read again."""
-    from collector.receiver.peer import PeerResolver
+    from isoscope.metadata.peer import PeerResolver
     proc = tmp_path / "proc"
     (proc / "net").mkdir(parents=True)
     header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"

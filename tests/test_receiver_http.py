@@ -26,8 +26,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from collector.model import Backpressure, Stats, TraceBatch, iter_spans
-from collector.receiver import OtlpHttpReceiver
+from isoscope.model import Backpressure, Stats, TraceBatch, iter_spans
+from isoscope.receivers.otlp import OtlpHttpReceiver
 
 PB = "application/x-protobuf"
 JS = "application/json"
@@ -458,7 +458,7 @@ def test_shutdown_releases_port():
 
 def test_bounded_decoder_streams_and_limits():
     import zlib
-    from collector.receiver.limits import BodyTooLarge, BoundedDecoder, CorruptBody, UnsupportedEncoding
+    from isoscope.receivers.otlp.limits import BodyTooLarge, BoundedDecoder, CorruptBody, UnsupportedEncoding
     data = os.urandom(3000) * 20
     gz = gzip.compress(data) + gzip.compress(b"tail")  # two members
     dec = BoundedDecoder("GZIP", 10**6)

@@ -18,8 +18,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from collector.model import Stats, TraceBatch, iter_spans
-from collector.receiver import OtlpGrpcReceiver, OtlpHttpReceiver, ReceiverSecurity, SecurityConfigError
+from isoscope.model import Stats, TraceBatch, iter_spans
+from isoscope.receivers.otlp import OtlpGrpcReceiver, OtlpHttpReceiver, ReceiverSecurity, SecurityConfigError
 
 TOKEN = "s3cret-token"
 METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from collector.lab import Chain, Fault, HopSpec, send_load
-from collector.otlpjson import encode_request
-from collector.report import ReportError, build_traces, load_spans, main_report, parse_lines, report
+from isoscope_lab import Chain, Fault, HopSpec, send_load
+from isoscope.otlpjson import encode_request
+from isoscope.report import ReportError, build_traces, load_spans, main_report, parse_lines, report
 from tests.otlp_backend import OtlpBackend
 
 

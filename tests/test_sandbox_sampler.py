@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from collector.sandbox_sampler import MAX_RANGES, code_ranges
+from isoscope.probes.sandbox_sampler import MAX_RANGES, code_ranges
 
 
 def _proc(tmp_path: Path, maps: str, exe: str = "/usr/bin/python3.11") -> str:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from collector.model import HYPERVISORS, RUNTIMES
-from collector.stack import detect_host_stack, detect_process_stack
+from isoscope.model import HYPERVISORS, RUNTIMES
+from isoscope.host.stack import detect_host_stack, detect_process_stack
 from tests.cgroup_helpers import cgroup_factory  # noqa: F401 - pytest fixture
 from tests.fixtures import systrees
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from collector.model import RunSegment
-from collector.steal import StealSampler, read_steal_ticks, user_hz
+from isoscope.model import RunSegment
+from isoscope.host.steal import StealSampler, read_steal_ticks, user_hz
 
 
 def _direct_steal_ticks() -> dict[int, int]:

@@ -1,4 +1,4 @@
-"""collector.syscall_classes: the x86_64 syscall number → class table."""
+"""isoscope.probes.syscall_classes: the x86_64 syscall number → class table."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import platform
 
 import pytest
 
-from collector.probes.decode import SYSCALL_CLASSES, header_constants
-from collector.syscall_classes import CLASS_CODE, MAX_NR, class_table, classify, syscall_names
+from isoscope.probes.decode import SYSCALL_CLASSES, header_constants
+from isoscope.probes.syscall_classes import CLASS_CODE, MAX_NR, class_table, classify, syscall_names
 
 
 def test_codes_are_the_headers():

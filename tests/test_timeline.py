@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collector.model import RunSegment, Stall
-from collector.timeline import Timeline
+from isoscope.model import RunSegment, Stall
+from isoscope.join.timeline import Timeline
 
 MS = 1_000_000
 

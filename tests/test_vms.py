@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from collector import stack, vms
+from isoscope.host import stack
+from isoscope.host import vms
 from tests.fixtures import systrees
 from tests.kernel.conftest_kvm import VCPU_THREAD_NAME, run_guest
 

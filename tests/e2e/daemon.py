@@ -66,7 +66,7 @@ _VENV_PYTHON = REPO_ROOT / ".venv" / "bin" / "python"
 PYTHON = str(_VENV_PYTHON) if _VENV_PYTHON.exists() else sys.executable
 """The interpreter the daemon runs under (the project's virtualenv)."""
 
-# "collector.daemon: otlp_grpc listening on 127.0.0.1:33995" — one line per listener.
+# "isoscope.daemon: otlp_grpc listening on 127.0.0.1:33995" — one line per listener.
 _LISTEN_RE = re.compile(r"collector\.daemon: (metrics|otlp_grpc|otlp_http) listening on (\S+):(\d+)\s*$", re.M)
 
 
@@ -159,7 +159,7 @@ class IsoscopeDaemon:
         def listen(name: str) -> str:
             return f"127.0.0.1:{self.ports.get(name, 0)}"
 
-        argv = [PYTHON, "-m", "collector.cli", "run", "--config", str(self.config_path),
+        argv = [PYTHON, "-m", "isoscope.cli", "run", "--config", str(self.config_path),
                 "--otlp-grpc-listen", listen("otlp_grpc"), "--otlp-http-listen", listen("otlp_http"),
                 "--metrics-listen", listen("metrics")]
         for url in self.forward:

@@ -4,7 +4,7 @@ Service ``a`` (front) answers ``GET /front?ms=N`` by calling service ``b``
 (``GET /work?ms=N``) with ``requests``; ``b`` burns ``N`` ms of its own CPU
 time. Both are Flask apps instrumented with ``opentelemetry-instrumentation-
 flask`` / ``-requests`` (so the W3C ``traceparent`` header carries the trace
-from a to b) and :class:`collector.instrumentation.ThreadIdSpanProcessor`, and
+from a to b) and :class:`isoscope.instrumentation.ThreadIdSpanProcessor`, and
 export their spans with the real OTLP exporters (``--otlp grpc`` or ``http``).
 
 Ground truth: around the CPU burn, ``b`` opens a span ``b.burn`` and reads its
@@ -116,7 +116,7 @@ def _tracer_provider(service: str, otlp: str, endpoint: str, record: str) -> Any
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
-    from collector.instrumentation import ThreadIdSpanProcessor
+    from isoscope.instrumentation import ThreadIdSpanProcessor
 
     resource = Resource.create({"service.name": service, "process.pid": os.getpid(),
                                 "test.resource.marker": f"{service}-resource"})

@@ -23,7 +23,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExportResult
 
-from collector.probes import catalog
+from isoscope.probes import catalog
 from tests.e2e.daemon import IsoscopeDaemon, attributes, received_spans
 from tests.otlp_backend import OtlpBackend
 

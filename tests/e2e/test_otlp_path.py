@@ -66,7 +66,7 @@ def within_tolerance(measured: int, truth: int) -> bool:
 
 def sched_attached() -> tuple[bool, str]:
     """Whether ``isoscope probes --json`` reports the sched probe attached (and why not)."""
-    out = subprocess.run([PYTHON, "-m", "collector.cli", "probes", "--json"], cwd=REPO_ROOT,
+    out = subprocess.run([PYTHON, "-m", "isoscope.cli", "probes", "--json"], cwd=REPO_ROOT,
                          capture_output=True, text=True, timeout=300)
     try:
         doc = json.loads(out.stdout)
@@ -336,7 +336,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-from collector.instrumentation import ThreadIdSpanProcessor
+from isoscope.instrumentation import ThreadIdSpanProcessor
 from tests.e2e.flaskapp import burn_cpu, measured_window
 
 endpoint, count, burn_ms = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])

@@ -30,7 +30,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-from collector.instrumentation import ThreadIdSpanProcessor
+from isoscope.instrumentation import ThreadIdSpanProcessor
 
 endpoint, per_kind = sys.argv[1], int(sys.argv[2])
 wat = """(module

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from collector.model import RunSegment, Stall, Stats
+from isoscope.model import RunSegment, Stall, Stats
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +82,9 @@ class SchedProbe:
 def load_sched_probe(kernel_env: Any, throttle_method: str = "auto") -> Iterator[SchedProbe]:
     """Load bpf/sched.bpf.c with BTF offsets, drain it in the background, unload after."""
     import_bcc()
-    from collector.btf import sched_defines
-    from collector.probes.catalog import SCHED
-    from collector.probes.loader import ProbeManager
+    from isoscope.kernel.btf import sched_defines
+    from isoscope.probes.catalog import SCHED
+    from isoscope.probes.loader import ProbeManager
 
     probe = SchedProbe(manager=None)
     pm = ProbeManager([SCHED], kernel_env.features, probe.sink, Stats(),

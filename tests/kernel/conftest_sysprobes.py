@@ -3,7 +3,7 @@
 Import the fixtures from a test module with
 ``from tests.kernel.conftest_sysprobes import loaded_probe  # noqa: F401``.
 Probes are compiled from the real ``bpf/*.bpf.c`` files by the real
-:class:`collector.probes.loader.ProbeManager` and detached after the test.
+:class:`isoscope.probes.loader.ProbeManager` and detached after the test.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from collector.model import Stats
-from collector.probes.loader import ProbeManager, recursion_misses
-from collector.probes.spec import ProbeSpec
-from collector.probes.watch import WatchSet
+from isoscope.model import Stats
+from isoscope.probes.loader import ProbeManager, recursion_misses
+from isoscope.probes.spec import ProbeSpec
+from isoscope.probes.watch import WatchSet
 
 logger = logging.getLogger(__name__)
 

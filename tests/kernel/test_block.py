@@ -1,4 +1,4 @@
-"""The block probe and collector.blockdev on the running kernel's virtio disk."""
+"""The block probe and isoscope.host.blockdev on the running kernel's virtio disk."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from collector.blockdev import kernel_dev_t, list_block_devices, split_kernel_dev_t, virtio_dev_ts
-from collector.model import Stall
-from collector.probes import catalog
+from isoscope.host.blockdev import kernel_dev_t, list_block_devices, split_kernel_dev_t, virtio_dev_ts
+from isoscope.model import Stall
+from isoscope.probes import catalog
 from tests.cgroup_helpers import make_cgroup
 from tests.kernel.conftest_sysprobes import load_probe  # noqa: F401
 

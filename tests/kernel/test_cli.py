@@ -15,7 +15,7 @@ TRACEPOINT_PROBES = ("sched", "syscalls", "vmscan", "block", "lifecycle", "netns
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "collector.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "isoscope.cli", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from collector import kvm_reasons as kr
-from collector.probes import catalog
-from collector.probes.decode import COMPONENT_CODE, header_constants
+from isoscope.probes import kvm_reasons as kr
+from isoscope.probes import catalog
+from isoscope.probes.decode import COMPONENT_CODE, header_constants
 from tests.kernel.conftest_kvm import run_guest
 from tests.kernel.conftest_sysprobes import load_probe  # noqa: F401
 
@@ -94,7 +94,7 @@ def test_firecracker_vmms_are_marked_as_sandboxes_and_unmarked_when_gone(load_pr
     import subprocess
     import sys
 
-    from collector.vms import VmRegistry
+    from isoscope.host.vms import VmRegistry
 
     rp = load_probe(catalog.KVM)
     table = rp.bpf["kvm_sandbox_vmms"]

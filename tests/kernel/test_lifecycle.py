@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from collector.model import LifecycleEvent, LifecycleKind
-from collector.probes import catalog
+from isoscope.model import LifecycleEvent, LifecycleKind
+from isoscope.probes import catalog
 from tests.cgroup_helpers import make_cgroup
 from tests.kernel.conftest_sysprobes import load_probe  # noqa: F401
 

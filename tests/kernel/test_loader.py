@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from collector.model import Stall, Stats
-from collector.probes import catalog
-from collector.probes.loader import ProbeManager
-from collector.probes.spec import ProbeSpec, raw_tp, tp
-from collector.timeline import Timeline
+from isoscope.model import Stall, Stats
+from isoscope.probes import catalog
+from isoscope.probes.loader import ProbeManager
+from isoscope.probes.spec import ProbeSpec, raw_tp, tp
+from isoscope.join.timeline import Timeline
 
 pytestmark = pytest.mark.kernel
 
@@ -109,7 +109,7 @@ def _rss_file_kb() -> int:
 
 
 def test_compiler_code_pages_are_released_and_compiling_still_works(kernel_env) -> None:
-    from collector.probes.memory import release_compiler_pages
+    from isoscope.probes.memory import release_compiler_pages
 
     first = ProbeManager([catalog.VMSCAN], kernel_env.features, lambda ev: None, Stats())
     try:

@@ -11,8 +11,8 @@ from typing import Iterator
 
 import pytest
 
-from collector.model import Stall
-from collector.probes import catalog
+from isoscope.model import Stall
+from isoscope.probes import catalog
 from tests.cgroup_helpers import make_cgroup
 from tests.kernel.conftest_sysprobes import load_probe  # noqa: F401
 

@@ -18,13 +18,13 @@ import time
 
 import pytest
 
-from collector import wasm
-from collector.probes import catalog
-from collector.model import Stats
-from collector.probes.decode import header_constants
-from collector.probes.loader import ProbeManager
-from collector.probes.spec import perf_event
-from collector.sandbox_sampler import MAX_RANGES, SandboxSplit, SandboxTracker, find_sentries
+from isoscope.host import wasm
+from isoscope.probes import catalog
+from isoscope.model import Stats
+from isoscope.probes.decode import header_constants
+from isoscope.probes.loader import ProbeManager
+from isoscope.probes.spec import perf_event
+from isoscope.probes.sandbox_sampler import MAX_RANGES, SandboxSplit, SandboxTracker, find_sentries
 from tests.kernel.conftest_sysprobes import load_probe  # noqa: F401
 from tests.kernel.test_wasm import WORKLOAD
 

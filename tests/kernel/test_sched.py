@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from collector.probes.watch import WatchSet
+from isoscope.probes.watch import WatchSet
 from tests.cgroup_helpers import make_cgroup
 from tests.kernel.conftest_sched import (SchedProbe, TEST_CPU, busy_procs, load_sched_probe, measure,
                                          schedstat, unique_name)

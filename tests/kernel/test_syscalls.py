@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from collector.cgroupfs import cgroup_id, cgroup_v2_root, read_proc_cgroups
-from collector.model import Stall
-from collector.probes import catalog
-from collector.probes.decode import SYSCALL_CLASSES
-from collector.syscall_classes import CLASS_CODE, fill_class_map
+from isoscope.host.cgroupfs import cgroup_id, cgroup_v2_root, read_proc_cgroups
+from isoscope.model import Stall
+from isoscope.probes import catalog
+from isoscope.probes.decode import SYSCALL_CLASSES
+from isoscope.probes.syscall_classes import CLASS_CODE, fill_class_map
 from tests.cgroup_helpers import make_cgroup
 from tests.kernel.conftest_sysprobes import load_probe  # noqa: F401
 

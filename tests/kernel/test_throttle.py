@@ -16,8 +16,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from collector.cgroupfs import cgroup_v2_root
-from collector.throttle import ThrottleReconciler, compare, cpu_stat_dir, kernel_throttle_totals
+from isoscope.host.cgroupfs import cgroup_v2_root
+from isoscope_lab.throttle import ThrottleReconciler, compare, cpu_stat_dir, kernel_throttle_totals
 from tests.cgroup_helpers import make_cgroup
 from tests.kernel.conftest_sched import SchedProbe, busy_procs, load_sched_probe, measure, unique_name
 

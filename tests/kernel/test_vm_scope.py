@@ -6,9 +6,9 @@ import uuid
 
 import pytest
 
-from collector.metadata import WorkloadResolver
-from collector.stack import detect_host_stack
-from collector.vms import VmRegistry
+from isoscope.metadata.resolver import WorkloadResolver
+from isoscope.host.stack import detect_host_stack
+from isoscope.host.vms import VmRegistry
 from tests.cgroup_helpers import make_cgroup
 from tests.kernel.conftest_kvm import run_guest
 

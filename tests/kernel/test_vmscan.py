@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from collector.model import Stall
-from collector.probes import catalog
-from collector.probes.decode import RECLAIM_KINDS
+from isoscope.model import Stall
+from isoscope.probes import catalog
+from isoscope.probes.decode import RECLAIM_KINDS
 from tests.cgroup_helpers import make_cgroup
 from tests.kernel.conftest_sysprobes import load_probe  # noqa: F401
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from collector import wasm
+from isoscope.host import wasm
 
 pytestmark = pytest.mark.kernel
 

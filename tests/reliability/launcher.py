@@ -2,7 +2,7 @@
 
 Reliability tests drive the assembled daemon from the outside: real sockets,
 a real OTLP backend, real signals. :class:`DaemonProcess` writes a YAML config,
-starts ``python -m collector.cli run``, waits for ``/readyz`` and offers the
+starts ``python -m isoscope.cli run``, waits for ``/readyz`` and offers the
 few things the tests read back (``/metrics`` samples, ``/debug/status``, RSS,
 CPU time). Stopping always kills the whole process group, even after a failed
 test.
@@ -122,7 +122,7 @@ class DaemonProcess:
         return _deep_merge(doc, self.extra_config)
 
     def command(self) -> list[str]:
-        argv = [sys.executable, "-m", "collector.cli", "run", "--config", str(self.config_path)]
+        argv = [sys.executable, "-m", "isoscope.cli", "run", "--config", str(self.config_path)]
         if not self.probes:
             argv.append("--no-probes")
         if self.wrapper:
@@ -283,7 +283,7 @@ class DaemonProcess:
         p = psutil.Process(self.pid)
         if self.wrapper:
             for child in p.children(recursive=True):
-                if "collector.cli" in " ".join(child.cmdline()):
+                if "isoscope.cli" in " ".join(child.cmdline()):
                     return child
         return p
 

@@ -2,7 +2,7 @@
 
 Stepping the real system clock would move it for every process on the machine
 (and every other test running on it), so the step is injected instead: the
-daemon's own offset measurement (``collector.clock.measure_offset``) is given a
+daemon's own offset measurement (``isoscope.kernel.clock.measure_offset``) is given a
 wall clock that runs ahead of or behind the real one, and spans are stamped with
 that same stepped clock, as a sender on a stepped machine would stamp them. The
 pipeline, timeline, resolver and attributor are the real ones, in process.
@@ -18,14 +18,14 @@ from typing import Any
 
 import pytest
 
-from collector import clock as clock_mod
-from collector.attribution import Attributor
-from collector.clock import MonoWallClock
-from collector.config import AttributionConfig
-from collector.metadata import WorkloadResolver
-from collector.model import Stall, Stats, TraceBatch
-from collector.pipeline import EnrichPipeline
-from collector.timeline import Timeline
+from isoscope.kernel import clock as clock_mod
+from isoscope.join.attribution import Attributor
+from isoscope.kernel.clock import MonoWallClock
+from isoscope.config import AttributionConfig
+from isoscope.metadata.resolver import WorkloadResolver
+from isoscope.model import Stall, Stats, TraceBatch
+from isoscope.pipeline.processor import EnrichPipeline
+from isoscope.join.timeline import Timeline
 from tests.otlp_backend import make_request
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from collector.cgroupfs import cgroup_v2_root
+from isoscope.host.cgroupfs import cgroup_v2_root
 from tests.otlp_backend import make_request, span_hex
 from tests.reliability.launcher import REPO_ROOT, GrpcClient, backend, daemon_factory, wait_until  # noqa: F401
 
@@ -154,7 +154,7 @@ def test_no_bpf_capability_forwards_unenriched_and_says_why(daemon_factory, back
     log = d.log_text()
     assert "CAP_BPF" in log or "capabilit" in log.lower(), log[-2000:]
     # `isoscope probes` under the same restriction explains itself too.
-    out = subprocess.run(DROP_CAPS + ["-c", f"exec {sys.executable} -m collector.cli probes --json"],
+    out = subprocess.run(DROP_CAPS + ["-c", f"exec {sys.executable} -m isoscope.cli probes --json"],
                          cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert out.returncode == 0, out.stderr[-2000:]

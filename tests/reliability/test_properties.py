@@ -18,11 +18,11 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from collector import otlpjson
-from collector.attribution import thread_breakdown
-from collector.model import COMPONENT_LAYER, KERNEL, Stall
-from collector.receiver.limits import BodyTooLarge, BoundedDecoder, CorruptBody, UnsupportedEncoding, decode_body
-from collector.timeline import Timeline
+from isoscope import otlpjson
+from isoscope.join.attribution import thread_breakdown
+from isoscope.model import COMPONENT_LAYER, KERNEL, Stall
+from isoscope.receivers.otlp.limits import BodyTooLarge, BoundedDecoder, CorruptBody, UnsupportedEncoding, decode_body
+from isoscope.join.timeline import Timeline
 from tests.otlp_backend import make_request
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from collector.lab import Daemon, daemon_available
+from isoscope_lab import Daemon, daemon_available
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 def lab_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """A running daemon on free loopback ports, stopped (drained) at the end of the session."""
     if not daemon_available():
-        pytest.fail("collector/cli.py is missing: the scenario tests need `python -m collector.cli run`",
+        pytest.fail("collector/cli.py is missing: the scenario tests need `python -m isoscope.cli run`",
                     pytrace=False)
     out: Path = tmp_path_factory.mktemp("isoscope-lab")
     daemon = Daemon.on_free_ports(str(out / "traces.jsonl"))

@@ -22,10 +22,10 @@ import logging
 import pytest
 from rich.console import Console
 
-from collector.lab import Daemon, HopScore, ScenarioRun, run_scenario, scenarios
-from collector.lab.scenario import score
-from collector.lab import truth as T
-from collector.report import build_traces, report
+from isoscope_lab import Daemon, HopScore, ScenarioRun, run_scenario, scenarios
+from isoscope_lab.scenario import score
+from isoscope_lab import truth as T
+from isoscope.report import build_traces, report
 
 logger = logging.getLogger(__name__)
 

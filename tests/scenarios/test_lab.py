@@ -11,12 +11,12 @@ import subprocess
 
 import pytest
 
-from collector.cgroupfs import read_proc_cgroups
-from collector.lab import Chain, Fault, HopSpec, LabError, send_load
-from collector.lab import truth as T
-from collector.lab.truth import read_cpu_stat
-from collector.otlpjson import encode_request
-from collector.report import build_traces, parse_lines
+from isoscope.host.cgroupfs import read_proc_cgroups
+from isoscope_lab import Chain, Fault, HopSpec, LabError, send_load
+from isoscope_lab import truth as T
+from isoscope_lab.truth import read_cpu_stat
+from isoscope.otlpjson import encode_request
+from isoscope.report import build_traces, parse_lines
 from tests.otlp_backend import OtlpBackend
 
 pytestmark = pytest.mark.kernel

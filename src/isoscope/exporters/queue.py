@@ -1,0 +1,552 @@
+"""The shared retry queue every exporter runs behind, with optional disk persistence.
+
+An exporter (``isoscope.model.SpanExporter``) makes exactly one attempt per
+call. :class:`ExportQueue` owns everything around it: bounding memory,
+retrying with exponential backoff and jitter, honouring server-suggested
+delays, giving up after a maximum elapsed time, draining on shutdown, and —
+when a ``persist_dir`` is given — keeping every accepted batch on disk until it
+is delivered or its loss has been counted.
+
+Accounting is exact: every span handed to :meth:`ExportQueue.enqueue` ends up
+in exactly one of ``spans_exported_total{outcome="success"}``,
+``spans_dropped_total{reason=...}`` or (persistent queues only) on disk for the
+next start. Tests rely on ``dropped == sent - received``.
+
+:class:`DiskSpool` is the on-disk format on its own (one framed, checksummed,
+atomically renamed file per batch) so the daemon can also use it as a
+write-ahead log of received requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import struct
+import threading
+import time
+import zlib
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+from isoscope.model import ExportOutcome, ExportResult, SpanExporter, Stats
+
+logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------
+# Disk format
+# ---------------------------------------------------------------------------
+
+_MAGIC = b"ISQ1"
+# magic, span_count, payload length; the CRC32 trailer follows the payload so a
+# truncated file (crash mid-copy, full disk) can never validate.
+_HEADER = struct.Struct("<4sIQ")
+_TRAILER = struct.Struct("<I")
+_SUFFIX = ".batch"
+_NAME_RE = re.compile(r"^(\d{16})\.batch$")
+QUARANTINE_DIR = "quarantine"
+
+
+class SpoolEntry(NamedTuple):
+    """One batch read back from a :class:`DiskSpool`."""
+
+    key: str
+    payload: bytes
+    span_count: int
+
+
+class SpoolCorrupt(ValueError):
+    """A spool file failed validation (bad magic, length or checksum)."""
+
+
+def encode_frame(payload: bytes, span_count: int) -> bytes:
+    """The on-disk bytes of one batch: header, payload, CRC32 of header fields + payload."""
+    header = _HEADER.pack(_MAGIC, span_count, len(payload))
+    crc = zlib.crc32(payload, zlib.crc32(header))
+    return header + payload + _TRAILER.pack(crc)
+
+
+def decode_frame(data: bytes) -> tuple[bytes, int]:
+    """Validate and split one file's bytes into ``(payload, span_count)``.
+
+    Raises:
+        SpoolCorrupt: the bytes are not exactly one intact frame.
+    """
+    if len(data) < _HEADER.size + _TRAILER.size:
+        raise SpoolCorrupt(f"truncated: {len(data)} bytes is shorter than the frame overhead")
+    magic, span_count, length = _HEADER.unpack_from(data)
+    if magic != _MAGIC:
+        raise SpoolCorrupt(f"bad magic {magic!r}")
+    expected = _HEADER.size + length + _TRAILER.size
+    if len(data) != expected:
+        raise SpoolCorrupt(f"length mismatch: header says {expected} bytes, file has {len(data)}")
+    payload = data[_HEADER.size:_HEADER.size + length]
+    (crc,) = _TRAILER.unpack_from(data, _HEADER.size + length)
+    actual = zlib.crc32(payload, zlib.crc32(data[:_HEADER.size]))
+    if crc != actual:
+        raise SpoolCorrupt(f"checksum mismatch: stored {crc:#010x}, computed {actual:#010x}")
+    return payload, span_count
+
+
+class DiskSpool:
+    """A directory of durable batches, one file per batch, replayed in write order.
+
+    Each :meth:`put` writes ``<seq>.batch.tmp``, fsyncs it, renames it to
+    ``<seq>.batch`` and fsyncs the directory, so once ``put`` returns the batch
+    survives a crash or power loss, and a half-written batch is never visible
+    under its final name. Files that fail validation on :meth:`load` are moved
+    to ``<dir>/quarantine/`` (never deleted, never retried).
+
+    Thread-safe. One directory must be used by one spool (one process) at a time.
+
+    Args:
+        directory: where the batch files live; created if missing.
+        fsync: flush file and directory to stable storage on every put (turn off
+            only where durability does not matter).
+        on_quarantine: called with ``(file_name, reason)`` for every quarantined file.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, fsync: bool = True,
+                 on_quarantine: Callable[[str, str], None] | None = None) -> None:
+        self.directory = os.fspath(directory)
+        self.quarantine_dir = os.path.join(self.directory, QUARANTINE_DIR)
+        self._fsync = fsync
+        self._on_quarantine = on_quarantine
+        self._lock = threading.Lock()
+        self.quarantined = 0
+        os.makedirs(self.directory, exist_ok=True)
+        self._next_seq = 1
+        for name in os.listdir(self.directory):
+            if name.endswith(".tmp"):
+                # A temp file was never renamed, so its put() never returned:
+                # nobody was told it is safe, and it may be partial.
+                self._unlink(os.path.join(self.directory, name))
+                continue
+            m = _NAME_RE.match(name)
+            if m:
+                self._next_seq = max(self._next_seq, int(m.group(1)) + 1)
+
+    def put(self, payload: bytes, span_count: int) -> str:
+        """Durably store one batch.
+
+        Returns:
+            The key to pass to :meth:`remove` once the batch is dealt with.
+
+        Raises:
+            OSError: the batch could not be written (it is then not stored).
+        """
+        with self._lock:
+            seq = self._next_seq
+            self._next_seq += 1
+        key = f"{seq:016d}{_SUFFIX}"
+        final = os.path.join(self.directory, key)
+        tmp = final + ".tmp"
+        frame = encode_frame(payload, span_count)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(frame)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+        except OSError:
+            self._unlink(tmp)
+            raise
+        if self._fsync:
+            self._fsync_dir()
+        return key
+
+    def remove(self, key: str) -> None:
+        """Delete a batch that was delivered or whose loss was counted."""
+        self._unlink(os.path.join(self.directory, key))
+
+    def keys(self) -> list[str]:
+        """Keys of the batch files currently stored, in write order (no validation)."""
+        names = [n for n in os.listdir(self.directory) if _NAME_RE.match(n)]
+        return sorted(names)
+
+    def load(self) -> list[SpoolEntry]:
+        """Read and validate every stored batch, oldest first.
+
+        Corrupted or truncated files are moved to the quarantine directory and
+        counted in :attr:`quarantined`; they are not returned.
+        """
+        entries: list[SpoolEntry] = []
+        for key in self.keys():
+            path = os.path.join(self.directory, key)
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                self._quarantine(key, f"unreadable: {exc}")
+                continue
+            try:
+                payload, span_count = decode_frame(data)
+            except SpoolCorrupt as exc:
+                self._quarantine(key, str(exc))
+                continue
+            entries.append(SpoolEntry(key, payload, span_count))
+        return entries
+
+    def _quarantine(self, key: str, reason: str) -> None:
+        logger.warning("spool %s: quarantining %s: %s", self.directory, key, reason)
+        os.makedirs(self.quarantine_dir, exist_ok=True)
+        target = os.path.join(self.quarantine_dir, key)
+        if os.path.exists(target):
+            target = f"{target}.{time.time_ns()}"
+        try:
+            os.replace(os.path.join(self.directory, key), target)
+        except OSError as exc:
+            # Still counted and skipped: a file we cannot move must not make
+            # every restart fail on it.
+            logger.error("spool %s: cannot move %s to quarantine: %s", self.directory, key, exc)
+        with self._lock:
+            self.quarantined += 1
+        if self._on_quarantine is not None:
+            self._on_quarantine(key, reason)
+
+    def _fsync_dir(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _unlink(path: str) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+# ---------------------------------------------------------------------------
+# Retry queue
+# ---------------------------------------------------------------------------
+
+# Drop reasons (label values of spans_dropped_total{reason}).
+REASON_QUEUE_FULL = "queue_full"
+REASON_REJECTED = "rejected"
+REASON_RETRY_EXHAUSTED = "retry_exhausted"
+REASON_REJECTED_BY_BACKEND = "rejected_by_backend"
+REASON_SHUTDOWN = "shutdown"
+REASON_PERSIST_FAILED = "persist_failed"
+
+_BACKOFF_MULTIPLIER = 1.5
+_JITTER = 0.5  # delay is drawn from [d*(1-j), d*(1+j)], as the OpenTelemetry Collector does
+
+
+@dataclass(slots=True)
+class _Batch:
+    payload: bytes
+    span_count: int
+    key: str | None = None
+
+
+class ExportQueue:
+    """Bounded, retrying, optionally persistent queue in front of one exporter.
+
+    Args:
+        exporter: the transport; called from worker threads, one attempt per call.
+        stats: where counters and the ``queue_size{queue}`` gauge go.
+        name: queue label value (``queue_size{queue=name}``); unique per queue.
+        max_batches: most batches held (queued + being exported).
+        max_bytes: most payload bytes held.
+        persist_dir: if set, batches are written here before ``enqueue`` returns
+            and replayed on the next start. One directory per queue.
+        initial_backoff_s: first retry delay (before jitter).
+        max_backoff_s: cap of the exponential retry delay (a server's
+            ``retry_after_s`` may exceed it).
+        max_elapsed_s: a batch still failing this long after its first attempt
+            is dropped (``reason="retry_exhausted"``).
+        workers: concurrent export attempts. With 1, delivery keeps enqueue order.
+        fsync: see :class:`DiskSpool`.
+    """
+
+    def __init__(self, exporter: SpanExporter, stats: Stats, *, name: str,
+                 max_batches: int = 1000, max_bytes: int = 64 * 1024 * 1024,
+                 persist_dir: str | os.PathLike[str] | None = None,
+                 initial_backoff_s: float = 0.5, max_backoff_s: float = 30.0,
+                 max_elapsed_s: float = 300.0, workers: int = 1, fsync: bool = True) -> None:
+        if max_batches < 1 or max_bytes < 1 or workers < 1:
+            raise ValueError("max_batches, max_bytes and workers must be positive")
+        self.exporter = exporter
+        self.stats = stats
+        self.name = name
+        self.max_batches = max_batches
+        self.max_bytes = max_bytes
+        self.initial_backoff_s = initial_backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.max_elapsed_s = max_elapsed_s
+        self._n_workers = workers
+        self._exporter_label = getattr(exporter, "name", type(exporter).__name__)
+        self.spool: DiskSpool | None = None
+        if persist_dir is not None:
+            self.spool = DiskSpool(persist_dir, fsync=fsync, on_quarantine=self._count_quarantine)
+        self._cond = threading.Condition()
+        self._pending: deque[_Batch] = deque()
+        # Held = reserved by enqueue + pending + being exported: what bounds memory.
+        self._held_batches = 0
+        self._held_bytes = 0
+        self._reserving = 0  # accepted by enqueue, not yet in _pending (disk write running)
+        self._closing = False
+        self._deadline = 0.0
+        self._abort = threading.Event()
+        self._started = False
+        self._workers: list[threading.Thread] = []
+        self._rng = random.Random()
+        self._publish_size()
+
+    # -- public API ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Load persisted batches (oldest first, ahead of anything new) and start the workers."""
+        with self._cond:
+            if self._started:
+                return
+            self._started = True
+        if self.spool is not None:
+            with self._cond:
+                known = {b.key for b in self._pending}
+            loaded = [e for e in self.spool.load() if e.key not in known]
+            if loaded:
+                logger.info("queue %s: replaying %d persisted batches (%d spans)", self.name,
+                            len(loaded), sum(e.span_count for e in loaded))
+            with self._cond:
+                # Replayed batches were accepted before any new one, so they go
+                # first; they are kept even beyond the bounds because they were
+                # already acknowledged to someone.
+                for e in reversed(loaded):
+                    self._pending.appendleft(_Batch(e.payload, e.span_count, e.key))
+                    self._held_batches += 1
+                    self._held_bytes += len(e.payload)
+                if self._held_batches > self.max_batches or self._held_bytes > self.max_bytes:
+                    logger.warning("queue %s: replayed backlog exceeds the bounds; new batches "
+                                   "are refused until it drains", self.name)
+                self._publish_size_locked()
+        for i in range(self._n_workers):
+            t = threading.Thread(target=self._worker, name=f"export-{self.name}-{i}", daemon=True)
+            t.start()
+            self._workers.append(t)
+
+    def enqueue(self, payload: bytes, span_count: int) -> bool:
+        """Accept one serialized ``ExportTraceServiceRequest`` for delivery.
+
+        With persistence on, the batch is on stable storage when this returns True.
+
+        Returns:
+            True if accepted; False if refused (full, shutting down, or the disk
+            write failed), in which case ``span_count`` spans are counted as dropped.
+        """
+        size = len(payload)
+        with self._cond:
+            if self._closing:
+                reason = REASON_SHUTDOWN
+            elif self._held_batches + 1 > self.max_batches or self._held_bytes + size > self.max_bytes:
+                reason = REASON_QUEUE_FULL
+            else:
+                reason = ""
+                self._held_batches += 1
+                self._held_bytes += size
+                self._reserving += 1
+        if reason:
+            self._count_drop(span_count, reason)
+            return False
+        key = None
+        if self.spool is not None:
+            try:
+                key = self.spool.put(payload, span_count)
+            except OSError as exc:
+                logger.error("queue %s: cannot persist batch: %s", self.name, exc)
+                with self._cond:
+                    self._reserving -= 1
+                    self._held_batches -= 1
+                    self._held_bytes -= size
+                    self._publish_size_locked()
+                    self._cond.notify_all()
+                self._count_drop(span_count, REASON_PERSIST_FAILED)
+                return False
+        batch = _Batch(payload, span_count, key)
+        with self._cond:
+            self._reserving -= 1
+            late = self._abort.is_set()
+            if late:
+                # Shutdown finished while this batch was being written: it was
+                # accepted, so it follows the leftover rule (disk or counted).
+                self._release_locked(batch)
+            else:
+                self._pending.append(batch)
+            self._publish_size_locked()
+            self._cond.notify_all()
+        if late:
+            self._abandon(batch)
+        return True
+
+    def size(self) -> int:
+        """Batches held: waiting, being exported, or being accepted right now."""
+        with self._cond:
+            return self._held_batches
+
+    def shutdown(self, timeout_s: float = 10.0) -> bool:
+        """Stop accepting, keep exporting until empty or ``timeout_s``, then stop.
+
+        What is left at the deadline stays on disk when persistence is on (to be
+        sent on the next start); otherwise it is counted as dropped
+        (``reason="shutdown"``). The exporter is shut down last.
+
+        Returns:
+            True if everything was delivered or dealt with before the deadline.
+        """
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        with self._cond:
+            self._closing = True
+            self._deadline = deadline
+            self._cond.notify_all()
+        for t in self._workers:
+            t.join(max(0.0, deadline - time.monotonic()))
+        workers_done = not any(t.is_alive() for t in self._workers)
+        with self._cond:
+            self._abort.set()
+            self._cond.notify_all()
+            leftovers = list(self._pending)
+            self._pending.clear()
+            for b in leftovers:
+                self._release_locked(b)
+            self._publish_size_locked()
+        drained = workers_done and not leftovers
+        for b in leftovers:
+            self._abandon(b)
+        try:
+            # Closing the transport also cancels an attempt still in flight, so
+            # a worker blocked in export() returns promptly.
+            self.exporter.shutdown()
+        except Exception:  # noqa: BLE001 - shutdown must always finish
+            logger.exception("queue %s: exporter shutdown failed", self.name)
+        for t in self._workers:
+            t.join(1.0)
+        return drained
+
+    # -- workers ------------------------------------------------------------
+
+    def _worker(self) -> None:
+        while True:
+            with self._cond:
+                # While closing, wait for batches still being written by enqueue
+                # so a drain does not miss them.
+                while not self._pending and not self._abort.is_set() and (
+                        not self._closing or self._reserving):
+                    self._cond.wait()
+                if self._abort.is_set() or not self._pending:
+                    return
+                batch = self._pending.popleft()
+            done = False
+            try:
+                done = self._deliver(batch)
+            finally:
+                with self._cond:
+                    self._release_locked(batch)
+                    self._publish_size_locked()
+                    self._cond.notify_all()
+                if not done:
+                    self._abandon(batch)
+
+    def _deliver(self, batch: _Batch) -> bool:
+        """Export one batch until it is delivered or its loss counted.
+
+        Returns:
+            False only when shutdown cut it short (the batch is then unfinished).
+        """
+        first = time.monotonic()
+        backoff = self.initial_backoff_s
+        while True:
+            try:
+                outcome = self.exporter.export(batch.payload, batch.span_count)
+            except Exception as exc:  # noqa: BLE001 - a transport bug must not kill the worker
+                logger.exception("queue %s: exporter raised", self.name)
+                outcome = ExportOutcome(ExportResult.RETRYABLE, None, f"exporter raised: {exc!r}")
+            if outcome.result is ExportResult.SUCCESS:
+                self._count_success(batch, outcome)
+                return True
+            if outcome.result is ExportResult.FAILED:
+                logger.warning("queue %s: %d spans rejected, not retried: %s", self.name,
+                               batch.span_count, outcome.message)
+                self._finish_dropped(batch, REASON_REJECTED, outcome="failed")
+                return True
+            delay = min(backoff, self.max_backoff_s) * self._rng.uniform(1 - _JITTER, 1 + _JITTER)
+            if outcome.retry_after_s is not None and outcome.retry_after_s > delay:
+                delay = outcome.retry_after_s
+            backoff = min(backoff * _BACKOFF_MULTIPLIER, self.max_backoff_s)
+            now = time.monotonic()
+            if now + delay - first > self.max_elapsed_s:
+                logger.warning("queue %s: giving up on %d spans after %.1fs: %s", self.name,
+                               batch.span_count, now - first, outcome.message)
+                self._finish_dropped(batch, REASON_RETRY_EXHAUSTED, outcome="failed")
+                return True
+            logger.debug("queue %s: retrying in %.3fs: %s", self.name, delay, outcome.message)
+            with self._cond:
+                deadline = self._deadline if self._closing else None
+            if deadline is not None and now + delay > deadline:
+                # Draining: waiting beyond the deadline is pointless; wait for the
+                # abort instead so shutdown is not held up.
+                delay = max(0.0, deadline - now) + 1.0
+            if self._abort.wait(delay):
+                return False
+
+    # -- accounting ---------------------------------------------------------
+
+    def _release_locked(self, batch: _Batch) -> None:
+        self._held_batches -= 1
+        self._held_bytes -= len(batch.payload)
+
+    def _abandon(self, batch: _Batch) -> None:
+        """A batch left unfinished at shutdown: kept on disk, or counted as lost."""
+        if batch.key is None:
+            self._count_drop(batch.span_count, REASON_SHUTDOWN)
+
+    def _count_success(self, batch: _Batch, outcome: ExportOutcome) -> None:
+        rejected = min(max(outcome.rejected_spans, 0), batch.span_count)
+        accepted = batch.span_count - rejected
+        if accepted:
+            self.stats.inc("spans_exported_total", (self._exporter_label, "success"), accepted)
+        if rejected:
+            logger.warning("queue %s: backend rejected %d of %d spans: %s", self.name, rejected,
+                           batch.span_count, outcome.message)
+            self.stats.inc("spans_exported_total", (self._exporter_label, "failed"), rejected)
+            self.stats.inc("spans_dropped_total", (REASON_REJECTED_BY_BACKEND,), rejected)
+        self._forget(batch)
+
+    def _finish_dropped(self, batch: _Batch, reason: str, *, outcome: str) -> None:
+        self.stats.inc("spans_exported_total", (self._exporter_label, outcome), batch.span_count)
+        self.stats.inc("spans_dropped_total", (reason,), batch.span_count)
+        self._forget(batch)
+
+    def _forget(self, batch: _Batch) -> None:
+        if batch.key is not None and self.spool is not None:
+            try:
+                self.spool.remove(batch.key)
+            except OSError as exc:
+                # Worst case the batch is sent again after a restart (at-least-once).
+                logger.error("queue %s: cannot remove %s: %s", self.name, batch.key, exc)
+
+    def _count_drop(self, span_count: int, reason: str) -> None:
+        self.stats.inc("spans_exported_total", (self._exporter_label, "dropped"), span_count)
+        self.stats.inc("spans_dropped_total", (reason,), span_count)
+
+    def _count_quarantine(self, key: str, reason: str) -> None:
+        self.stats.inc("queue_files_quarantined_total", (self.name,))
+
+    def _publish_size(self) -> None:
+        with self._cond:
+            self._publish_size_locked()
+
+    def _publish_size_locked(self) -> None:
+        self.stats.set_gauge("queue_size", (self.name,), float(self._held_batches))

@@ -1,0 +1,1 @@
+"""The per-thread stall timeline and the join of a span's window with it."""

@@ -1,0 +1,1 @@
+"""Who sent a span: connection peer → process → cgroup → container → pod, and Kubernetes pod metadata."""

@@ -1,0 +1,903 @@
+"""Prometheus exporter: the ``isoscope_*`` metrics of DESIGN §4 over HTTP.
+
+The exporter keeps its own metric state (plain dicts under one lock) and turns
+it into metric families at scrape time through a custom collector registered in
+a private ``CollectorRegistry``. Owning the state, rather than using
+``prometheus_client``'s metric objects, is what makes the per-metric label
+cardinality cap exact and lets a workload's series be forgotten when it goes
+away; it also avoids the ``_created`` series the client library would add.
+
+Self-telemetry (spans received / enriched / exported / dropped, lost kernel
+events, probe and queue gauges) is read from the shared
+:class:`isoscope.model.Stats` at scrape time, so no pipeline stage needs to
+import this module.
+
+Exemplars (trace ids on ``isoscope_span_layer_seconds``) only exist in the
+OpenMetrics exposition; ``/metrics`` serves OpenMetrics when the scraper's
+``Accept`` header asks for it and the classic text format otherwise.
+"""
+
+from __future__ import annotations
+
+import bisect
+import gzip
+import importlib.metadata
+import json
+import logging
+import platform
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.samples import Exemplar
+from prometheus_client.utils import floatToGoString
+
+from isoscope.model import COMPONENT_LAYER, LAYERS, Breakdown, Stall, Stats
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "isoscope_"
+OTHER = "other"
+"""Label value that replaces values beyond the cardinality cap (and unknown vocabulary)."""
+
+DEFAULT_SPAN_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+"""Buckets (seconds) of ``isoscope_span_layer_seconds``: stall time per span, 100 µs … 10 s."""
+
+DEFAULT_RATIO_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
+)
+"""Buckets of ``isoscope_span_overhead_ratio``; they include the DESIGN §1 budget edges
+(1 %, 3 %, 5 %, 15 %) so a budget comparison never falls inside a bucket."""
+
+DEFAULT_LOG2_LE_EXPONENTS: tuple[int, ...] = tuple(range(10, 35, 2))
+"""Upper bounds, as powers of two nanoseconds (2^10 ns ≈ 1 µs … 2^34 ns ≈ 17 s), of the
+buckets kernel log2 histograms are re-binned into. A fixed set keeps the bucket layout
+stable across scrapes, which ``histogram_quantile`` over ``rate`` needs."""
+
+
+class ReadyCheck(Protocol):
+    """``/readyz`` callback: ``(ready, reason)``."""
+
+    def __call__(self) -> tuple[bool, str]: ...
+
+
+class MetricSink(Protocol):
+    """Receives every recorded increment/observation (after the cardinality cap).
+
+    Used to mirror the metrics into another system (see :class:`OtlpMetricsExporter`).
+    Called outside the exporter's lock; names are the Prometheus family names.
+    """
+
+    def histogram(self, name: str, value: float, attributes: Mapping[str, str]) -> None:
+        """One histogram observation."""
+        ...
+
+    def counter(self, name: str, value: float, attributes: Mapping[str, str]) -> None:
+        """One counter increment."""
+        ...
+
+
+# ---------------------------------------------------------------------------
+# Metric definitions
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class MetricSpec:
+    """Static description of one exported metric.
+
+    Attributes:
+        name: full name without the ``_total`` suffix for counters.
+        kind: ``"counter"``, ``"gauge"`` or ``"histogram"``.
+        help: HELP text.
+        labels: label names, in order.
+        free: labels whose values are open-ended (folded to ``other`` past the cap);
+            the remaining labels come from a fixed vocabulary.
+    """
+
+    name: str
+    kind: str
+    help: str
+    labels: tuple[str, ...]
+    free: frozenset[str] = frozenset()
+
+
+_WORKLOAD = ("namespace", "pod", "container")
+
+LAYER_STALL = MetricSpec(
+    PREFIX + "layer_stall_seconds", "counter",
+    "Time threads were held back by an isolation layer component, per workload.",
+    ("layer", "component") + _WORKLOAD, frozenset(_WORKLOAD))
+SPAN_LAYER = MetricSpec(
+    PREFIX + "span_layer_seconds", "histogram",
+    "Stall time per span and component (observed for spans that had any), with trace-id exemplars.",
+    ("service", "layer", "component"), frozenset({"service"}))
+SPAN_OVERHEAD = MetricSpec(
+    PREFIX + "span_overhead_ratio", "histogram",
+    "Share of a span's duration stolen by one isolation layer (observed for every span, zeros included).",
+    ("service", "layer"), frozenset({"service"}))
+KVM_EXITS = MetricSpec(
+    PREFIX + "kvm_exits", "counter", "KVM exits seen on this host, by exit reason and VM.",
+    ("reason", "layer", "vm"), frozenset({"reason", "vm"}))
+KVM_EXIT_SECONDS = MetricSpec(
+    PREFIX + "kvm_exit_seconds", "counter", "Time vCPUs spent outside the guest handling KVM exits.",
+    ("reason", "layer", "vm"), frozenset({"reason", "vm"}))
+STEAL = MetricSpec(
+    PREFIX + "steal_seconds", "counter", "Time the hypervisor ran something else while this vCPU wanted to run.",
+    ("cpu",), frozenset({"cpu"}))
+RUNQUEUE = MetricSpec(
+    PREFIX + "runqueue_latency_seconds", "histogram",
+    "Time runnable threads waited for a CPU (from the kernel log2 histogram).",
+    _WORKLOAD, frozenset(_WORKLOAD))
+SYSCALL = MetricSpec(
+    PREFIX + "syscall_latency_seconds", "histogram",
+    "Time threads were blocked in syscalls, by class (from the kernel log2 histogram).",
+    ("class",) + _WORKLOAD, frozenset(_WORKLOAD))
+LABEL_OVERFLOW = MetricSpec(
+    PREFIX + "label_overflow", "counter",
+    "Observations whose label values were folded into 'other' by the cardinality cap.",
+    ("metric",))
+
+LOG2_HISTOGRAMS: Mapping[str, MetricSpec] = {RUNQUEUE.name: RUNQUEUE, SYSCALL.name: SYSCALL}
+
+SYSCALL_CLASSES: frozenset[str] = frozenset({"net", "file", "lock", "sleep", OTHER})
+
+STATS_COUNTERS: Mapping[str, tuple[str, tuple[str, ...]]] = {
+    "spans_received_total": ("Spans received, by OTLP protocol.", ("protocol",)),
+    "spans_enriched_total": ("Spans enriched, by matching scope.", ("scope",)),
+    "spans_exported_total": ("Spans handed to an exporter, by outcome.", ("exporter", "outcome")),
+    "spans_dropped_total": ("Spans dropped, by reason.", ("reason",)),
+    "kernel_events_lost_total": ("Kernel events lost (ring-buffer reserve failures), by probe.", ("probe",)),
+    "enrichment_failures_total": ("Enrichment failures by stage (the span is forwarded unenriched).", ("stage",)),
+    "requests_rejected_total": ("Export requests rejected by a receiver.", ("protocol", "reason")),
+    "queue_files_quarantined_total": ("Unreadable persisted batch files moved to quarantine, by queue.",
+                                      ("queue",)),
+    "clock_steps_total": ("Wall-clock steps detected (the monotonic offset was re-measured).", ()),
+    "config_reloads_total": ("Configuration reloads applied (SIGHUP).", ()),
+    "config_reload_failures_total": ("Configuration reloads refused (the running configuration was kept).", ()),
+    "kubernetes_api_errors_total": ("Kubernetes API errors by operation.", ("operation",)),
+}
+"""Self-telemetry counters read from :class:`Stats` (names as stages write them)."""
+
+STATS_GAUGES: Mapping[str, tuple[str, tuple[str, ...]]] = {
+    "probe_attached": ("1 when the probe is attached, 0 when not.", ("probe",)),
+    "queue_size": ("Items waiting in a pipeline queue.", ("queue",)),
+}
+"""Self-telemetry gauges read from :class:`Stats`."""
+
+
+# ---------------------------------------------------------------------------
+# Cardinality cap
+# ---------------------------------------------------------------------------
+
+class CardinalityCap:
+    """Bounds the distinct label-value sets of one metric.
+
+    The ``limit`` slots are split in two: regular slots for label sets as given,
+    and a small reserve for overflow sets. Past the regular slots, the open-ended
+    labels of a new set are replaced by ``other`` while the fixed-vocabulary ones
+    (layer, component, class) are kept, so the overflow stays informative; the
+    last reserve slot is kept for the all-``other`` set. The number of sets
+    therefore never exceeds ``limit``.
+
+    Args:
+        spec: the metric.
+        limit: maximum distinct label-value sets (>= 2).
+    """
+
+    def __init__(self, spec: MetricSpec, limit: int) -> None:
+        if limit < 2:
+            raise ValueError("max_label_values must be >= 2")
+        self.spec = spec
+        self.limit = limit
+        # Enough overflow sets for every layer × component combination at realistic caps.
+        self.reserve = max(1, min(limit // 4, 32))
+        self._regular: set[tuple[str, ...]] = set()
+        self._overflow: set[tuple[str, ...]] = set()
+        self._free_idx = frozenset(i for i, n in enumerate(spec.labels) if n in spec.free)
+        self._all_other = (OTHER,) * len(spec.labels)
+
+    def admit(self, values: tuple[str, ...]) -> tuple[tuple[str, ...], bool]:
+        """Map ``values`` to the label set to record under.
+
+        Returns:
+            ``(label_values, overflowed)``.
+        """
+        if values in self._regular:
+            return values, False
+        if len(self._regular) < self.limit - self.reserve:
+            self._regular.add(values)
+            return values, False
+        folded = tuple(OTHER if i in self._free_idx else v for i, v in enumerate(values))
+        overflow = self._overflow
+        if folded not in overflow:
+            if len(overflow) < self.reserve - 1:
+                overflow.add(folded)
+            else:
+                folded = self._all_other
+                overflow.add(folded)
+        return folded, True
+
+    def forget(self, values: tuple[str, ...]) -> None:
+        """Free the slot of a label set that is no longer exported."""
+        self._regular.discard(values)
+
+    def __len__(self) -> int:
+        return len(self._regular) + len(self._overflow)
+
+
+# ---------------------------------------------------------------------------
+# Series state
+# ---------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class _Histogram:
+    """One histogram series: per-bucket (non-cumulative) counts, sum, last exemplar per bucket."""
+
+    counts: list[int]
+    sum: float = 0.0
+    exemplars: list[Exemplar | None] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Log2Histogram:
+    """A kernel log2 histogram mirrored as cumulative buckets."""
+
+    cumulative: list[int]
+    count: int
+    sum: float | None
+
+
+def log2_to_cumulative(slot_counts: Mapping[int, int], le_exponents: Sequence[int]) -> tuple[list[int], int]:
+    """Re-bin a kernel log2 histogram into cumulative ``le`` buckets.
+
+    Slot ``k`` counts values in ``[2^k, 2^(k+1))`` ns, so all of it is ``<= 2^(k+1)`` ns and
+    it belongs to every bucket whose bound ``2^e`` has ``e >= k + 1``.
+
+    Args:
+        slot_counts: slot index → count.
+        le_exponents: ascending exponents ``e`` of the bucket bounds ``2^e`` ns.
+
+    Returns:
+        ``(cumulative counts per bound, total count)``; the total is the ``+Inf`` bucket.
+    """
+    cumulative = [0] * len(le_exponents)
+    total = 0
+    for slot, count in slot_counts.items():
+        if count <= 0:
+            continue
+        total += count
+        # First bound that holds the whole slot: 2^e >= 2^(slot+1).
+        start = bisect.bisect_left(le_exponents, slot + 1)
+        for i in range(start, len(le_exponents)):
+            cumulative[i] += count
+    return cumulative, total
+
+
+# ---------------------------------------------------------------------------
+# The exporter
+# ---------------------------------------------------------------------------
+
+class PrometheusExporter:
+    """Holds isoscope's metrics and serves them to Prometheus.
+
+    Thread-safe: pipeline threads call the ``observe_*``/``add_*``/``set_*``
+    methods while the HTTP server renders scrapes.
+
+    Args:
+        stats: the shared self-telemetry counters, read at scrape time.
+        max_label_values: cap on distinct label-value sets per metric.
+        span_buckets: bucket bounds (seconds) of ``isoscope_span_layer_seconds``.
+        ratio_buckets: bucket bounds of ``isoscope_span_overhead_ratio``.
+        log2_le_exponents: bounds (powers of two ns) for mirrored kernel log2 histograms.
+        version: reported in ``isoscope_build_info``; default: the installed package's version.
+        build_labels: extra ``isoscope_build_info`` labels (e.g. ``{"commit": ...}``).
+        sinks: mirrors of every increment/observation (e.g. an OTLP metrics exporter).
+    """
+
+    def __init__(
+        self,
+        stats: Stats,
+        *,
+        max_label_values: int = 1000,
+        span_buckets: Sequence[float] = DEFAULT_SPAN_BUCKETS,
+        ratio_buckets: Sequence[float] = DEFAULT_RATIO_BUCKETS,
+        log2_le_exponents: Sequence[int] = DEFAULT_LOG2_LE_EXPONENTS,
+        version: str | None = None,
+        build_labels: Mapping[str, str] | None = None,
+        sinks: Sequence[MetricSink] = (),
+    ) -> None:
+        self._stats = stats
+        self._sinks: list[MetricSink] = list(sinks)
+        self._lock = threading.Lock()
+        self._span_bounds = tuple(sorted(float(b) for b in span_buckets))
+        self._ratio_bounds = tuple(sorted(float(b) for b in ratio_buckets))
+        self._log2_exps = tuple(sorted(int(e) for e in log2_le_exponents))
+        self._caps = {s.name: CardinalityCap(s, max_label_values)
+                      for s in (LAYER_STALL, SPAN_LAYER, SPAN_OVERHEAD, KVM_EXITS, KVM_EXIT_SECONDS,
+                                STEAL, RUNQUEUE, SYSCALL)}
+        self._counters: dict[str, dict[tuple[str, ...], float]] = {
+            s.name: {} for s in (LAYER_STALL, KVM_EXITS, KVM_EXIT_SECONDS, STEAL, LABEL_OVERFLOW)}
+        self._histograms: dict[str, dict[tuple[str, ...], _Histogram]] = {
+            SPAN_LAYER.name: {}, SPAN_OVERHEAD.name: {}}
+        self._log2: dict[str, dict[tuple[str, ...], _Log2Histogram]] = {n: {} for n in LOG2_HISTOGRAMS}
+        self._build = {"version": version or _package_version(), "python": platform.python_version(),
+                       "kernel": platform.release(), **dict(build_labels or {})}
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Collector(self))
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def label_cap(self, metric: str) -> CardinalityCap:
+        """The cardinality cap of one metric (full family name)."""
+        return self._caps[metric]
+
+    @property
+    def span_buckets(self) -> tuple[float, ...]:
+        """Bucket bounds (seconds) of ``isoscope_span_layer_seconds``."""
+        return self._span_bounds
+
+    @property
+    def ratio_buckets(self) -> tuple[float, ...]:
+        """Bucket bounds of ``isoscope_span_overhead_ratio``."""
+        return self._ratio_bounds
+
+    @property
+    def build_labels(self) -> dict[str, str]:
+        """The ``isoscope_build_info`` labels (version, python, kernel …)."""
+        return dict(self._build)
+
+    # -- recording ---------------------------------------------------------
+
+    def _admit(self, spec: MetricSpec, values: tuple[str, ...]) -> tuple[str, ...]:
+        # Caller holds the lock.
+        key, overflowed = self._caps[spec.name].admit(values)
+        if overflowed:
+            series = self._counters[LABEL_OVERFLOW.name]
+            series[(spec.name,)] = series.get((spec.name,), 0.0) + 1.0
+        return key
+
+    def _observe(self, spec: MetricSpec, bounds: tuple[float, ...], values: tuple[str, ...],
+                 amount: float, exemplar: Exemplar | None) -> tuple[str, ...]:
+        # Caller holds the lock; returns the label set recorded under.
+        key = self._admit(spec, values)
+        series = self._histograms[spec.name]
+        hist = series.get(key)
+        if hist is None:
+            hist = _Histogram(counts=[0] * (len(bounds) + 1), exemplars=[None] * (len(bounds) + 1))
+            series[key] = hist
+        idx = bisect.bisect_left(bounds, amount)  # first bound >= amount: the `le` bucket
+        hist.counts[idx] += 1
+        hist.sum += amount
+        if exemplar is not None:
+            hist.exemplars[idx] = exemplar
+        return key
+
+    def add_sink(self, sink: MetricSink) -> None:
+        """Mirror every later increment/observation into ``sink``."""
+        self._sinks.append(sink)
+
+    def _emit(self, kind: str, records: list[tuple[MetricSpec, tuple[str, ...], float]]) -> None:
+        # Outside the lock: a sink may take its own locks (the OpenTelemetry SDK does).
+        for sink in self._sinks:
+            for spec, key, amount in records:
+                attrs = dict(zip(spec.labels, key))
+                try:
+                    if kind == "histogram":
+                        sink.histogram(spec.name, amount, attrs)
+                    else:
+                        sink.counter(spec.name, amount, attrs)
+                except Exception:  # a broken mirror must not break the Prometheus path
+                    logger.exception("metric sink %r failed", sink)
+
+    def observe_span(self, service: str, breakdown: Breakdown, trace_id_hex: str,
+                     layers: Iterable[str] | None = None) -> None:
+        """Record one enriched span.
+
+        Observes ``isoscope_span_layer_seconds`` once per component with stall time
+        (with a ``trace_id`` exemplar) and ``isoscope_span_overhead_ratio`` once per
+        isolation layer, zeros included, so ``_sum / _count`` is the mean share a
+        layer takes of a request.
+
+        Args:
+            service: the span's ``service.name``.
+            breakdown: the attribution result for the span.
+            trace_id_hex: 32 hex digits, attached as exemplar so a bucket links to a trace.
+            layers: isolation layers present under the span's workload; ratios are
+                observed for these (plus any layer with stall time). ``None`` means all.
+        """
+        service = service or "unknown"
+        now = time.time()
+        duration = breakdown.duration_ns
+        exemplar_labels = {"trace_id": trace_id_hex} if trace_id_hex else None
+        per_layer = breakdown.layer_ns()
+        wanted = set(LAYERS) if layers is None else {layer for layer in layers if layer in LAYERS}
+        wanted.update(layer for layer in LAYERS if per_layer[layer] > 0)
+        records: list[tuple[MetricSpec, tuple[str, ...], float]] = []
+        with self._lock:
+            for comp, ns in breakdown.component_ns.items():
+                if ns <= 0:
+                    continue
+                layer = COMPONENT_LAYER.get(comp)
+                if layer is None:
+                    layer, comp = OTHER, OTHER
+                seconds = ns / 1e9
+                ex = Exemplar(exemplar_labels, seconds, now) if exemplar_labels else None
+                key = self._observe(SPAN_LAYER, self._span_bounds, (service, layer, comp), seconds, ex)
+                records.append((SPAN_LAYER, key, seconds))
+            if duration > 0:
+                for layer in LAYERS:
+                    if layer in wanted:
+                        ratio = per_layer[layer] / duration
+                        key = self._observe(SPAN_OVERHEAD, self._ratio_bounds, (service, layer), ratio, None)
+                        records.append((SPAN_OVERHEAD, key, ratio))
+        if self._sinks:
+            self._emit("histogram", records)
+
+    def add_stall(self, stall: Stall, namespace: str, pod: str, container: str) -> None:
+        """Add one stall's duration to ``isoscope_layer_stall_seconds_total``.
+
+        Args:
+            stall: the stall (its component gives layer and component labels).
+            namespace: Kubernetes namespace ("" when not in a pod).
+            pod: pod name ("" when not in a pod).
+            container: container name ("" when not in a container).
+        """
+        self.add_stall_ns(stall.component, stall.duration_ns, namespace, pod, container)
+
+    def add_stall_ns(self, component: str, ns: int, namespace: str, pod: str, container: str) -> None:
+        """Add aggregated stall time of one component (e.g. a per-cgroup timeline aggregate).
+
+        Args:
+            component: one of ``isoscope.model.COMPONENTS``.
+            ns: nanoseconds to add (ignored when <= 0).
+            namespace: Kubernetes namespace.
+            pod: pod name.
+            container: container name.
+        """
+        if ns <= 0:
+            return
+        layer = COMPONENT_LAYER.get(component)
+        if layer is None:
+            layer, component = OTHER, OTHER
+        self._inc(LAYER_STALL, (layer, component, namespace, pod, container), ns / 1e9)
+
+    def add_kvm_exits(self, reason: str, layer: str, vm: str, count: int, seconds: float) -> None:
+        """Add KVM exits seen on this host.
+
+        Args:
+            reason: exit reason name (``HLT``, ``EPT_VIOLATION``, ``IO_INSTRUCTION`` …).
+            layer: ``L-0`` (EPT/NPT), ``L-1`` (other non-I/O exits) or ``L-2`` (PIO/MMIO/hypercall).
+            vm: VM identity (VMM process name or id).
+            count: exits to add.
+            seconds: exit handling time to add.
+        """
+        if layer not in LAYERS:
+            layer = OTHER
+        key = (reason, layer, vm)
+        if count > 0:
+            self._inc(KVM_EXITS, key, float(count))
+        if seconds > 0:
+            self._inc(KVM_EXIT_SECONDS, key, float(seconds))
+
+    def set_steal_seconds(self, cpu: int, seconds_total: float) -> None:
+        """Mirror a CPU's cumulative steal time (``/proc/stat``); never lowers the counter.
+
+        Args:
+            cpu: CPU number.
+            seconds_total: steal seconds since boot.
+        """
+        with self._lock:
+            key = self._admit(STEAL, (str(cpu),))
+            series = self._counters[STEAL.name]
+            if seconds_total > series.get(key, 0.0):
+                series[key] = float(seconds_total)
+
+    def set_log2_histogram(self, metric: str, labels: Mapping[str, str], slot_counts: Mapping[int, int],
+                           sum_seconds: float | None) -> None:
+        """Mirror a cumulative kernel log2 histogram (a BPF map) as a Prometheus histogram.
+
+        Args:
+            metric: ``runqueue_latency_seconds`` or ``syscall_latency_seconds`` (prefix optional).
+            labels: all label values of that metric (``namespace``, ``pod``, ``container`` and,
+                for syscalls, ``class``).
+            slot_counts: slot ``k`` → number of values in ``[2^k, 2^(k+1))`` ns, since start.
+            sum_seconds: exact sum of the values if the kernel keeps it; ``None`` omits ``_sum``
+                and ``_count`` (the ``+Inf`` bucket still counts).
+
+        Raises:
+            ValueError: unknown metric or missing labels.
+        """
+        name = metric if metric.startswith(PREFIX) else PREFIX + metric
+        spec = LOG2_HISTOGRAMS.get(name)
+        if spec is None:
+            raise ValueError(f"not a log2 histogram metric: {metric!r}")
+        try:
+            values = tuple(str(labels[n]) for n in spec.labels)
+        except KeyError as exc:
+            raise ValueError(f"{name} needs labels {spec.labels}, missing {exc}") from None
+        if spec is SYSCALL and values[0] not in SYSCALL_CLASSES:
+            values = (OTHER,) + values[1:]
+        cumulative, total = log2_to_cumulative(slot_counts, self._log2_exps)
+        with self._lock:
+            key = self._admit(spec, values)
+            series = self._log2[name]
+            if key != values and key in series:
+                # Folded into `other`: several sources share it, so their counts add up.
+                prev = series[key]
+                cumulative = [a + b for a, b in zip(prev.cumulative, cumulative)]
+                total += prev.count
+                sum_seconds = None if prev.sum is None or sum_seconds is None else prev.sum + sum_seconds
+            series[key] = _Log2Histogram(cumulative, total, sum_seconds)
+
+    def forget_workload(self, namespace: str, pod: str, container: str) -> int:
+        """Drop every series of a workload that went away, freeing its cardinality slots.
+
+        Args:
+            namespace: Kubernetes namespace.
+            pod: pod name.
+            container: container name.
+
+        Returns:
+            The number of series removed.
+        """
+        removed = 0
+        target = (namespace, pod, container)
+        with self._lock:
+            for spec, store in ((LAYER_STALL, self._counters[LAYER_STALL.name]),
+                                (RUNQUEUE, self._log2[RUNQUEUE.name]),
+                                (SYSCALL, self._log2[SYSCALL.name])):
+                for key in [k for k in store if k[-3:] == target]:
+                    del store[key]
+                    self._caps[spec.name].forget(key)
+                    removed += 1
+        return removed
+
+    def _inc(self, spec: MetricSpec, values: tuple[str, ...], amount: float) -> None:
+        with self._lock:
+            key = self._admit(spec, values)
+            series = self._counters[spec.name]
+            series[key] = series.get(key, 0.0) + amount
+        if self._sinks:
+            self._emit("counter", [(spec, key, amount)])
+
+    def counter_values(self, metric: str) -> dict[tuple[str, ...], float]:
+        """A copy of one counter's current values by label set (full family name)."""
+        with self._lock:
+            return dict(self._counters[metric])
+
+    def series_count(self, metric: str) -> int:
+        """Distinct label-value sets currently held for ``metric`` (full name)."""
+        with self._lock:
+            for store in (self._counters, self._histograms, self._log2):
+                if metric in store:
+                    return len(store[metric])
+        raise KeyError(metric)
+
+    # -- exposition --------------------------------------------------------
+
+    def collect(self) -> Iterator[Metric]:
+        """Build every metric family from the current state (called at scrape time)."""
+        with self._lock:
+            counters = {n: dict(s) for n, s in self._counters.items()}
+            histograms = {n: {k: (list(h.counts), h.sum, list(h.exemplars)) for k, h in s.items()}
+                          for n, s in self._histograms.items()}
+            log2 = {n: dict(s) for n, s in self._log2.items()}
+        for spec in (LAYER_STALL, KVM_EXITS, KVM_EXIT_SECONDS, STEAL, LABEL_OVERFLOW):
+            fam = CounterMetricFamily(spec.name, spec.help, labels=spec.labels)
+            for key, value in sorted(counters[spec.name].items()):
+                fam.add_metric(list(key), value)
+            yield fam
+        for spec, bounds in ((SPAN_LAYER, self._span_bounds), (SPAN_OVERHEAD, self._ratio_bounds)):
+            les = [floatToGoString(b) for b in bounds] + ["+Inf"]
+            fam = HistogramMetricFamily(spec.name, spec.help, labels=spec.labels)
+            for key, (counts, total, exemplars) in sorted(histograms[spec.name].items()):
+                running = 0
+                buckets: list[Any] = []
+                for le, count, ex in zip(les, counts, exemplars):
+                    running += count
+                    buckets.append((le, running, ex) if ex is not None else (le, running))
+                fam.add_metric(list(key), buckets, total)
+            yield fam
+        log2_les = [floatToGoString(2.0 ** e / 1e9) for e in self._log2_exps] + ["+Inf"]
+        for name, spec in LOG2_HISTOGRAMS.items():
+            fam = HistogramMetricFamily(spec.name, spec.help, labels=spec.labels)
+            for key, h in sorted(log2[name].items()):
+                buckets = list(zip(log2_les, h.cumulative + [h.count]))
+                # Without a kernel-kept sum both _sum and _count are left out (OpenMetrics
+                # requires them together); the +Inf bucket still carries the count.
+                fam.add_metric(list(key), buckets, h.sum)
+            yield fam
+        yield from self._collect_stats()
+        info = GaugeMetricFamily(PREFIX + "build_info", "isoscope build information (value is always 1).",
+                                 labels=list(self._build))
+        info.add_metric(list(self._build.values()), 1.0)
+        yield info
+
+    def _collect_stats(self) -> Iterator[Metric]:
+        counters, gauges = self._stats.snapshot()
+        for name, (doc, labelnames) in STATS_COUNTERS.items():
+            fam = CounterMetricFamily(PREFIX + name, doc, labels=labelnames)
+            for key, value in sorted(counters.get(name, {}).items()):
+                if len(key) == len(labelnames):
+                    fam.add_metric(list(key), value)
+                else:
+                    logger.debug("stats counter %s has labels %r, expected %r", name, key, labelnames)
+            yield fam
+        for name, (doc, labelnames) in STATS_GAUGES.items():
+            fam = GaugeMetricFamily(PREFIX + name, doc, labels=labelnames)
+            for key, value in sorted(gauges.get(name, {}).items()):
+                if len(key) == len(labelnames):
+                    fam.add_metric(list(key), value)
+            yield fam
+
+    def render(self, openmetrics: bool) -> tuple[bytes, str]:
+        """Render all metrics.
+
+        Args:
+            openmetrics: OpenMetrics 1.0 (with exemplars) instead of the classic text format.
+
+        Returns:
+            ``(body, content_type)``.
+        """
+        accept = "application/openmetrics-text; version=1.0.0" if openmetrics else "text/plain"
+        return self.render_for(accept)
+
+    def render_for(self, accept: str) -> tuple[bytes, str]:
+        """Render for an HTTP ``Accept`` header (content negotiation as Prometheus expects)."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+    # -- HTTP --------------------------------------------------------------
+
+    def serve(self, host: str, port: int, ready: ReadyCheck | Callable[[], tuple[bool, str]],
+              status: Callable[[], Mapping[str, Any]] | None = None) -> tuple[str, int]:
+        """Start the HTTP server on a background thread.
+
+        Endpoints: ``/metrics``, ``/healthz`` (200 while the server runs), ``/readyz``
+        (200 or 503 with the reason from ``ready``), ``/debug/status`` (JSON from
+        ``status``, 404 when not given).
+
+        Args:
+            host: listen address.
+            port: listen port (0 picks a free one).
+            ready: readiness callback.
+            status: optional debug status callback.
+
+        Returns:
+            The bound ``(host, port)``.
+        """
+        if self._server is not None:
+            raise RuntimeError("already serving")
+        handler = _make_handler(self, ready, status)
+        server = ThreadingHTTPServer((host, port), handler)
+        server.daemon_threads = True
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="isoscope-metrics", daemon=True)
+        self._thread.start()
+        bound = server.server_address
+        logger.info("metrics listening on http://%s:%d/metrics", bound[0], bound[1])
+        return str(bound[0]), int(bound[1])
+
+    def shutdown(self) -> None:
+        """Stop the HTTP server (idempotent)."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("isoscope")
+    except importlib.metadata.PackageNotFoundError:  # running from a checkout that is not installed
+        return "0.0.0+unknown"
+
+
+class _Collector:
+    """Adapter registering the exporter's state with a ``CollectorRegistry``."""
+
+    def __init__(self, exporter: PrometheusExporter) -> None:
+        self._exporter = exporter
+
+    def collect(self) -> Iterable[Metric]:
+        return self._exporter.collect()
+
+
+def _make_handler(exporter: PrometheusExporter, ready: Callable[[], tuple[bool, str]],
+                  status: Callable[[], Mapping[str, Any]] | None) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+            path = self.path.split("?", 1)[0]
+            try:
+                if path == "/metrics":
+                    body, ctype = exporter.render_for(self.headers.get("Accept", ""))
+                    self._send(200, body, ctype)
+                elif path == "/healthz":
+                    self._send(200, b"ok\n", "text/plain; charset=utf-8")
+                elif path == "/readyz":
+                    try:
+                        ok, reason = ready()
+                    except Exception as exc:  # a broken check means "not ready", never a crash
+                        logger.exception("readiness check failed")
+                        ok, reason = False, f"readiness check failed: {exc}"
+                    text = (reason or ("ready" if ok else "not ready")) + "\n"
+                    self._send(200 if ok else 503, text.encode(), "text/plain; charset=utf-8")
+                elif path == "/debug/status" and status is not None:
+                    body = json.dumps(status(), default=str, indent=2).encode()
+                    self._send(200, body, "application/json")
+                else:
+                    self._send(404, b"not found\n", "text/plain; charset=utf-8")
+            except Exception:
+                logger.exception("error serving %s", path)
+                self._send(500, b"internal error\n", "text/plain; charset=utf-8")
+
+        def _send(self, code: int, body: bytes, ctype: str) -> None:
+            if len(body) > 1024 and "gzip" in self.headers.get("Accept-Encoding", ""):
+                body = gzip.compress(body, compresslevel=1)
+                encoding: str | None = "gzip"
+            else:
+                encoding = None
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            if encoding:
+                self.send_header("Content-Encoding", encoding)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
+            logger.debug("%s - " + format, self.address_string(), *args)
+
+    return Handler
+
+
+# ---------------------------------------------------------------------------
+# OTLP metrics (for users without Prometheus)
+# ---------------------------------------------------------------------------
+
+def otlp_metric_name(prom_name: str) -> str:
+    """``isoscope_layer_stall_seconds`` → ``isoscope.layer_stall_seconds`` (``_total`` dropped)."""
+    name = prom_name.removesuffix("_total")
+    return "isoscope." + name.removeprefix(PREFIX)
+
+
+def _unit(prom_name: str) -> str:
+    if prom_name.removesuffix("_total").endswith("_seconds"):
+        return "s"
+    return "1"
+
+
+class OtlpMetricsExporter:
+    """Pushes the same metrics over OTLP through the OpenTelemetry SDK's ``MeterProvider``.
+
+    Histograms and incremented counters are mirrored as they are recorded (the
+    exporter calls this object as a :class:`MetricSink`, after its cardinality cap);
+    mirrored counters (steal, label overflow) and the :class:`Stats` self-telemetry
+    are observable instruments read at each export. The kernel log2 histograms
+    (run-queue and syscall latency) are Prometheus-only: the OpenTelemetry API has
+    no instrument for a histogram whose cumulative state is owned elsewhere.
+    Exemplars are not sent over OTLP.
+
+    Metric names use dots (``isoscope.span_layer_seconds``); see :func:`otlp_metric_name`.
+    Needs the ``opentelemetry-exporter-otlp`` package.
+
+    Args:
+        exporter: the Prometheus exporter whose recordings are mirrored.
+        stats: the shared self-telemetry counters.
+        endpoint: ``grpc://host:port`` (OTLP/gRPC, plaintext), ``http(s)://host:port``
+            (OTLP/HTTP, ``/v1/metrics`` appended unless a path is given).
+        interval_s: export interval.
+        resource_attributes: extra resource attributes (``host.name``, ``k8s.node.name`` …).
+    """
+
+    def __init__(self, exporter: PrometheusExporter, stats: Stats, endpoint: str, *,
+                 interval_s: float = 15.0, resource_attributes: Mapping[str, str] | None = None) -> None:
+        from opentelemetry.metrics import CallbackOptions, Observation
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+        from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+        from opentelemetry.sdk.resources import Resource
+
+        self._stats = stats
+        self._exporter = exporter
+        reader = PeriodicExportingMetricReader(_otlp_metric_exporter(endpoint),
+                                               export_interval_millis=interval_s * 1000)
+        views = [
+            View(instrument_name=otlp_metric_name(SPAN_LAYER.name),
+                 aggregation=ExplicitBucketHistogramAggregation(boundaries=exporter.span_buckets)),
+            View(instrument_name=otlp_metric_name(SPAN_OVERHEAD.name),
+                 aggregation=ExplicitBucketHistogramAggregation(boundaries=exporter.ratio_buckets)),
+        ]
+        build = exporter.build_labels
+        resource = Resource.create({"service.name": "isoscope", "service.version": build.get("version", ""),
+                                    "os.version": build.get("kernel", ""), **dict(resource_attributes or {})})
+        self._provider = MeterProvider(resource=resource, metric_readers=[reader], views=views)
+        meter = self._provider.get_meter("isoscope", build.get("version"))
+        self._histograms = {spec.name: meter.create_histogram(otlp_metric_name(spec.name), _unit(spec.name),
+                                                              spec.help)
+                            for spec in (SPAN_LAYER, SPAN_OVERHEAD)}
+        self._counters = {spec.name: meter.create_counter(otlp_metric_name(spec.name), _unit(spec.name), spec.help)
+                          for spec in (LAYER_STALL, KVM_EXITS, KVM_EXIT_SECONDS)}
+
+        def mirrored(spec: MetricSpec) -> Callable[[CallbackOptions], Iterable[Observation]]:
+            def callback(_: CallbackOptions) -> Iterable[Observation]:
+                return [Observation(float(v), dict(zip(spec.labels, k)))
+                        for k, v in exporter.counter_values(spec.name).items()]
+            return callback
+
+        for spec in (STEAL, LABEL_OVERFLOW):
+            meter.create_observable_counter(otlp_metric_name(spec.name), [mirrored(spec)], _unit(spec.name), spec.help)
+
+        def from_stats(name: str, labelnames: tuple[str, ...], gauge: bool) -> Callable[[CallbackOptions],
+                                                                                       Iterable[Observation]]:
+            def callback(_: CallbackOptions) -> Iterable[Observation]:
+                counters, gauges = stats.snapshot()
+                series = (gauges if gauge else counters).get(name, {})
+                return [Observation(float(v), dict(zip(labelnames, k))) for k, v in series.items()
+                        if len(k) == len(labelnames)]
+            return callback
+
+        for name, (doc, labelnames) in STATS_COUNTERS.items():
+            meter.create_observable_counter(otlp_metric_name(name), [from_stats(name, labelnames, False)], "1", doc)
+        for name, (doc, labelnames) in STATS_GAUGES.items():
+            meter.create_observable_gauge(otlp_metric_name(name), [from_stats(name, labelnames, True)], "1", doc)
+        exporter.add_sink(self)
+
+    def histogram(self, name: str, value: float, attributes: Mapping[str, str]) -> None:
+        """Mirror one histogram observation (called by the exporter)."""
+        instrument = self._histograms.get(name)
+        if instrument is not None:
+            instrument.record(value, dict(attributes))
+
+    def counter(self, name: str, value: float, attributes: Mapping[str, str]) -> None:
+        """Mirror one counter increment (called by the exporter)."""
+        instrument = self._counters.get(name)
+        if instrument is not None:
+            instrument.add(value, dict(attributes))
+
+    def force_flush(self, timeout_s: float = 10.0) -> bool:
+        """Export now; True when the export finished in time."""
+        return bool(self._provider.force_flush(timeout_millis=int(timeout_s * 1000)))
+
+    def shutdown(self) -> None:
+        """Export what is left and stop the periodic export."""
+        self._provider.shutdown()
+
+
+def _otlp_metric_exporter(endpoint: str) -> Any:
+    """An OTLP metric exporter for ``grpc://host:port`` or ``http(s)://host:port[/path]``."""
+    if endpoint.startswith("grpc://"):
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
+        return GrpcExporter(endpoint=endpoint.removeprefix("grpc://"), insecure=True)
+    if endpoint.startswith(("http://", "https://")):
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
+        rest = endpoint.partition("://")[2]
+        url = endpoint if "/" in rest else endpoint.rstrip("/") + "/v1/metrics"
+        return HttpExporter(endpoint=url)
+    raise ValueError(f"OTLP metrics endpoint must start with grpc://, http:// or https://: {endpoint!r}")
+
+
+__all__ = [
+    "PrometheusExporter", "OtlpMetricsExporter", "MetricSink", "otlp_metric_name", "CardinalityCap", "MetricSpec", "log2_to_cumulative",
+    "DEFAULT_SPAN_BUCKETS", "DEFAULT_RATIO_BUCKETS", "DEFAULT_LOG2_LE_EXPONENTS",
+    "LOG2_HISTOGRAMS", "STATS_COUNTERS", "STATS_GAUGES", "OTHER",
+]

@@ -1,0 +1,237 @@
+"""Write a breakdown onto an OTLP span: the attributes and child spans of the output contract.
+
+Pure functions over protobuf messages (no I/O). Existing attributes are never
+overwritten: an application that already set ``isolation.*`` keeps its values.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from opentelemetry.proto.common.v1.common_pb2 import KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
+
+from isoscope.model import COMPONENT_LAYER, KERNEL, LAYERS, Breakdown, Stall, Workload, component_key, layer_key
+
+SCOPE_NAME = "isoscope"
+SCOPE_VERSION = "0.1.0"
+_LAYER_NS_KEYS = {layer: f"isolation.{layer_key(layer)}.ns" for layer in LAYERS}
+_COMPONENT_NS_KEYS = {c: f"isolation.{layer_key(COMPONENT_LAYER[c])}.{c}.ns" for c in COMPONENT_LAYER
+                      if COMPONENT_LAYER[c] != KERNEL}
+
+
+def _kv_str(key: str, value: str) -> KeyValue:
+    kv = KeyValue(key=key)
+    kv.value.string_value = value
+    return kv
+
+
+def _kv_int(key: str, value: int) -> KeyValue:
+    kv = KeyValue(key=key)
+    kv.value.int_value = value
+    return kv
+
+
+def _kv_double(key: str, value: float) -> KeyValue:
+    kv = KeyValue(key=key)
+    kv.value.double_value = value
+    return kv
+
+
+def _kv_str_array(key: str, values: list[str]) -> KeyValue:
+    kv = KeyValue(key=key)
+    arr = kv.value.array_value
+    for v in values:
+        arr.values.add().string_value = v
+    return kv
+
+
+def workload_attributes(wl: Workload) -> list[KeyValue]:
+    """The attributes that depend only on the workload (the same for all its spans)."""
+    stack = wl.stack
+    return [
+        _kv_str_array("isolation.stack", list(stack.layers) if stack else []),
+        _kv_str("isolation.runtime", stack.runtime if stack else "none"),
+        _kv_str("isolation.hypervisor", stack.hypervisor if stack else "none"),
+        _kv_str("isolation.scope", wl.scope),
+    ]
+
+
+def contract_attributes(bd: Breakdown, wl: Workload, blame_threshold: float,
+                        workload_attrs: list[KeyValue] | None = None) -> list[KeyValue]:
+    """The ``isolation.*`` attributes of DESIGN §4 for one span.
+
+    Args:
+        bd: the span's breakdown.
+        wl: the workload it was matched to.
+        blame_threshold: ``isolation.blame`` is set only at or above this overhead ratio.
+        workload_attrs: :func:`workload_attributes` of ``wl``, when the caller caches them.
+    """
+    attrs = list(workload_attrs) if workload_attrs is not None else workload_attributes(wl)
+    layer_ns = bd.layer_ns()
+    for layer in LAYERS:
+        attrs.append(_kv_int(_LAYER_NS_KEYS[layer], layer_ns[layer]))
+    for comp, ns in bd.component_ns.items():
+        key = _COMPONENT_NS_KEYS.get(comp)
+        if key and ns:
+            attrs.append(_kv_int(key, ns))
+    attrs.append(_kv_int("isolation.kernel.ns", layer_ns[KERNEL]))
+    ratio = bd.overhead_ratio()
+    attrs.append(_kv_double("isolation.overhead.ratio", round(ratio, 6)))
+    dominant = bd.dominant()
+    if dominant and ratio >= blame_threshold and ratio > 0:
+        attrs.append(_kv_str("isolation.blame", component_key(dominant)))
+    attrs.append(_kv_double("isolation.coverage", round(bd.coverage, 4)))
+    return attrs
+
+
+def add_attributes(span: Span, attrs: list[KeyValue], may_conflict: bool = True) -> int:
+    """Append ``attrs`` to ``span`` except keys it already has; returns how many were added.
+
+    Args:
+        span: the span to enrich.
+        attrs: the attributes to add.
+        may_conflict: False when the caller knows no ``isolation.*`` key is present
+            (e.g. the whole request was checked at once), which skips the per-span scan.
+    """
+    existing = None
+    if may_conflict:
+        for kv in span.attributes:
+            if kv.key.startswith("isolation."):
+                existing = {kv.key for kv in span.attributes}
+                break
+    if existing is None:
+        span.attributes.extend(attrs)
+        return len(attrs)
+    added = [kv for kv in attrs if kv.key not in existing]
+    span.attributes.extend(added)
+    return len(added)
+
+
+TOUCHING_GAP_NS = 50_000
+"""Stalls of one component and thread this close together become one child span."""
+
+SAMPLED_GAP_NS: dict[str, int] = {"sandbox": 10_000_000}
+"""Components measured by sampling arrive as one-period stalls interleaved with samples of other
+code (a host call's own syscalls, say): their stalls up to this far apart form one child, whose
+``merged.ns`` is the sampled time and whose interval shows where it fell."""
+
+
+def _merged(group: list[Stall]) -> Stall:
+    first = min(s.start_mono_ns for s in group)
+    last = max(s.end_mono_ns for s in group)
+    # A member that is itself a merged run counts what it merged, not its whole interval.
+    total = sum(int((s.details or {}).get("merged.ns", s.duration_ns)) for s in group)
+    return Stall(group[0].component, first, last, group[0].tid, group[0].pid, group[0].cgroup_id, -1,
+                 {"merged.ns": total})
+
+
+def _coalesce_touching(stalls: list[Stall]) -> list[tuple[Stall, int]]:
+    """Runs of touching stalls of one component and thread, each as (stall, how many it merges)."""
+    out: list[tuple[Stall, int]] = []
+    run: list[Stall] = []
+    run_end = 0
+    for s in sorted(stalls, key=lambda s: (s.component, s.tid, s.start_mono_ns)):
+        gap = SAMPLED_GAP_NS.get(s.component, TOUCHING_GAP_NS)
+        if run and (s.component, s.tid) == (run[-1].component, run[-1].tid) and s.start_mono_ns <= run_end + gap:
+            run.append(s)
+            run_end = max(run_end, s.end_mono_ns)
+            continue
+        if run:
+            out.append((run[0], 1) if len(run) == 1 else (_merged(run), len(run)))
+        run, run_end = [s], s.end_mono_ns
+    if run:
+        out.append((run[0], 1) if len(run) == 1 else (_merged(run), len(run)))
+    return out
+
+
+def _merge_for_children(stalls: list[Stall], min_stall_ns: int, max_children: int) -> list[tuple[Stall, int]]:
+    """Pick the stalls that become child spans; merge touching ones, and the rest per component.
+
+    Returns (stall, merged_count) pairs; merged entries span from the first
+    merged stall's start to the last one's end.
+    """
+    # The kernel baseline is an attribute, not a "held back" interval: no child spans for it.
+    runs = _coalesce_touching([s for s in stalls if COMPONENT_LAYER[s.component] != KERNEL])
+    long = [(s, n) for s, n in runs if s.duration_ns >= min_stall_ns]
+    if len(long) <= max_children:
+        return sorted(long, key=lambda p: p[0].start_mono_ns)
+    long.sort(key=lambda p: p[0].duration_ns, reverse=True)
+    # Reserve one merged child per component present in the tail.
+    keep_n = max_children
+    while keep_n > 0:
+        tail_components = {s.component for s, _ in long[keep_n:]}
+        if keep_n + len(tail_components) <= max_children:
+            break
+        keep_n -= 1
+    kept = long[:keep_n]
+    groups: dict[str, list[tuple[Stall, int]]] = {}
+    for s, n in long[keep_n:]:
+        groups.setdefault(s.component, []).append((s, n))
+    for group in groups.values():
+        kept.append((_merged([s for s, _ in group]), sum(n for _, n in group)))
+    kept = kept[:max_children]
+    kept.sort(key=lambda p: p[0].start_mono_ns)
+    return kept
+
+
+def child_spans(parent: Span, bd: Breakdown, wl: Workload, to_unix: Callable[[int], int], *,
+                min_stall_ns: int, max_children: int, window: tuple[int, int],
+                id_source: Callable[[int], bytes] = os.urandom,
+                cgroup_path: str = "") -> list[Span]:
+    """Child spans for the stalls of a breakdown (DESIGN §4): one per stall ≥ ``min_stall_ns``.
+
+    Args:
+        parent: the enriched span.
+        bd: its breakdown (with the stalls that overlapped its window).
+        wl: the workload the span was matched to.
+        to_unix: CLOCK_MONOTONIC → wall-clock conversion.
+        min_stall_ns: shorter stalls get no child span.
+        max_children: at most this many; the rest are merged per component.
+        window: the span window (monotonic), children are clipped to it.
+    """
+    if max_children <= 0 or not bd.stalls:
+        return []
+    lo, hi = window
+    out = []
+    for stall, merged in _merge_for_children(bd.stalls, min_stall_ns, max_children):
+        a, b = max(stall.start_mono_ns, lo), min(stall.end_mono_ns, hi)
+        if b <= a:
+            continue
+        layer = COMPONENT_LAYER[stall.component]
+        child = Span(trace_id=parent.trace_id, span_id=id_source(8), parent_span_id=parent.span_id,
+                     name=f"isolation {layer} {stall.component}", kind=Span.SPAN_KIND_INTERNAL,
+                     start_time_unix_nano=to_unix(a), end_time_unix_nano=to_unix(b))
+        attrs = [_kv_str("isolation.layer", layer), _kv_str("isolation.component", stall.component),
+                 _kv_int("isolation.stall.ns", b - a), _kv_int("thread.id", stall.tid)]
+        if stall.cpu >= 0:
+            attrs.append(_kv_int("cpu", stall.cpu))
+        if merged > 1:
+            attrs.append(_kv_int("isolation.merged_count", merged))
+        for k, v in (stall.details or {}).items():
+            if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+                continue
+            if isinstance(v, str):
+                attrs.append(_kv_str(k, v))
+            elif isinstance(v, int):
+                attrs.append(_kv_int(k, v))
+            else:
+                attrs.append(_kv_double(k, v))
+        if cgroup_path:
+            attrs.append(_kv_str("cgroup.path", cgroup_path))
+        child.attributes.extend(attrs)
+        out.append(child)
+    return out
+
+
+def isoscope_scope(rs: ResourceSpans, cache: dict[int, Any]) -> ScopeSpans:
+    """The ``isoscope`` ScopeSpans of a ResourceSpans, created on first use."""
+    key = id(rs)
+    ss = cache.get(key)
+    if ss is None:
+        ss = rs.scope_spans.add()
+        ss.scope.name = SCOPE_NAME
+        ss.scope.version = SCOPE_VERSION
+        cache[key] = ss
+    return ss

@@ -1,0 +1,20 @@
+"""OTLP receivers (gRPC and HTTP) with span validation, peer resolution and transport security."""
+
+from isoscope.receivers.otlp.grpc_server import OtlpGrpcReceiver
+from isoscope.receivers.otlp.http_server import OtlpHttpReceiver
+from isoscope.receivers.otlp.limits import (
+    BodyTooLarge,
+    BoundedDecoder,
+    CorruptBody,
+    UnsupportedEncoding,
+    decode_body,
+)
+from isoscope.metadata.peer import PeerResolver
+from isoscope.receivers.otlp.security import ReceiverSecurity, SecurityConfigError
+from isoscope.receivers.otlp.validate import MAX_ANYVALUE_DEPTH, ValidationResult, validate_request
+
+__all__ = [
+    "OtlpGrpcReceiver", "OtlpHttpReceiver", "PeerResolver", "ReceiverSecurity",
+    "SecurityConfigError", "ValidationResult", "validate_request", "MAX_ANYVALUE_DEPTH",
+    "BoundedDecoder", "BodyTooLarge", "CorruptBody", "UnsupportedEncoding", "decode_body",
+]

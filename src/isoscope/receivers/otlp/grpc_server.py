@@ -1,0 +1,166 @@
+"""OTLP/gRPC trace receiver (``opentelemetry.proto.collector.trace.v1.TraceService/Export``).
+
+Conforms to opentelemetry-proto ``docs/specification.md`` "OTLP/gRPC":
+oversized messages get ``RESOURCE_EXHAUSTED`` (enforced by gRPC core before
+the message is buffered), undecodable ones ``INVALID_ARGUMENT``, invalid spans
+a partial success, and backpressure ``UNAVAILABLE`` with a ``RetryInfo``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2
+from google.protobuf.message import DecodeError
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from isoscope.model import Backpressure, Stats, TraceConsumer
+from isoscope.receivers.otlp.ingest import ConsumerFailed, Ingestor, Peer
+from isoscope.receivers.otlp.limits import DEFAULT_MAX_GRPC_MESSAGE_BYTES
+from isoscope.metadata.peer import PeerResolver, split_peer
+from isoscope.receivers.otlp.security import BearerTokenInterceptor, ReceiverSecurity
+
+logger = logging.getLogger(__name__)
+
+SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+METHOD = "Export"
+
+# The OpenTelemetry SDK exporters read the delay from this trailer rather
+# than from the rich status, so both are sent.
+RETRY_INFO_TRAILER = "google.rpc.retryinfo-bin"
+
+
+def _retry_status(message: str, retry_after_s: float) -> grpc.Status:
+    secs = max(retry_after_s, 0.0)
+    delay = duration_pb2.Duration(seconds=int(secs), nanos=int((secs - int(secs)) * 1e9))
+    info = error_details_pb2.RetryInfo(retry_delay=delay)
+    st = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=message)
+    st.details.add().Pack(info)
+    rich = rpc_status.to_status(st)
+    return _Status(rich.code, rich.details, tuple(rich.trailing_metadata) + (
+        (RETRY_INFO_TRAILER, info.SerializeToString()),))
+
+
+class _Status(grpc.Status):
+    """A concrete ``grpc.Status`` (the interface has no public constructor)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, trailing_metadata: tuple) -> None:
+        self.code = code
+        self.details = details
+        self.trailing_metadata = trailing_metadata
+
+
+class OtlpGrpcReceiver:
+    """OTLP/gRPC trace receiver.
+
+    Args:
+        consumer: receives every accepted ``TraceBatch``.
+        stats: shared counters.
+        listen: ``host:port`` to bind (port 0 picks a free port).
+        max_message_bytes: largest accepted (decompressed) message.
+        security: TLS / mTLS / bearer token, or None for plaintext without auth.
+        workers: threads running ``Export`` calls (consume() may block).
+        proc_root: procfs used to resolve loopback peers to pids.
+        resolve_peers: whether to resolve loopback peers to pids at all.
+    """
+
+    def __init__(self, consumer: TraceConsumer, stats: Stats, listen: str = "127.0.0.1:4317", *,
+                 max_message_bytes: int = DEFAULT_MAX_GRPC_MESSAGE_BYTES,
+                 security: ReceiverSecurity | None = None, workers: int = 4,
+                 proc_root: str = "/proc", resolve_peers: bool = True) -> None:
+        self._listen = listen
+        self._max = max_message_bytes
+        self._security = security
+        self._workers = workers
+        self._stats = stats
+        self._ingest = Ingestor(consumer, stats, "grpc",
+                                PeerResolver(proc_root) if resolve_peers else None)
+        self._server: grpc.Server | None = None
+        self._port = 0
+        self._lock = threading.Lock()
+
+    @property
+    def port(self) -> int:
+        """The bound port (after ``start``)."""
+        return self._port
+
+    def start(self) -> str:
+        """Bind and start serving.
+
+        Returns:
+            The bound ``host:port``.
+
+        Raises:
+            RuntimeError: the address cannot be bound.
+        """
+        with self._lock:
+            if self._server is not None:
+                raise RuntimeError("receiver already started")
+            interceptors = []
+            if self._security is not None and self._security.bearer_token is not None:
+                interceptors.append(BearerTokenInterceptor(
+                    self._security, on_reject=lambda: self._ingest.reject("unauthenticated")))
+            server = grpc.server(
+                futures.ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="otlp-grpc"),
+                interceptors=interceptors,
+                options=[
+                    ("grpc.max_receive_message_length", self._max),
+                    ("grpc.max_send_message_length", 1024 * 1024),
+                    # A restarted daemon must not share the port with a stale one.
+                    ("grpc.so_reuseport", 0),
+                ],
+            )
+            # Raw bytes in: decoding here lets a malformed message be answered
+            # with INVALID_ARGUMENT and a message instead of a generic error.
+            handler = grpc.unary_unary_rpc_method_handler(
+                self._export, request_deserializer=None, response_serializer=lambda m: m.SerializeToString())
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler}),))
+            creds = self._security.grpc_credentials() if self._security is not None else None
+            try:
+                if creds is not None:
+                    port = server.add_secure_port(self._listen, creds)
+                else:
+                    port = server.add_insecure_port(self._listen)
+            except RuntimeError as exc:
+                raise RuntimeError(f"cannot listen on {self._listen}: {exc}") from None
+            if port == 0:
+                raise RuntimeError(f"cannot listen on {self._listen}")
+            server.start()
+            self._server = server
+            self._port = port
+            host = self._listen.rsplit(":", 1)[0]
+            addr = f"{host}:{port}"
+            logger.info("OTLP/gRPC receiver listening on %s%s", addr, " (TLS)" if creds else "")
+            return addr
+
+    def shutdown(self, grace_s: float = 5.0) -> None:
+        """Stop accepting calls and wait up to ``grace_s`` for running ones."""
+        with self._lock:
+            server, self._server = self._server, None
+        if server is not None:
+            server.stop(grace_s).wait(grace_s + 1.0)
+
+    def _export(self, raw: bytes, context: grpc.ServicerContext) -> Any:
+        try:
+            request = ExportTraceServiceRequest.FromString(raw)
+        except DecodeError as exc:
+            self._ingest.reject("malformed")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"cannot decode ExportTraceServiceRequest: {exc}")
+        peer = None
+        parsed = split_peer(context.peer() or "")
+        if parsed is not None:
+            peer = Peer(parsed[0], parsed[1], self._port)
+        try:
+            return self._ingest.ingest(request, peer)
+        except Backpressure as bp:
+            context.abort_with_status(_retry_status(str(bp) or "pipeline is full", bp.retry_after_s))
+        except ConsumerFailed as exc:
+            context.abort_with_status(_retry_status(f"trace pipeline failed: {exc}", 1.0))
+        raise AssertionError("unreachable")  # abort raises

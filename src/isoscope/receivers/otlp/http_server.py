@@ -1,0 +1,304 @@
+"""OTLP/HTTP trace receiver (``POST /v1/traces``, binary protobuf or JSON).
+
+Conforms to opentelemetry-proto ``docs/specification.md`` "OTLP/HTTP":
+responses use the request's ``Content-Type``; errors carry a
+``google.rpc.Status`` body; the body limit applies after decompression (413);
+bad data is 400; backpressure is 503 with ``Retry-After``.
+
+The server is aiohttp on its own event loop in its own thread: idle and slow
+connections cost a coroutine each instead of a thread, so they cannot starve
+other clients. Decoding and ``consume()`` (which may block) run on a small
+thread pool, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import socket
+import threading
+from concurrent import futures
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from google.rpc import code_pb2, status_pb2
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+from isoscope import otlpjson
+from isoscope.model import Backpressure, Stats, TraceConsumer
+from isoscope.receivers.otlp.ingest import ConsumerFailed, Ingestor, Peer
+from isoscope.receivers.otlp.limits import (
+    DEFAULT_MAX_HTTP_BODY_BYTES,
+    BodyTooLarge,
+    BoundedDecoder,
+    CorruptBody,
+    UnsupportedEncoding,
+)
+from isoscope.metadata.peer import PeerResolver
+from isoscope.receivers.otlp.security import ReceiverSecurity
+
+logger = logging.getLogger(__name__)
+
+TRACES_PATH = "/v1/traces"
+PROTOBUF = "application/x-protobuf"
+JSON = "application/json"
+_BACKLOG = 4096
+
+
+class _Reject(Exception):
+    """Answer the request with an error status and a ``google.rpc.Status`` body."""
+
+    def __init__(self, http_status: int, code: int, message: str, reason: str,
+                 headers: dict[str, str] | None = None, *, counted: bool = False) -> None:
+        super().__init__(message)
+        self.counted = counted
+        self.http_status = http_status
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.headers = headers or {}
+
+
+def _media_type(request: web.BaseRequest) -> str:
+    return request.content_type.strip().lower()
+
+
+def _encode(msg: Any, media: str) -> bytes:
+    if media == JSON:
+        if isinstance(msg, ExportTraceServiceResponse):
+            return otlpjson.encode_response(msg).encode()
+        return json_format.MessageToJson(msg, indent=None).encode()
+    return msg.SerializeToString()
+
+
+class OtlpHttpReceiver:
+    """OTLP/HTTP trace receiver.
+
+    Args:
+        consumer: receives every accepted ``TraceBatch``.
+        stats: shared counters.
+        listen: ``host:port`` to bind (port 0 picks a free port).
+        max_body_bytes: largest accepted body, after decompression.
+        security: TLS / mTLS / bearer token, or None for plaintext without auth.
+        workers: threads that decode requests and call ``consume()``.
+        idle_timeout_s: close a connection that sends no (complete) request
+            headers for this long.
+        body_timeout_s: answer 408 and close when a body takes longer than
+            this to arrive.
+        proc_root: procfs used to resolve loopback peers to pids.
+        resolve_peers: whether to resolve loopback peers to pids at all.
+    """
+
+    def __init__(self, consumer: TraceConsumer, stats: Stats, listen: str = "127.0.0.1:4318", *,
+                 max_body_bytes: int = DEFAULT_MAX_HTTP_BODY_BYTES,
+                 security: ReceiverSecurity | None = None, workers: int = 4,
+                 idle_timeout_s: float = 30.0, body_timeout_s: float = 15.0,
+                 proc_root: str = "/proc", resolve_peers: bool = True) -> None:
+        self._listen = listen
+        self._max = max_body_bytes
+        self._security = security
+        self._workers = workers
+        self._idle_timeout = idle_timeout_s
+        self._body_timeout = body_timeout_s
+        self._ingest = Ingestor(consumer, stats, "http",
+                                PeerResolver(proc_root) if resolve_peers else None)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self._pool: futures.ThreadPoolExecutor | None = None
+        self._port = 0
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+        self._stop: asyncio.Event | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (after ``start``)."""
+        return self._port
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> str:
+        """Bind and start serving in a background thread.
+
+        Returns:
+            The bound ``host:port``.
+
+        Raises:
+            RuntimeError: the address cannot be bound.
+        """
+        if self._thread is not None:
+            raise RuntimeError("receiver already started")
+        ssl_ctx = self._security.ssl_context() if self._security is not None else None
+        host, _, port_s = self._listen.rpartition(":")
+        host = host.strip("[]") or "127.0.0.1"
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, int(port_s)))
+            sock.listen(_BACKLOG)
+        except OSError as exc:
+            sock.close()
+            raise RuntimeError(f"cannot listen on {self._listen}: {exc}") from None
+        self._port = sock.getsockname()[1]
+        self._pool = futures.ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="otlp-http")
+        self._thread = threading.Thread(target=self._run, args=(sock, ssl_ctx),
+                                        name="otlp-http-loop", daemon=True)
+        self._thread.start()
+        self._started.wait(10.0)
+        if self._start_error is not None:
+            raise RuntimeError(f"cannot start OTLP/HTTP receiver: {self._start_error}")
+        addr = f"[{host}]:{self._port}" if ":" in host else f"{host}:{self._port}"
+        logger.info("OTLP/HTTP receiver listening on %s%s", addr, " (TLS)" if ssl_ctx else "")
+        return addr
+
+    def shutdown(self, grace_s: float = 5.0) -> None:
+        """Stop accepting requests and wait up to ``grace_s`` for running ones."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        if self._stop is not None:
+            loop.call_soon_threadsafe(self._stop.set)
+        thread.join(grace_s + 2.0)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._thread = None
+        self._loop = None
+
+    def _run(self, sock: socket.socket, ssl_ctx: Any) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._serve(sock, ssl_ctx))
+        except BaseException as exc:  # surfaced to start() or logged
+            if not self._started.is_set():
+                self._start_error = exc
+            else:
+                logger.exception("OTLP/HTTP receiver loop failed")
+        finally:
+            self._started.set()
+            loop.close()
+
+    async def _serve(self, sock: socket.socket, ssl_ctx: Any) -> None:
+        self._stop = asyncio.Event()
+        app = web.Application(middlewares=[self._errors_middleware], client_max_size=self._max)
+        app.router.add_post(TRACES_PATH, self._handle)
+        # auto_decompress=False: aiohttp would otherwise inflate gzip bodies
+        # itself, outside the limit enforced by BoundedDecoder.
+        runner = web.AppRunner(app, auto_decompress=False, keepalive_timeout=self._idle_timeout,
+                               access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        await runner.setup()
+        # asyncio re-listens with this backlog (default 128) and accepts up to
+        # that many per wake-up: a burst of connections must not overflow it.
+        site = web.SockSite(runner, sock, ssl_context=ssl_ctx, backlog=_BACKLOG)
+        await site.start()
+        self._runner = runner
+        self._started.set()
+        await self._stop.wait()
+        await runner.cleanup()
+
+    # -- request handling --------------------------------------------------
+
+    @web.middleware
+    async def _errors_middleware(self, request: web.Request,
+                                 handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                                 ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except _Reject as rej:
+            return self._error_response(request, rej)
+        except web.HTTPNotFound:
+            return self._error_response(request, _Reject(
+                404, code_pb2.NOT_FOUND, f"unknown path {request.path!r}; traces go to {TRACES_PATH}",
+                "not_found"))
+        except web.HTTPMethodNotAllowed:
+            return self._error_response(request, _Reject(
+                405, code_pb2.UNIMPLEMENTED, f"method {request.method} not allowed; use POST",
+                "method_not_allowed", {"Allow": "POST"}))
+        except web.HTTPException:
+            raise
+        except Exception:
+            logger.exception("OTLP/HTTP request failed")
+            return self._error_response(request, _Reject(
+                500, code_pb2.INTERNAL, "internal error while receiving the request", "internal"))
+
+    def _error_response(self, request: web.Request, rej: _Reject) -> web.Response:
+        if not rej.counted:
+            self._ingest.reject(rej.reason)
+        media = JSON if _media_type(request) == JSON else PROTOBUF
+        body = _encode(status_pb2.Status(code=rej.code, message=rej.message), media)
+        resp = web.Response(status=rej.http_status, body=body, content_type=media, headers=rej.headers)
+        if rej.http_status in (408, 413) or request.can_read_body and not request.content.at_eof():
+            # The rest of the body was not read: the connection cannot be reused.
+            resp.force_close()
+        return resp
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if self._security is not None and not self._security.authorized(request.headers.get("Authorization")):
+            raise _Reject(401, code_pb2.UNAUTHENTICATED, "missing or invalid bearer token",
+                          "unauthenticated", {"WWW-Authenticate": 'Bearer realm="isoscope"'})
+        media = _media_type(request)
+        if media not in (PROTOBUF, JSON):
+            raise _Reject(415, code_pb2.INVALID_ARGUMENT,
+                          f"Content-Type {request.content_type!r} is not supported; "
+                          f"use {PROTOBUF} or {JSON}", "unsupported_media_type")
+        encoding = request.headers.get("Content-Encoding", "identity")
+        try:
+            decoder = BoundedDecoder(encoding, self._max)
+        except UnsupportedEncoding as exc:
+            raise _Reject(415, code_pb2.INVALID_ARGUMENT, str(exc), "unsupported_encoding") from None
+        if request.content_length is not None and request.content_length > self._max:
+            raise _Reject(413, code_pb2.RESOURCE_EXHAUSTED,
+                          f"request body of {request.content_length} bytes exceeds the limit of "
+                          f"{self._max} bytes", "too_large")
+        try:
+            async with asyncio.timeout(self._body_timeout):
+                async for chunk in request.content.iter_any():
+                    decoder.feed(chunk)
+        except TimeoutError:
+            raise _Reject(408, code_pb2.DEADLINE_EXCEEDED,
+                          f"request body not received within {self._body_timeout:g} s",
+                          "body_timeout") from None
+        except BodyTooLarge as exc:
+            raise _Reject(413, code_pb2.RESOURCE_EXHAUSTED, str(exc), "too_large") from None
+        except CorruptBody as exc:
+            raise _Reject(400, code_pb2.INVALID_ARGUMENT, str(exc), "malformed") from None
+        peer = None
+        peername = request.transport.get_extra_info("peername") if request.transport else None
+        if peername:
+            peer = Peer(str(peername[0]), int(peername[1]), self._port)
+        loop = asyncio.get_running_loop()
+        response = await loop.run_in_executor(self._pool, self._process, decoder, media, peer)
+        return web.Response(status=200, body=_encode(response, media), content_type=media)
+
+    def _process(self, decoder: BoundedDecoder, media: str, peer: Peer | None) -> ExportTraceServiceResponse:
+        """Decode and ingest (runs on the worker pool: parsing and consume() may be slow)."""
+        try:
+            body = decoder.finish()
+        except CorruptBody as exc:
+            raise _Reject(400, code_pb2.INVALID_ARGUMENT, str(exc), "malformed") from None
+        try:
+            if media == JSON:
+                request = otlpjson.decode_request(body)
+            else:
+                request = ExportTraceServiceRequest.FromString(body)
+        except otlpjson.OtlpJsonError as exc:
+            raise _Reject(400, code_pb2.INVALID_ARGUMENT, str(exc), "malformed") from None
+        except DecodeError as exc:
+            raise _Reject(400, code_pb2.INVALID_ARGUMENT,
+                          f"cannot decode ExportTraceServiceRequest: {exc}", "malformed") from None
+        try:
+            return self._ingest.ingest(request, peer)
+        except Backpressure as bp:
+            retry = max(1, math.ceil(bp.retry_after_s))
+            raise _Reject(503, code_pb2.UNAVAILABLE, str(bp) or "pipeline is full", "backpressure",
+                          {"Retry-After": str(retry)}, counted=True) from None
+        except ConsumerFailed as exc:
+            raise _Reject(503, code_pb2.UNAVAILABLE, f"trace pipeline failed: {exc}",
+                          "consumer_error", {"Retry-After": "1"}, counted=True) from None

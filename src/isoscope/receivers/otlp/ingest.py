@@ -1,0 +1,101 @@
+"""The part of receiving that is the same for every transport.
+
+Validate the parsed request, hand it to the consumer with its peer identity,
+count what happened, and build the OTLP response (partial success included).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+from isoscope.model import Backpressure, Stats, TraceBatch, TraceConsumer
+from isoscope.metadata.peer import PeerResolver, format_addr, is_loopback
+from isoscope.receivers.otlp.validate import validate_request
+
+logger = logging.getLogger(__name__)
+
+
+class ConsumerFailed(Exception):
+    """The consumer raised something other than ``Backpressure``."""
+
+
+@dataclass(slots=True)
+class Peer:
+    """The sending end of a connection.
+
+    Attributes:
+        ip: client address.
+        port: client port.
+        local_port: the receiver port it connected to.
+    """
+
+    ip: str
+    port: int
+    local_port: int
+
+
+class Ingestor:
+    """Validate → consume → count → respond, for one receiver.
+
+    Args:
+        consumer: where accepted batches go.
+        stats: shared counters.
+        protocol: ``"grpc"`` or ``"http"`` (the ``protocol`` label).
+        peer_resolver: resolves loopback peers to pids; None disables it.
+    """
+
+    def __init__(self, consumer: TraceConsumer, stats: Stats, protocol: str,
+                 peer_resolver: PeerResolver | None) -> None:
+        self._consumer = consumer
+        self._stats = stats
+        self._protocol = protocol
+        self._peers = peer_resolver
+
+    def reject(self, reason: str) -> None:
+        """Count a rejected request (``requests_rejected_total{protocol,reason}``)."""
+        self._stats.inc("requests_rejected_total", (self._protocol, reason))
+
+    def ingest(self, request: ExportTraceServiceRequest, peer: Peer | None) -> ExportTraceServiceResponse:
+        """Process one parsed request.
+
+        ``spans_received_total`` counts spans once the request is settled
+        (consumed, or entirely invalid), so a request retried after
+        backpressure is not counted twice.
+
+        Raises:
+            Backpressure: the consumer is full; nothing was counted as received.
+            ConsumerFailed: the consumer broke; the client should retry.
+        """
+        result = validate_request(request)
+        if result.accepted_spans:
+            batch = TraceBatch(request=result.accepted, protocol=self._protocol,
+                               span_count=result.accepted_spans,
+                               received_mono_ns=time.monotonic_ns())
+            if peer is not None:
+                batch.peer_addr = format_addr(peer.ip, peer.port)
+                if self._peers is not None and is_loopback(peer.ip):
+                    batch.peer_pid = self._peers.resolve(peer.ip, peer.port, peer.local_port)
+            try:
+                self._consumer.consume(batch)
+            except Backpressure:
+                self.reject("backpressure")
+                raise
+            except Exception as exc:
+                logger.exception("trace consumer failed")
+                self.reject("consumer_error")
+                raise ConsumerFailed(str(exc)) from exc
+        if result.received_spans:
+            self._stats.inc("spans_received_total", (self._protocol,), result.received_spans)
+        response = ExportTraceServiceResponse()
+        if result.rejected:
+            self._stats.inc("spans_dropped_total", ("invalid",), result.rejected)
+            response.partial_success.rejected_spans = result.rejected
+            response.partial_success.error_message = result.message
+        return response
