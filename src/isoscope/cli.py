@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Any, Sequence
 
+from isoscope import __version__
 from isoscope.config import ConfigError, load_config
 
 
@@ -56,9 +57,11 @@ def _probes(args: argparse.Namespace) -> int:
         statuses = [ProbeStatus(**s.to_dict()) for s in mgr.load()]
     finally:
         mgr.shutdown()
+    # A preflight (an init container, a CI step) needs the answer in the exit code.
+    missing = [s.name for s in statuses if s.required and not s.attached]
     if args.json:
         print(json.dumps({"kernel": env.to_dict(), "probes": [s.to_dict() for s in statuses]}, indent=2))
-        return 0
+        return 1 if missing else 0
     from rich.console import Console
     from rich.table import Table
 
@@ -75,6 +78,9 @@ def _probes(args: argparse.Namespace) -> int:
         detail = ", ".join(s.attach_points) if s.attached else s.reason
         table.add_row(s.name, state, "yes" if s.required else "no", detail)
     console.print(table)
+    if missing:
+        console.print(f"[red]required probes not attached: {', '.join(missing)}[/red]")
+        return 1
     return 0
 
 
@@ -117,15 +123,36 @@ def _stack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(argv: list[str]) -> int:
+    """The demo lives in the truth lab, a separate package found through its entry point."""
+    from importlib.metadata import entry_points
+
+    found = entry_points(group="isoscope.commands", name="demo")
+    if not found:
+        print("isoscope: the demo needs the truth lab: pip install 'isoscope[lab]'", file=sys.stderr)
+        return 2
+    try:
+        main_demo = next(iter(found)).load()
+    except ImportError as exc:
+        print(f"isoscope: the demo needs the truth lab's dependencies ({exc}): pip install 'isoscope[lab]'",
+              file=sys.stderr)
+        return 2
+    return int(main_demo(argv) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="isoscope", description="Which isolation layer stole the time of a request?")
+    p.add_argument("--version", action="version", version=f"isoscope {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run the node daemon")
     r.add_argument("--config", help="YAML configuration file (default: $ISOSCOPE_CONFIG)")
-    r.add_argument("--otlp-grpc-listen", metavar="HOST:PORT")
-    r.add_argument("--otlp-http-listen", metavar="HOST:PORT")
-    r.add_argument("--metrics-listen", metavar="HOST:PORT")
+    r.add_argument("--otlp-grpc-listen", metavar="HOST:PORT",
+                   help="OTLP/gRPC receiver address (default 127.0.0.1:4317)")
+    r.add_argument("--otlp-http-listen", metavar="HOST:PORT",
+                   help="OTLP/HTTP receiver address (default 127.0.0.1:4318)")
+    r.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help="/metrics, /healthz and /readyz address (default 127.0.0.1:9464)")
     r.add_argument("--file-export", metavar="PATH", help="also write OTLP/JSON lines here")
     r.add_argument("--forward", metavar="URL", action="append",
                    help="grpc://host:port or http(s)://host:port; may be repeated")
@@ -135,16 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
     r.set_defaults(func=_run)
 
-    pr = sub.add_parser("probes", help="load every probe once and say which attach, and why not")
-    pr.add_argument("--json", action="store_true")
+    pr = sub.add_parser("probes", help="load every probe once and say which attach, and why not "
+                                       "(exit status 1 when a required probe is unavailable)")
+    pr.add_argument("--json", action="store_true", help="print JSON instead of a table")
     pr.add_argument("--headers-dir", help="kernel headers to use if the host has none")
     pr.set_defaults(func=_probes)
 
     st = sub.add_parser("stack", help="the isolation stack of the host or of one process")
-    st.add_argument("--pid", type=int)
-    st.add_argument("--json", action="store_true")
-    st.add_argument("--proc-root", default="/proc")
-    st.add_argument("--sys-root", default="/sys")
+    st.add_argument("--pid", type=int, help="a process (host pid); default: the host itself")
+    st.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    st.add_argument("--proc-root", default="/proc", help="procfs root (e.g. /host/proc in a pod)")
+    st.add_argument("--sys-root", default="/sys", help="sysfs root (e.g. /host/sys in a pod)")
     st.set_defaults(func=_stack)
 
     # Listed for --help; main() hands their arguments to their own parsers.
@@ -158,8 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # demo and report own their options (argparse's REMAINDER would not pass a leading --flag on).
     if argv and argv[0] == "demo":
-        from isoscope_lab.demo import main_demo
-        return int(main_demo(argv[1:]) or 0)
+        return _demo(argv[1:])
     if argv and argv[0] == "report":
         from isoscope.report import main_report
         return int(main_report(argv[1:]) or 0)

@@ -1,72 +1,64 @@
-"""The isoscope daemon: wires receivers → enrichment → exporters, probes → timeline, and metrics.
+"""The isoscope daemon: wiring only.
 
-Start order keeps spans flowing first: exporters, the enrichment pipeline and
-the receivers come up before the probes are compiled (which takes seconds);
-until then spans are forwarded with ``isolation.coverage`` 0. ``/readyz``
-answers 200 once the receivers listen and every probe is attached or known
-unavailable.
+Every piece is built in :meth:`Daemon.__init__` from the configuration, with its
+collaborators passed through its constructor; :meth:`Daemon.start` starts them
+in data-flow order and :meth:`Daemon.shutdown` stops what was started in
+reverse order. The order keeps spans flowing first: exporters and the kernel
+side come up before the pipeline and receivers, but the probes compile in the
+background (seconds) and until they settle spans are forwarded with
+``isolation.coverage`` 0; on the way down receivers stop first and the pipeline
+drains while the probes still run. See docs/architecture.md.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import sys
 import threading
 import time
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from isoscope.kernel import capabilities
-from isoscope.host import cgroupfs
-from isoscope.kernel import env as kernelenv
-from isoscope.host import memguard
-from isoscope.probes import kvm_reasons
-from isoscope.join.attribution import Attributor
-from isoscope.kernel.clock import MonoWallClock
+from isoscope import __version__
 from isoscope.config import Config, ConfigError
-from isoscope.metrics.kernel import MIRRORED_COMPONENTS, KernelMetrics, fill_u32_set
+from isoscope.exporters import ExportQueue, FileExporter, exporter_from_url
+from isoscope.host import memguard
+from isoscope.host.stack import detect_host_stack
+from isoscope.host.steal import StealSampler
+from isoscope.host.vms import VmRegistry
+from isoscope.housekeeping import Housekeeper
+from isoscope.join.attribution import Attributor
+from isoscope.join.timeline import Timeline
+from isoscope.kernel import capabilities
+from isoscope.kernel.clock import MonoWallClock
+from isoscope.logs import setup_logging
 from isoscope.metadata.resolver import WorkloadResolver
-from isoscope.model import LifecycleEvent, LifecycleKind, RunSegment, Stall, Stats, TraceBatch, Workload
+from isoscope.metrics.kernel import MIRRORED_COMPONENTS, KernelMetrics
+from isoscope.metrics.prometheus import PrometheusExporter
+from isoscope.model import SpanExporter, Stats, TraceBatch, Workload
+from isoscope.pipeline.fanout import Fanout
 from isoscope.pipeline.processor import EnrichPipeline
 from isoscope.probes import catalog
+from isoscope.probes.hooks import ProbeContext
 from isoscope.probes.loader import ProbeManager
+from isoscope.probes.router import CgroupWatchPolicy, KernelEventRouter
+from isoscope.probes.runtime import KernelProbes, KernelSettings
 from isoscope.probes.watch import WatchSet
-from isoscope.host.stack import detect_host_stack
-from isoscope.join.timeline import Timeline
-from isoscope.exporters import ExportQueue, FileExporter, exporter_from_url
-from isoscope.metrics.prometheus import PrometheusExporter
-from isoscope.exporters.queue import DiskSpool
+from isoscope.spool import DiskSpool
+
+if TYPE_CHECKING:
+    from isoscope.metadata.kubernetes import KubePodMetadata
+    from isoscope.receivers.otlp.security import ReceiverSecurity
 
 logger = logging.getLogger(__name__)
 
-VERSION = "0.1.0"
+VERSION = __version__
 
 
 class StartupError(RuntimeError):
     """The daemon cannot start; ``str()`` is one line for the operator."""
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        doc = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
-               "msg": record.getMessage()}
-        if record.exc_info:
-            doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc)
-
-
-def setup_logging(level: str, fmt: str) -> None:
-    """Structured (JSON) or plain logs on stderr."""
-    handler = logging.StreamHandler()
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
 
 
 def _split(listen: str) -> tuple[str, int]:
@@ -74,21 +66,22 @@ def _split(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-class Fanout:
-    """Serializes each enriched batch once and hands it to every exporter queue."""
+class Receiver(Protocol):
+    """A span receiver: ``start()`` returns the address it listens on."""
 
-    def __init__(self, queues: list[ExportQueue], stats: Stats) -> None:
-        self.queues = queues
-        self.stats = stats
+    def start(self) -> str: ...
 
-    def __call__(self, batch: TraceBatch) -> None:
-        payload = batch.request.SerializeToString()
-        for q in self.queues:
-            q.enqueue(payload, batch.span_count)
+    def shutdown(self, grace_s: float = 5.0) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Started:
+    name: str
+    stop: Callable[[], None]
 
 
 class Daemon:
-    """The whole node agent.
+    """The whole node agent, as wiring.
 
     Args:
         cfg: validated configuration.
@@ -100,145 +93,80 @@ class Daemon:
         self.load_probes = load_probes
         self.stats = Stats()
         self.started_at = time.monotonic_ns()
-        self.kernel: kernelenv.KernelEnv | None = None
-        self.probes: ProbeManager | None = None
-        self.watch: WatchSet | None = None
-        self.steal: Any = None
-        self.timeline = Timeline(cfg.timeline.ttl_s, cfg.timeline.max_threads, cfg.timeline.max_stalls_per_thread,
-                                 cfg.timeline.max_records)
-        self.clock = MonoWallClock(on_step=lambda d: self.stats.inc("clock_steps_total"))
-        self.metrics: PrometheusExporter | None = None
-        self.queues: list[ExportQueue] = []
-        self.receivers: list[Any] = []
-        self.pipeline: EnrichPipeline | None = None
-        self.resolver: WorkloadResolver | None = None
         self.listen: dict[str, str] = {}
-        self._probes_settled = threading.Event()
-        self._stop = threading.Event()
-        self._housekeeper: threading.Thread | None = None
-        self._probe_thread: threading.Thread | None = None
-        self._wal: DiskSpool | None = None
-        self._pods: Any = None
-        self._otlp_metrics: Any = None
+        self._started: list[_Started] = []
+        k = cfg.kernel
+
+        # Where spans go.
+        self.memory = memguard.MemoryGuard(
+            (cfg.memory.limit_mb << 20) if cfg.memory.limit_mb else memguard.cgroup_memory_limit(),
+            cfg.memory.high_fraction)
+        self.queues = self._export_queues()
+        persist = cfg.exporters.queue.persist_dir
+        self.receipts = DiskSpool(os.path.join(persist, "receipt"),
+                                  on_quarantine=lambda name, why: self.stats.inc("queue_files_quarantined_total",
+                                                                                 ("receipt",))) \
+            if persist else None
+        self.metrics = PrometheusExporter(self.stats, max_label_values=cfg.metrics.max_label_values,
+                                          version=VERSION) if cfg.metrics.enabled else None
+
+        # Who sent a span, and what the kernel saw.
+        self.pods = self._pod_metadata()
+        self.vms = VmRegistry(k.host_proc, k.host_sys)
+        self.resolver = WorkloadResolver(k.host_proc, k.host_sys, detect_host_stack(k.host_proc, k.host_sys),
+                                         self.pods, vms=self.vms)
+        tl = cfg.timeline
+        self.timeline = Timeline(tl.ttl_s, tl.max_threads, tl.max_stalls_per_thread, tl.max_records)
+        self.steal = StealSampler(k.host_proc, interval_s=cfg.probes.steal_sample_ms / 1000) \
+            if load_probes else None
+        self.clock = MonoWallClock(on_step=lambda d: self.stats.inc("clock_steps_total"))
+        self.netns_changed = threading.Event()
+        self.watch = WatchSet()
+        self.kernel = self._kernel_side() if load_probes else None
         self.kernel_metrics: KernelMetrics | None = None
-        self._virtio_devs: set[int] = set()
-        self._veths: set[str] = set()
-        self._veth_ids: dict[str, int] = {}
-        self._netns_changed = threading.Event()
-        self.vms: Any = None
-        self.memory = memguard.MemoryGuard(None)
-        self.kvm_counter: Any = None
-        self.sandbox: Any = None
-        self._sandbox_splits: list[dict[str, int | str]] = []
 
-    # -- readiness --------------------------------------------------------------
-
-    def ready(self) -> tuple[bool, str]:
-        """(ready, reason) for ``/readyz``."""
-        if len(self.receivers) < self._wanted_receivers():
-            return False, "receivers are not listening yet"
-        if not self._probes_settled.is_set():
-            return False, "kernel probes are loading"
-        down = [s.name for s in (self.probes.statuses() if self.probes else []) if s.required and not s.attached]
-        if down:
-            return True, "ready (degraded: required probes not attached: " + ", ".join(down) + ")"
-        if not self.probes:
-            return True, "ready (kernel probes off: spans are forwarded unenriched)"
-        return True, "ready"
-
-    def _wanted_receivers(self) -> int:
-        r = self.cfg.receivers
-        return int(r.otlp_grpc.enabled) + int(r.otlp_http.enabled)
-
-    def status(self) -> dict[str, Any]:
-        """The ``/debug/status`` document: probes, queues, tracked workloads."""
-        threads, records = self.timeline.size()
-        ok, why = self.ready()
-        return {
-            "version": VERSION,
-            "ready": ok, "ready_reason": why,
-            "uptime_s": round((time.monotonic_ns() - self.started_at) / 1e9, 1),
-            "listen": self.listen,
-            "kernel": self.kernel.to_dict() if self.kernel else None,
-            "probes": [s.to_dict() for s in (self.probes.statuses() if self.probes else [])],
-            "queues": {q.name: q.size() for q in self.queues} | (
-                {"enrich": self.pipeline.held()} if self.pipeline else {}),
-            "timeline": {"threads": threads, "records": records,
-                         "drained_until_mono_ns": self.drained_until()},
-            "watched": {"tgids": len(self.watch.tgids) if self.watch else 0,
-                        "cgroups": len(self.watch.cgroups) if self.watch else 0,
-                        "all": bool(self.watch and self.watch.watch_all)},
-            "clock": {"offset_ns": self.clock.offset_ns, "steps": self.clock.steps},
-            "veth_names": sorted(self._veths),
-            "sandbox": self._sandbox_splits,
-        }
-
-    def drained_until(self) -> int:
-        if self.probes is not None:
-            return self.probes.drained_until_mono_ns
-        return 0
-
-    # -- start ------------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Bring everything up. Raises ``StartupError`` with one operator-readable line."""
-        cfg = self.cfg
-        self._check_capabilities()
-        host_stack = detect_host_stack(cfg.kernel.host_proc, cfg.kernel.host_sys)
-        pods = self._start_pods()
-        self.resolver = WorkloadResolver(cfg.kernel.host_proc, cfg.kernel.host_sys, host_stack, pods)
-        if cfg.metrics.enabled:
-            self.metrics = PrometheusExporter(self.stats, max_label_values=cfg.metrics.max_label_values,
-                                              version=VERSION)
-            host, port = _split(cfg.metrics.listen)
-            try:
-                bound = self.metrics.serve(host, port, self.ready, self.status)
-            except OSError as exc:
-                raise StartupError(f"metrics.listen: cannot listen on {cfg.metrics.listen}: {exc.strerror}") from None
-            self.listen["metrics"] = f"{bound[0]}:{bound[1]}"
-            if cfg.metrics.otlp_endpoint:
-                from isoscope.metrics.prometheus import OtlpMetricsExporter
-                try:
-                    self._otlp_metrics = OtlpMetricsExporter(self.metrics, self.stats, cfg.metrics.otlp_endpoint,
-                                                             interval_s=cfg.metrics.otlp_interval_s)
-                except ValueError as exc:
-                    raise StartupError(f"metrics.otlp_endpoint: {exc}") from None
-        limit = (cfg.memory.limit_mb << 20) if cfg.memory.limit_mb else memguard.cgroup_memory_limit()
-        self.memory = memguard.MemoryGuard(limit, cfg.memory.high_fraction)
-        self._start_exporters()
-        attributor = Attributor(self.timeline, None)
-        self._attributor = attributor
+        # The span path.
         self.pipeline = EnrichPipeline(
-            resolver=self.resolver, attributor=attributor, clock=self.clock, drained_until=self.drained_until,
-            cfg=cfg.attribution, stats=self.stats, output=Fanout(self.queues, self.stats),
-            observer=self.metrics, on_workload=self._watch_workload,
-            enrich_enabled=lambda: self.probes is not None and self._probes_settled.is_set()
-            and any(s.attached for s in self.probes.statuses()),
-            spool=self._wal, memory_over=self.memory.over)
-        self.pipeline.start()
-        self._replay_wal()
-        self._start_receivers()
-        self.clock.start()
-        if self.load_probes:
-            self._probe_thread = threading.Thread(target=self._start_probes, name="isoscope-probe-load", daemon=True)
-            self._probe_thread.start()
-        else:
-            self._probes_settled.set()
-        self._housekeeper = threading.Thread(target=self._housekeeping, name="isoscope-housekeeping", daemon=True)
-        self._housekeeper.start()
+            resolver=self.resolver, attributor=Attributor(self.timeline, self.steal), clock=self.clock,
+            drained_until=self.kernel.drained_until if self.kernel else (lambda: 0),
+            cfg=cfg.attribution, stats=self.stats, output=Fanout(self.queues), observer=self.metrics,
+            on_workload=self._watch_workload if self.kernel else None,
+            enrich_enabled=self.kernel.enriching if self.kernel else (lambda: False),
+            spool=self.receipts, memory_over=self.memory.over)
+        self.receivers = self._receivers()
+        self.housekeeper = Housekeeper([self._evict, self._queue_gauges, self._kernel_chores])
 
-    def _check_capabilities(self) -> None:
-        if not self.load_probes:
-            return
-        lacking = capabilities.missing()
-        if not lacking:
-            return
-        line = capabilities.explain(lacking)
-        if self.cfg.kernel.strict_capabilities:
-            raise StartupError(line)
-        logger.error("%s; kernel probes will not attach and spans are forwarded unenriched", line)
+    # -- construction ---------------------------------------------------------------
 
-    def _start_pods(self) -> Any:
+    def _export_queues(self) -> list[ExportQueue]:
+        cfg = self.cfg
+        qc = cfg.exporters.queue
+        targets: list[tuple[str, SpanExporter]] = []
+        for i, url in enumerate(cfg.exporters.forward):
+            try:
+                exp = exporter_from_url(url, name=None)
+            except ValueError as exc:
+                raise StartupError(f"exporters.forward: {exc}") from None
+            label = getattr(exp, "name", "otlp")
+            targets.append((f"{label}_{i}" if len(cfg.exporters.forward) > 1 else label, exp))
+        if cfg.file_export_enabled():
+            try:
+                targets.append(("file", FileExporter(cfg.exporters.file.path)))
+            except OSError as exc:
+                raise StartupError(f"exporters.file.path: cannot write {cfg.exporters.file.path}: "
+                                   f"{exc.strerror}") from None
+        max_bytes = qc.max_bytes
+        if self.memory.limit_bytes and targets:
+            # Queued payloads must fit beside the daemon itself under its memory limit.
+            max_bytes = min(max_bytes, int(self.memory.limit_bytes * 0.3) // len(targets))
+        persist = qc.persist_dir
+        return [ExportQueue(exp, self.stats, name=name, max_batches=qc.max_batches, max_bytes=max_bytes,
+                            persist_dir=os.path.join(persist, name) if persist else None,
+                            initial_backoff_s=qc.initial_backoff_s, max_backoff_s=qc.max_backoff_s,
+                            max_elapsed_s=qc.max_elapsed_s, workers=qc.workers)
+                for name, exp in targets]
+
+    def _pod_metadata(self) -> KubePodMetadata | None:
         """Kubernetes pod metadata from the API server (watching this node's pods), when enabled."""
         k = self.cfg.kubernetes
         if not k.enabled:
@@ -259,58 +187,44 @@ class Daemon:
                 api = KubeAPIConfig.in_cluster()
         except KubeConfigError as exc:
             raise StartupError(f"kubernetes: {exc}") from None
-        pods = KubePodMetadata(api, k.node_name or os.environ.get("NODE_NAME", ""), stats=self.stats)
-        pods.start()
-        self._pods = pods
-        return pods
+        return KubePodMetadata(api, k.node_name or os.environ.get("NODE_NAME", ""), stats=self.stats)
 
-    def _start_exporters(self) -> None:
+    def _kernel_side(self) -> KernelProbes:
         cfg = self.cfg
-        qc = cfg.exporters.queue
-        persist = qc.persist_dir
-        exporters_: list[tuple[str, Any]] = []
-        for i, url in enumerate(cfg.exporters.forward):
-            try:
-                exp = exporter_from_url(url, name=None)
-            except ValueError as exc:
-                raise StartupError(f"exporters.forward: {exc}") from None
-            label = getattr(exp, "name", "otlp")
-            exporters_.append((f"{label}_{i}" if len(cfg.exporters.forward) > 1 else label, exp))
-        if cfg.file_export_enabled():
-            try:
-                exporters_.append(("file", FileExporter(cfg.exporters.file.path)))
-            except OSError as exc:
-                raise StartupError(f"exporters.file.path: cannot write {cfg.exporters.file.path}: "
-                                   f"{exc.strerror}") from None
-        max_bytes = qc.max_bytes
-        if self.memory.limit_bytes and exporters_:
-            # Queued payloads must fit beside the daemon itself under its memory limit.
-            max_bytes = min(max_bytes, int(self.memory.limit_bytes * 0.3) // len(exporters_))
-        for name, exp in exporters_:
-            q = ExportQueue(exp, self.stats, name=name, max_batches=qc.max_batches, max_bytes=max_bytes,
-                            persist_dir=os.path.join(persist, name) if persist else None,
-                            initial_backoff_s=qc.initial_backoff_s, max_backoff_s=qc.max_backoff_s,
-                            max_elapsed_s=qc.max_elapsed_s, workers=qc.workers)
-            q.start()
-            self.queues.append(q)
-        if persist:
-            self._wal = DiskSpool(os.path.join(persist, "receipt"),
-                                  on_quarantine=lambda name, why: self.stats.inc("queue_files_quarantined_total",
-                                                                                 ("receipt",)))
+        watch = self.watch
+        policy = CgroupWatchPolicy(cfg.probes.watch_cgroups, cfg.probes.watch_containers, self.resolver.v2_root)
+        router = KernelEventRouter(self.timeline, self.resolver, watch, policy, self.netns_changed,
+                                   metrics=self.metrics, mirrored=MIRRORED_COMPONENTS)
+        context = ProbeContext(
+            host_proc=cfg.kernel.host_proc, host_sys=cfg.kernel.host_sys, watched_tgids=watch.tgid_snapshot,
+            netns_changed=self.netns_changed, vms=self.vms, kvm_classification=dict(cfg.kvm.classification),
+            kvm_exits=self.metrics.add_kvm_exits if self.metrics else None,
+            sandbox_sample_ns=catalog.SANDBOX_SAMPLE_NS)
+        settings = KernelSettings(
+            headers_dir=cfg.kernel.headers_dir, host_proc=cfg.kernel.host_proc, host_sys=cfg.kernel.host_sys,
+            enabled=cfg.probes.enabled, disabled=cfg.probes.disabled,
+            defines={"ISO_MIN_STALL_NS": int(cfg.attribution.min_stall_ms * 1e6)},
+            poll_interval_s=cfg.probes.poll_interval_ms / 1000, watch_all=cfg.probes.watch_all)
+        return KernelProbes(settings, self.stats, router, self.timeline, watch, policy, context,
+                            on_loaded=self._kernel_loaded)
 
-    def _replay_wal(self) -> None:
-        """Batches acknowledged before a crash but not yet queued for export go out unenriched."""
-        if self._wal is None:
-            return
-        fan = Fanout(self.queues, self.stats)
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-        for entry in self._wal.load():
-            req = ExportTraceServiceRequest.FromString(entry.payload)
-            fan(TraceBatch(req, "replay", entry.span_count))
-            self.stats.inc("enrichment_failures_total", ("restart",), entry.span_count)
-            self._wal.remove(entry.key)
+    def _receivers(self) -> list[tuple[str, Receiver]]:
+        from isoscope.receivers.otlp import OtlpGrpcReceiver, OtlpHttpReceiver
+        cfg = self.cfg.receivers
+        security = self._security()
+        proc = self.cfg.kernel.host_proc
+        out: list[tuple[str, Receiver]] = []
+        if cfg.otlp_grpc.enabled:
+            out.append(("otlp_grpc", OtlpGrpcReceiver(self.pipeline, self.stats, cfg.otlp_grpc.listen,
+                                                      max_message_bytes=cfg.otlp_grpc.max_message_bytes,
+                                                      security=security, proc_root=proc)))
+        if cfg.otlp_http.enabled:
+            out.append(("otlp_http", OtlpHttpReceiver(self.pipeline, self.stats, cfg.otlp_http.listen,
+                                                      max_body_bytes=cfg.otlp_http.max_body_bytes,
+                                                      security=security, proc_root=proc)))
+        return out
 
-    def _security(self) -> Any:
+    def _security(self) -> ReceiverSecurity | None:
         sec = self.cfg.receivers.security
         if not (sec.cert_file or sec.bearer_token_file or sec.client_ca_file):
             return None
@@ -328,266 +242,156 @@ class Daemon:
         except Exception as exc:
             raise StartupError(f"receivers.security: {exc}") from None
 
-    def _start_receivers(self) -> None:
-        from isoscope.receivers.otlp import OtlpGrpcReceiver, OtlpHttpReceiver
-        cfg = self.cfg.receivers
-        security = self._security()
-        proc = self.cfg.kernel.host_proc
-        assert self.pipeline is not None
-        if cfg.otlp_grpc.enabled:
-            r = OtlpGrpcReceiver(self.pipeline, self.stats, cfg.otlp_grpc.listen,
-                                 max_message_bytes=cfg.otlp_grpc.max_message_bytes, security=security,
-                                 proc_root=proc)
-            try:
-                self.listen["otlp_grpc"] = r.start()
-            except (RuntimeError, OSError) as exc:
-                raise StartupError(f"receivers.otlp_grpc.listen: cannot listen on {cfg.otlp_grpc.listen} "
-                                   f"({exc}); is another collector running?") from None
-            self.receivers.append(r)
-        if cfg.otlp_http.enabled:
-            h = OtlpHttpReceiver(self.pipeline, self.stats, cfg.otlp_http.listen,
-                                 max_body_bytes=cfg.otlp_http.max_body_bytes, security=security, proc_root=proc)
-            try:
-                self.listen["otlp_http"] = h.start()
-            except (RuntimeError, OSError) as exc:
-                raise StartupError(f"receivers.otlp_http.listen: cannot listen on {cfg.otlp_http.listen} "
-                                   f"({exc}); is another collector running?") from None
-            self.receivers.append(h)
-        for name, addr in self.listen.items():
-            logger.info("%s listening on %s", name, addr)
+    # -- readiness and status -------------------------------------------------------
 
-    # -- probes -----------------------------------------------------------------------
+    def ready(self) -> tuple[bool, str]:
+        """(ready, reason) for ``/readyz``."""
+        if len([k for k in self.listen if k.startswith("otlp_")]) < len(self.receivers):
+            return False, "receivers are not listening yet"
+        if self.kernel is None:
+            return True, "ready (kernel probes off: spans are forwarded unenriched)"
+        if not self.kernel.settled:
+            return False, "kernel probes are loading"
+        down = [s.name for s in self.kernel.statuses() if s.required and not s.attached]
+        if down:
+            return True, "ready (degraded: required probes not attached: " + ", ".join(down) + ")"
+        return True, "ready"
 
-    def _start_probes(self) -> None:
-        try:
-            self.kernel = kernelenv.prepare(self.cfg.kernel.headers_dir, proc_root=self.cfg.kernel.host_proc,
-                                            sys_root=self.cfg.kernel.host_sys)
-            for msg in self.kernel.messages:
-                logger.info("kernel: %s", msg)
-            specs = catalog.by_name(self.cfg.probes.enabled)
-            specs = [s for s in specs if s.name not in set(self.cfg.probes.disabled)]
-            self.probes = ProbeManager(
-                specs, self.kernel.features, self._on_kernel_event, self.stats,
-                defines={"ISO_MIN_STALL_NS": int(self.cfg.attribution.min_stall_ms * 1e6)},
-                on_loss=lambda probe, n, a, b: self.timeline.note_loss(probe, a, b))
-            for s in self.probes.load():  # the loader logs each outcome
-                if s.attached:
-                    self.timeline.set_probe_up(s.name, True)
-            self.watch = WatchSet(self.probes.loaded_modules)
-            if self.cfg.probes.watch_all:
-                self.watch.set_watch_all(True)
-            self._watch_existing_cgroups()
-            self._start_kvm()
-            self._start_sandbox()
-            self._fill_kernel_tables()
-            if self.metrics is not None:
-                self.kernel_metrics = KernelMetrics(self.probes.bpf, self.metrics, self.resolver.cgroup_labels,
-                                                    is_virtio_dev=self._virtio_devs.__contains__)
-            self._start_steal()
-            self.probes.start(poll_interval_s=self.cfg.probes.poll_interval_ms / 1000)
-        except Exception:
-            logger.exception("kernel probes could not be started; spans are forwarded unenriched")
-        finally:
-            self._probes_settled.set()
+    def status(self) -> dict[str, Any]:
+        """The ``/debug/status`` document: probes, queues, tracked workloads."""
+        threads, records = self.timeline.size()
+        ok, why = self.ready()
+        kernel = self.kernel.status() if self.kernel else {"kernel": None, "probes": [], "runtimes": {}}
+        watch = self.watch
+        return {
+            "version": VERSION,
+            "ready": ok, "ready_reason": why,
+            "uptime_s": round((time.monotonic_ns() - self.started_at) / 1e9, 1),
+            "listen": self.listen,
+            **kernel,
+            "queues": {q.name: q.size() for q in self.queues} | {"enrich": self.pipeline.held()},
+            "timeline": {"threads": threads, "records": records,
+                         "drained_until_mono_ns": self.kernel.drained_until() if self.kernel else 0},
+            "watched": {"tgids": len(watch.tgids), "cgroups": len(watch.cgroups), "all": watch.watch_all},
+            "clock": {"offset_ns": self.clock.offset_ns, "steps": self.clock.steps},
+        }
 
-    def _wants_cgroup(self, path: str) -> bool:
-        p = self.cfg.probes
-        if any(path == pre.rstrip("/") or path.startswith(pre.rstrip("/") + "/") for pre in p.watch_cgroups):
-            return True
-        if p.watch_containers:
-            info = cgroupfs.parse_cgroup_path(path)
-            return bool(info.container_id or info.pod_uid)
-        return False
+    # -- start and stop ---------------------------------------------------------------
 
-    def _watch_existing_cgroups(self) -> None:
-        """Configured cgroups are followed before they send any span (and so are those created later)."""
-        p = self.cfg.probes
-        v2 = self.resolver.v2_root if self.resolver is not None else None
-        if not (p.watch_cgroups or p.watch_containers) or v2 is None or self.watch is None:
-            return
-        for dirpath, _dirs, _files in os.walk(v2):
-            rel = "/" + os.path.relpath(dirpath, v2).lstrip(".")
-            if rel != "/" and self._wants_cgroup(rel.rstrip("/")):
-                try:
-                    self.watch.add_cgroup(os.stat(dirpath).st_ino)
-                except OSError:
-                    continue
+    def _begin(self, name: str, start: Callable[[], object], stop: Callable[[], None]) -> object:
+        out = start()
+        self._started.append(_Started(name, stop))
+        return out
 
-    def _watch_new_cgroup(self, path: str) -> None:
-        v2 = self.resolver.v2_root if self.resolver is not None else None
-        if self.watch is None or v2 is None or not self._wants_cgroup(path):
-            return
-        try:
-            # cgroup_mkdir fires for v1 hierarchies too: the kernel's cgroup id is the v2 directory's.
-            self.watch.add_cgroup(os.stat(os.path.join(v2, path.lstrip("/"))).st_ino)
-        except OSError:
-            pass
-
-    def _fill_kernel_tables(self) -> None:
-        """User-space knowledge the probes need: syscall classes, virtio disks, veth names."""
-        assert self.probes is not None
-        from isoscope.host.blockdev import virtio_dev_ts
-        from isoscope.probes.syscall_classes import fill_class_map
-        bpf = self.probes.bpf("syscalls")
-        if bpf is not None:
-            fill_class_map(bpf[b"syscall_class"])
-        self._virtio_devs = set(virtio_dev_ts(self.cfg.kernel.host_sys))
-        bpf = self.probes.bpf("block")
-        if bpf is not None:
-            fill_u32_set(bpf, "virtio_devs", self._virtio_devs)
-        self._refresh_veths()
-
-    def _refresh_veths(self) -> None:
-        bpf = self.probes.bpf("netns") if self.probes is not None else None
-        if bpf is None:
-            return
-        import ctypes
-
-        from isoscope.host.netdevs import veth_names
-        table = bpf[b"veth_ifaces"]
-        names = veth_names(self.cfg.kernel.host_proc, self.cfg.kernel.host_sys)
-        for name in names - self._veths:
-            self._veth_ids[name] = self._veth_ids.get(name) or len(self._veth_ids) + 1
-            key = table.Key()
-            key.name = name.encode()
-            table[key] = ctypes.c_uint32(self._veth_ids[name])
-        for name in self._veths - names:
-            key = table.Key()
-            key.name = name.encode()
-            try:
-                del table[key]
-            except KeyError:
-                pass
-        self._veths = names
-
-    def _start_kvm(self) -> None:
-        """Host side of VMs: exit classification into the kernel, VM identity for the exit counters."""
-        if self.probes is None or not self.probes.attached("kvm"):
-            return
-        from isoscope.host.vms import VmRegistry
-        try:
-            kvm_reasons.fill_kernel_classification(self.probes.bpf("kvm"),
-                                                   kvm_reasons.load_classification(self.cfg.kvm.classification))
-        except ValueError as exc:
-            logger.error("kvm.classification: %s; using the default classification", exc)
-            kvm_reasons.fill_kernel_classification(self.probes.bpf("kvm"), kvm_reasons.load_classification(None))
-        self.vms = VmRegistry(self.cfg.kernel.host_proc, self.cfg.kernel.host_sys)
-        if self.resolver is not None:
-            self.resolver.vms = self.vms
+    def start(self) -> None:
+        """Bring everything up in data-flow order. Raises ``StartupError`` with one operator-readable line."""
+        cfg = self.cfg
+        self._check_capabilities()
+        if self.pods is not None:
+            self._begin("kubernetes", self.pods.start, self.pods.shutdown)
         if self.metrics is not None:
-            self.kvm_counter = kvm_reasons.KvmExitCounter(self.metrics.add_kvm_exits, self.vms.vm_label)
-        self._refresh_vms()
+            host, port = _split(cfg.metrics.listen)
+            try:
+                bound = self._begin("metrics", lambda: self.metrics.serve(host, port, self.ready, self.status),
+                                    self.metrics.shutdown)
+            except OSError as exc:
+                raise StartupError(f"metrics.listen: cannot listen on {cfg.metrics.listen}: {exc.strerror}") from None
+            self.listen["metrics"] = f"{bound[0]}:{bound[1]}"
+            if cfg.metrics.otlp_endpoint:
+                from isoscope.metrics.prometheus import OtlpMetricsExporter
+                try:
+                    push = OtlpMetricsExporter(self.metrics, self.stats, cfg.metrics.otlp_endpoint,
+                                               interval_s=cfg.metrics.otlp_interval_s)
+                except ValueError as exc:
+                    raise StartupError(f"metrics.otlp_endpoint: {exc}") from None
+                self._started.append(_Started("otlp_metrics", push.shutdown))
+        for q in self.queues:
+            self._begin(f"queue {q.name}", q.start, lambda q=q: q.shutdown(5.0))
+        self._begin("clock", self.clock.start, self.clock.shutdown)
+        if self.steal is not None:
+            self._begin("steal", self.steal.start, self.steal.shutdown)
+        if self.kernel is not None:
+            self._begin("kernel", self.kernel.start, self.kernel.shutdown)
+        self._begin("pipeline", self.pipeline.start, lambda: self.pipeline.shutdown(5.0))
+        self._replay_receipts()
+        for name, r in self.receivers:
+            try:
+                self.listen[name] = self._begin(name, r.start, lambda r=r: r.shutdown(2.0))
+            except (RuntimeError, OSError) as exc:
+                listen = getattr(cfg.receivers, name).listen
+                raise StartupError(f"receivers.{name}.listen: cannot listen on {listen} "
+                                   f"({exc}); is another collector running?") from None
+            logger.info("%s listening on %s", name, self.listen[name])
+        self._begin("housekeeping", self.housekeeper.start, self.housekeeper.shutdown)
 
-    def _refresh_vms(self) -> None:
-        """VMMs come and go: identity for the exit counters, and which of them are microVM sandboxes."""
-        if self.vms is None or self.probes is None or not self.probes.attached("kvm"):
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Graceful stop, in reverse start order: stop receiving, enrich and hand on what is held
+        (probes still running), detach probes, drain the queues."""
+        while self._started:
+            part = self._started.pop()
+            try:
+                part.stop()
+            except Exception:
+                logger.exception("stopping %s failed", part.name)
+
+    def _check_capabilities(self) -> None:
+        if not self.load_probes:
             return
-        bpf = self.probes.bpf("kvm")
-        vms = self.vms.refresh()
-        kvm_reasons.sync_sandbox_vmms(bpf, vms)
-        if self.kvm_counter is not None:
-            self.kvm_counter.update(kvm_reasons.read_exit_totals(bpf))
-
-    def _start_sandbox(self) -> None:
-        """Sandbox runtimes (WASM among the span senders, gVisor Sentries) get their CPU samples split."""
-        if self.probes is None or not self.probes.attached("sandbox"):
+        lacking = capabilities.missing()
+        if not lacking:
             return
-        from isoscope.probes.sandbox_sampler import SandboxTracker
-        self.sandbox = SandboxTracker(self.probes.bpf("sandbox"), catalog.SANDBOX_SAMPLE_NS,
-                                      self.cfg.kernel.host_proc)
-        self.probes.set_sampling("sandbox", False)  # no timer interrupts until there is something to sample
+        line = capabilities.explain(lacking)
+        if self.cfg.kernel.strict_capabilities:
+            raise StartupError(line)
+        logger.error("%s; kernel probes will not attach and spans are forwarded unenriched", line)
 
-    def _refresh_sandbox(self, ticks: int) -> None:
-        if self.sandbox is None or self.watch is None:
+    def _replay_receipts(self) -> None:
+        """Batches acknowledged before a crash but not yet queued for export go out unenriched."""
+        if self.receipts is None:
             return
-        from isoscope.probes.sandbox_sampler import find_sentries
-        # New senders every second (their spans get sandbox time from then on); known runtimes'
-        # code ranges (newly compiled modules) every few seconds; Sentries by a /proc scan less often.
-        sentries = find_sentries(self.cfg.kernel.host_proc) if ticks % 10 == 1 else None
-        self.sandbox.refresh(self.watch.tgid_snapshot(), sentries, reread=ticks % 5 == 0)
-        if self.probes is not None:
-            self.probes.set_sampling("sandbox", bool(self.sandbox.pids))
-        self._sandbox_splits = [s.as_dict() for s in self.sandbox.splits()]
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+        fan = Fanout(self.queues)
+        for entry in self.receipts.load():
+            req = ExportTraceServiceRequest.FromString(entry.payload)
+            fan(TraceBatch(req, "replay", entry.span_count))
+            self.stats.inc("enrichment_failures_total", ("restart",), entry.span_count)
+            self.receipts.remove(entry.key)
 
-    def _start_steal(self) -> None:
-        try:
-            from isoscope.host.steal import StealSampler
-        except ImportError:
-            return
-        try:
-            self.steal = StealSampler(self.cfg.kernel.host_proc, interval_s=self.cfg.probes.steal_sample_ms / 1000)
-            self.steal.start()
-            self._attributor.steal = self.steal
-        except Exception:
-            logger.exception("steal sampler unavailable")
-            self.steal = None
+    # -- kernel-side callbacks -------------------------------------------------------
 
-    def _on_kernel_event(self, ev: Any) -> None:
-        if isinstance(ev, Stall):
-            self.timeline.add_stall(ev)
-            # Components the kernel also totals are counted from those totals (every wait, not only
-            # the ones above the threshold), see KernelMetrics.
-            if self.metrics is not None and self.resolver is not None and ev.component not in MIRRORED_COMPONENTS:
-                ns, pod, container = self.resolver.cgroup_labels(ev.cgroup_id)
-                self.metrics.add_stall(ev, ns, pod, container)
-        elif isinstance(ev, RunSegment):
-            self.timeline.add_run(ev)
-        elif isinstance(ev, LifecycleEvent):
-            if ev.kind is LifecycleKind.EXIT and ev.pid == ev.tid and self.resolver is not None:
-                self.resolver.forget(ev.pid)
-                if self.watch is not None and ev.pid in self.watch.tgids:
-                    self.watch.remove_tgid(ev.pid)
-            elif ev.kind in (LifecycleKind.UNSHARE, LifecycleKind.SETNS, LifecycleKind.CLONE_NS):
-                self._netns_changed.set()
-                if ev.kind is LifecycleKind.CLONE_NS and self.watch is not None and ev.ppid in self.watch.tgids:
-                    self.watch.add_tgid(ev.pid)
-            elif ev.kind is LifecycleKind.FORK and self.watch is not None:
-                # Children of a watched process are followed from their first instruction.
-                if ev.ppid in self.watch.tgids:
-                    self.watch.add_tgid(ev.pid)
-            elif ev.kind is LifecycleKind.CGROUP_MKDIR:
-                self._watch_new_cgroup(ev.path)
-            elif ev.kind is LifecycleKind.CGROUP_RMDIR and self.resolver is not None:
-                labels = self.resolver.forget_cgroup(ev.cgroup_id)
-                if labels is not None and self.metrics is not None and any(labels):
-                    self.metrics.forget_workload(*labels)
-                if self.watch is not None and ev.cgroup_id in self.watch.cgroups:
-                    self.watch.remove_cgroup(ev.cgroup_id)
+    def _kernel_loaded(self, manager: ProbeManager) -> None:
+        if self.metrics is not None:
+            from isoscope.host.blockdev import virtio_dev_ts
+            virtio = set(virtio_dev_ts(self.cfg.kernel.host_sys))
+            self.kernel_metrics = KernelMetrics(manager.bpf, self.metrics, self.resolver.cgroup_labels,
+                                                is_virtio_dev=virtio.__contains__)
 
     def _watch_workload(self, wl: Workload) -> None:
-        if self.watch is None:
-            return
         if wl.pid:
             self.watch.add_tgid(wl.pid)
         elif wl.cgroup_id:
             self.watch.add_cgroup(wl.cgroup_id)
 
-    # -- housekeeping -------------------------------------------------------------------
+    # -- housekeeping chores ----------------------------------------------------------
 
-    def _housekeeping(self) -> None:
-        ticks = 0
-        while not self._stop.wait(1.0):
-            ticks += 1
-            try:
-                self.timeline.evict()
-                if self._netns_changed.is_set() or ticks % 10 == 0:
-                    # New namespaces usually come with new veth pairs (a pod starting).
-                    self._netns_changed.clear()
-                    self._refresh_veths()
-                for q in self.queues:
-                    self.stats.set_gauge("queue_size", (q.name,), q.size())
-                if self.metrics is not None and self.steal is not None:
-                    for cpu, secs in self.steal.totals().items():
-                        self.metrics.set_steal_seconds(cpu, secs)
-                if self.kernel_metrics is not None and ticks % 5 == 0:
-                    # Kernel maps are cumulative: a pass every few seconds is as exact as every second.
-                    self.kernel_metrics.collect()
-                self._refresh_sandbox(ticks)
-                self._refresh_vms()
-            except Exception:
-                logger.exception("housekeeping failed")
+    def _evict(self, tick: int) -> None:
+        self.timeline.evict()
 
-    # -- reload -------------------------------------------------------------------------
+    def _queue_gauges(self, tick: int) -> None:
+        for q in self.queues:
+            self.stats.set_gauge("queue_size", (q.name,), q.size())
+
+    def _kernel_chores(self, tick: int) -> None:
+        if self.metrics is not None and self.steal is not None:
+            for cpu, secs in self.steal.totals().items():
+                self.metrics.set_steal_seconds(cpu, secs)
+        if self.kernel_metrics is not None and tick % 5 == 0:
+            # Kernel maps are cumulative: a pass every few seconds is as exact as every second.
+            self.kernel_metrics.collect()
+        if self.kernel is not None:
+            self.kernel.refresh(tick)
+
+    # -- reload -----------------------------------------------------------------------
 
     def reload(self, new: Config) -> list[str]:
         """Apply a new configuration without restarting (SIGHUP).
@@ -604,9 +408,8 @@ class Daemon:
             needs_restart.append("probes")
         self.cfg = new
         setup_logging(new.log_level, new.log_format)
-        if self.pipeline is not None:
-            self.pipeline.set_config(new.attribution)
-        if self.watch is not None and new.probes.watch_all != old.probes.watch_all:
+        self.pipeline.set_config(new.attribution)
+        if self.kernel is not None and new.probes.watch_all != old.probes.watch_all:
             self.watch.set_watch_all(new.probes.watch_all)
         self.stats.inc("config_reloads_total")
         if needs_restart:
@@ -616,43 +419,21 @@ class Daemon:
             logger.info("configuration reloaded")
         return needs_restart
 
-    # -- stop ---------------------------------------------------------------------------
-
-    def shutdown(self, timeout_s: float = 10.0) -> None:
-        """Graceful stop: stop receiving, enrich and hand on what is held, drain the queues, detach probes."""
-        self._stop.set()
-        for r in self.receivers:
-            try:
-                r.shutdown(2.0)
-            except Exception:
-                logger.exception("receiver shutdown failed")
-        if self.pipeline is not None:
-            self.pipeline.shutdown(timeout_s / 2)
-        for q in self.queues:
-            q.shutdown(timeout_s / 2)
-        if self.probes is not None:
-            self.probes.shutdown()
-        if self.steal is not None:
-            self.steal.shutdown()
-        if self._pods is not None:
-            self._pods.shutdown()
-        self.clock.shutdown()
-        if self._otlp_metrics is not None:
-            self._otlp_metrics.shutdown()
-        if self.metrics is not None:
-            self.metrics.shutdown()
-
 
 def run(cfg: Config, *, load_probes: bool = True,
         reload_config: Callable[[], Config] | None = None) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP re-reads the configuration. Returns the exit code."""
     setup_logging(cfg.log_level, cfg.log_format)
-    daemon = Daemon(cfg, load_probes=load_probes)
     stop = threading.Event()
     hup = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: hup.set())
+    try:
+        daemon = Daemon(cfg, load_probes=load_probes)
+    except (StartupError, ConfigError) as exc:
+        print(f"isoscope: {exc}", file=sys.stderr, flush=True)
+        return 2
     try:
         daemon.start()
     except (StartupError, ConfigError) as exc:

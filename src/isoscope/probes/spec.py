@@ -7,7 +7,10 @@ probe that fails to compile or attach degrades alone while the others run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
+
+if TYPE_CHECKING:  # the hooks know the host; a declaration does not need to
+    from isoscope.probes.hooks import ProbeSetup
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +65,9 @@ class ProbeSpec:
             unavailable with that exception as the reason.
         method: how the probe measures, for ``isoscope probes`` (``kernel_defines``
             may refine it through an ``ISO_METHOD`` entry, which is not passed to the compiler).
+        setup: the probe's map setup, run once after it attached: writes what user space
+            knows into its maps and returns the runtime refreshed every housekeeping tick
+            (see :mod:`isoscope.probes.hooks`).
     """
 
     name: str
@@ -75,6 +81,7 @@ class ProbeSpec:
     ringbuf_pages: int = 64
     kernel_defines: Callable[[], Mapping[str, int | str]] | None = None
     method: str = "tracepoint"
+    setup: ProbeSetup | None = None
 
     def attach_strings(self) -> list[str]:
         return [str(a) for a in self.attach]

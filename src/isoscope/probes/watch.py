@@ -23,11 +23,15 @@ MAX_WATCHED_CGROUPS = 4096
 class WatchSet:
     """The set of watched tgids and cgroup ids, mirrored into every probe that declares the maps.
 
+    The set is kept from the start; the kernel side names the modules to mirror
+    into once its probes loaded (:meth:`mirror_into`), which writes everything
+    gathered so far.
+
     Args:
-        modules: callable returning the loaded bcc modules to mirror into.
+        modules: callable returning the loaded bcc modules to mirror into (none by default).
     """
 
-    def __init__(self, modules: Callable[[], Iterable[Any]]) -> None:
+    def __init__(self, modules: Callable[[], Iterable[Any]] = lambda: ()) -> None:
         self._modules = modules
         self._lock = threading.Lock()
         self.tgids: set[int] = set()
@@ -100,6 +104,12 @@ class WatchSet:
             self.watch_all = on
             for t in self._each("watch_all"):
                 t[ctypes.c_int(0)] = ctypes.c_uint32(1 if on else 0)
+
+    def mirror_into(self, modules: Callable[[], Iterable[Any]]) -> None:
+        """Mirror into these modules from now on, starting with the whole set."""
+        with self._lock:
+            self._modules = modules
+        self.resync()
 
     def resync(self) -> None:
         """Write the whole set into every module (after a probe was (re)loaded)."""
