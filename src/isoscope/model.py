@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Protocol
 
 # ---------------------------------------------------------------------------
-# The layer model (shared/DESIGN.md §1)
+# The layer model (docs/architecture.md §1)
 # ---------------------------------------------------------------------------
 
 LAYERS: tuple[str, ...] = ("L-0", "L-1", "L-2", "L-3", "L-4")
@@ -246,13 +246,15 @@ class Workload:
     """Who a span belongs to, as precisely as it could be resolved.
 
     Attributes:
-        scope: ``"thread"``, ``"process"`` or ``"container"`` (see DESIGN §4).
+        scope: ``"thread"``, ``"process"`` or ``"container"`` (see docs/architecture.md §4).
         tid: host tid when scope is thread, else 0.
         pid: host tgid when known, else 0.
         cgroup_id: cgroup v2 id when known, else 0.
         cgroup_path: cgroup path when known.
         namespace / pod / container: Kubernetes names where known ("" otherwise).
         stack: the isolation stack of the workload.
+        cgroup_ids: every cgroup that holds the workload's threads (a pod: all its containers'
+            cgroups, never the pod-level cgroup that holds none); empty means ``(cgroup_id,)``.
     """
 
     scope: str
@@ -264,6 +266,7 @@ class Workload:
     pod: str = ""
     container: str = ""
     stack: IsolationStack | None = None
+    cgroup_ids: tuple[int, ...] = ()
 
 
 # ---------------------------------------------------------------------------
@@ -323,9 +326,12 @@ class TraceBatch:
         request: an ``ExportTraceServiceRequest`` protobuf message (mutated in place by enrichment).
         protocol: ``"grpc"`` or ``"http"``.
         span_count: number of spans in ``request`` as received.
-        peer_pid: pid owning the sending socket when resolvable (loopback), else 0.
+        peer_pid: host pid owning the sending socket (found in the sender's own network
+            namespace), else 0.
         peer_addr: the sender's address (``ip:port``) if known.
         received_mono_ns: when it was received (CLOCK_MONOTONIC).
+        peer_relay: the sender is a trusted relay (configured, or authenticated as one): its spans
+            may name the workload they come from.
     """
 
     request: Any
@@ -334,6 +340,7 @@ class TraceBatch:
     peer_pid: int = 0
     peer_addr: str = ""
     received_mono_ns: int = 0
+    peer_relay: bool = False
 
 
 class TraceConsumer(Protocol):
@@ -405,14 +412,15 @@ class Stats:
     """Thread-safe counters and gauges every stage writes to and exporters read.
 
     The Prometheus exporter turns these into the ``isoscope_*`` self-telemetry
-    metrics of DESIGN §4, so no stage needs to import an exporter.
+    metrics of docs/architecture.md §4, so no stage needs to import an exporter.
 
     Counter names used (labels in brackets):
         ``spans_received_total`` [protocol], ``spans_enriched_total`` [scope],
         ``spans_exported_total`` [exporter, outcome], ``spans_dropped_total`` [reason],
         ``kernel_events_lost_total`` [probe], ``enrichment_failures_total`` [stage],
         ``requests_rejected_total`` [protocol, reason], ``queue_files_quarantined_total`` [queue],
-        ``clock_steps_total`` [].
+        ``clock_steps_total`` [], ``identity_rejected_total`` [reason] (a span's claim that its proven
+        sender does not back), ``child_spans_emitted_total`` [], ``probe_setup_failures_total`` [probe].
     Gauges: ``probe_attached`` [probe], ``queue_size`` [queue].
     """
 
