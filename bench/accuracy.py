@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from isoscope_lab import Daemon, ScenarioRun, run_scenario, scenarios  # noqa: E402
+from isoscope_lab import ScenarioRun, daemon_for_lab, run_scenario, scenarios  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     with tempfile.TemporaryDirectory(prefix="isoscope-bench-") as tmp:
-        daemon = Daemon.on_free_ports(os.path.join(tmp, "traces.jsonl"))
-        with daemon:
+        with daemon_for_lab(os.path.join(tmp, "traces.jsonl"), inherit_env_overrides=True) as daemon:
             for name in names:
                 sc = catalogue[name]
                 t0 = time.monotonic()

@@ -24,7 +24,7 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from isoscope_lab.scenario import Daemon  # noqa: E402  (the lab's daemon launcher)
+from isoscope_lab import daemon_for_lab  # noqa: E402
 V2 = "/sys/fs/cgroup/unified" if os.path.isdir("/sys/fs/cgroup/unified/cgroup.procs") or os.path.exists(
     "/sys/fs/cgroup/unified/cgroup.procs") else "/sys/fs/cgroup"
 
@@ -62,8 +62,9 @@ def main() -> int:
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="isoscope-rss-")
     # watch_all: every thread is followed in the kernel and in the timeline (the worst case).
-    lab = Daemon.on_free_ports(os.path.join(tmp, "traces.jsonl"), config={"PROBES__WATCH_ALL": "true"}).start()
-    daemon, base = lab.proc, f"http://{lab.metrics_listen}"
+    lab = daemon_for_lab(os.path.join(tmp, "traces.jsonl"), config={"probes": {"watch_all": True}},
+                         inherit_env_overrides=True).start()
+    daemon, base = lab.proc, lab.metrics_base
     procs: list[subprocess.Popen] = []
     cgdirs: list[str] = []
     try:

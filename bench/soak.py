@@ -31,8 +31,9 @@ sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 
+from isoscope_lab.launcher import IsoscopeDaemon  # noqa: E402
 from tests.otlp_backend import OtlpBackend, make_payload, span_hex  # noqa: E402
-from tests.reliability.launcher import DaemonProcess, GrpcClient, http_post  # noqa: E402
+from tests.reliability.clients import GrpcClient, http_post  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class Sender:
     latencies_s: list[float] = field(default_factory=list)
     send_times: dict[str, float] = field(default_factory=dict)  # first span hex of a batch -> monotonic
 
-    def run(self, daemon: DaemonProcess, stop: threading.Event) -> None:
+    def run(self, daemon: IsoscopeDaemon, stop: threading.Event) -> None:
         client = GrpcClient(daemon.grpc_endpoint) if self.protocol == "grpc" else None
         interval = 1.0 / self.requests_per_s
         next_at = time.monotonic()
@@ -67,7 +68,7 @@ class Sender:
                         code, _details, _ = client.export(payload, timeout_s=10)
                         ok = code is grpc.StatusCode.OK
                     else:
-                        status, _, _ = http_post(daemon.http_url, payload, timeout_s=10)
+                        status, _, _ = http_post(daemon.http_traces_url, payload, timeout_s=10)
                         ok = status == 200
                 except OSError:
                     ok = False
@@ -114,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
 
     backend = OtlpBackend()
     work = Path(tempfile.mkdtemp(prefix="isoscope-soak-"))
-    daemon = DaemonProcess(work, forward=[backend.grpc_url], probes=not args.no_probes)
+    # Short backoff, as in the reliability tests: a refused batch is retried promptly.
+    daemon = IsoscopeDaemon(work, forward=[backend.grpc_url], probes=not args.no_probes,
+                            config={"exporters": {"queue": {"initial_backoff_s": 0.1, "max_backoff_s": 1.0}}})
     rss: list[int] = []
     try:
         t_start = time.monotonic()

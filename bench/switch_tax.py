@@ -1,31 +1,41 @@
-"""Context-switch tax of the sched probe: pipe ping-pong round trip, µs added.
+"""Context-switch tax of the whole isoscope daemon: pipe ping-pong round trip, µs added.
 
-Two processes pinned to one CPU bounce a byte over two pipes: each round trip
-is 2 wake-ups + 2 context switches + 4 syscalls. The round trip is measured
-with nothing attached, with bpf/sched.bpf.c attached, and with the reference
-tool ``runqlat-bpfcc`` attached, interleaved in the same run (the median of
-several rounds per configuration), so the added costs are comparable even on
-a shared machine.
+Two processes pinned to one CPU bounce a byte over two pipes: each round trip is 2 wake-ups + 2 context
+switches + 4 syscalls (read/write). Timed in each round, with:
 
-Usage: ``.venv/bin/python bench/switch_tax.py [--rounds 5] [--iters 200000]`` (root).
+    none          nothing attached by this run
+    floor         empty RAW_TRACEPOINT_PROBEs on sched_switch + sched_wakeup
+    runqlat       ``runqlat-bpfcc`` (the reference tool for scheduler hooks)
+    syscount      ``syscount-bpfcc -L`` (what the 4 syscalls alone cost with the syscall reference)
+    daemon        ``isoscope run`` with its default probes, the ping-pong pair unwatched
+    watched       the same daemon, the pair in a cgroup the daemon watches (``probes.watch_cgroups``):
+                  on-CPU segments for steal, syscall timing
+
+The daemon is started for each round (and stopped after it). The added cost of a row is its round trip
+minus the same round's ``none``; the figure reported is the median over rounds. Run as root:
+
+    .venv/bin/python bench/switch_tax.py [--rounds 5] [--iters 100000] [--markdown bench/results/switch_tax.md]
+
+Acceptance (exit status 1 otherwise): daemon ≤ runqlat in the same run (aim: ½).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from probe_harness import AttachedProbe, build_c, import_bcc  # noqa: E402
+from probe_harness import (EmptyPrograms, ReferenceTool, build_c, daemon_command, provenance,  # noqa: E402
+                           provenance_lines, whole_daemon)
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +49,7 @@ PINGPONG_C = r"""
 #include <unistd.h>
 int main(int argc, char **argv) {
     long n = atol(argv[1]); int cpu = atoi(argv[2]);
+    if (argc > 3) { char b[8]; if (read(0, b, sizeof b) <= 0) return 3; }   /* wait for "go" */
     cpu_set_t set; CPU_ZERO(&set); CPU_SET(cpu, &set); sched_setaffinity(0, sizeof(set), &set);
     int a[2], b[2]; char c = 0;
     if (pipe(a) || pipe(b)) return 1;
@@ -52,41 +63,36 @@ int main(int argc, char **argv) {
 }
 """
 
-
-def round_trip_us(exe: str, iters: int, cpu: int) -> float:
-    out = subprocess.run([exe, str(iters), str(cpu)], check=True, capture_output=True, text=True, timeout=120)
-    return float(out.stdout.strip())
-
-
-def sched_probe() -> AttachedProbe:
-    """bpf/sched.bpf.c loaded through the daemon's loader, drained like the daemon does."""
-    from isoscope.kernel.btf import sched_defines
-    from isoscope.probes.catalog import SCHED
-
-    import_bcc()
-    return AttachedProbe(SCHED, defines=sched_defines(), poll_interval_s=0.05)
+ROWS = ("none", "floor", "runqlat", "syscount", "daemon", "watched")
+LABELS = {
+    "none": "nothing",
+    "floor": "empty raw tracepoints sched_switch + sched_wakeup (floor)",
+    "runqlat": "`runqlat-bpfcc`",
+    "syscount": "`syscount-bpfcc -L`",
+    "daemon": "**whole isoscope daemon, default probes; unwatched pair**",
+    "watched": "whole isoscope daemon; pair in a watched cgroup",
+}
+WATCH_PREFIX = f"/isoscope-bench-switch-tax-{os.getpid()}"
 
 
-class RunqlatAttached:
-    """The reference tool ``runqlat-bpfcc`` running (attached) in the background."""
-
-    def __enter__(self) -> "RunqlatAttached":
-        tool = shutil.which("runqlat-bpfcc") or "/usr/sbin/runqlat-bpfcc"
-        self.proc = subprocess.Popen([tool, "3600", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
-        if "Tracing" not in line:
-            self.proc.kill()
-            raise RuntimeError(f"runqlat-bpfcc did not attach: {line!r}")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+def round_trip_us(exe: str, iters: int, cpu: int, before_start: Callable[[int], None] | None = None) -> float:
+    """µs per round trip in a fresh pair (``before_start(pid)`` runs before it forks and starts)."""
+    args = [exe, str(iters), str(cpu)] + (["wait"] if before_start else [])
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        if before_start:
+            before_start(proc.pid)
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(f"the ping-pong exited with {proc.returncode}")
+    return float(out.strip())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,47 +100,94 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--iters", type=int, default=100_000)
     parser.add_argument("--cpu", type=int, default=(os.cpu_count() or 1) - 1)
-    parser.add_argument("--markdown", type=Path, help="also write the figures to this file")
+    parser.add_argument("--no-reference", action="store_true", help="skip runqlat and syscount")
+    parser.add_argument("--markdown", "--write", dest="markdown", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if os.geteuid() != 0:
+        print("bench/switch_tax.py needs root (eBPF, cgroups)", file=sys.stderr)
+        return 2
+    prov = provenance(argv if argv is None else [__file__, *argv])
 
-    results: dict[str, list[float]] = {"bare": [], "sched": [], "runqlat": []}
+    from isoscope.host.cgroupfs import cgroup_v2_root
+
+    v2 = cgroup_v2_root()
+    if v2 is None:
+        print("no cgroup v2 hierarchy: the watched row needs one", file=sys.stderr)
+        return 2
+    watched_dir = Path(v2) / WATCH_PREFIX.lstrip("/")
+    config = {"probes": {"watch_cgroups": [WATCH_PREFIX]}}
+    results: dict[str, list[float]] = {k: [] for k in ROWS}
     with tempfile.TemporaryDirectory() as tmp:
         exe = build_c(tmp, "pingpong", PINGPONG_C, "-O2")
         round_trip_us(exe, args.iters // 10, args.cpu)  # warm-up
-        for _ in range(args.rounds):
-            results["bare"].append(round_trip_us(exe, args.iters, args.cpu))
-            with sched_probe():
-                time.sleep(0.2)
-                results["sched"].append(round_trip_us(exe, args.iters, args.cpu))
-            with RunqlatAttached():
-                time.sleep(0.2)
-                results["runqlat"].append(round_trip_us(exe, args.iters, args.cpu))
+        floor = EmptyPrograms(["sched_switch", "sched_wakeup"])
+        watched_dir.mkdir(exist_ok=True)  # before the daemon starts: it watches matching cgroups at start
+        try:
+            for r in range(args.rounds):
+                results["none"].append(round_trip_us(exe, args.iters, args.cpu))
+                with floor:
+                    results["floor"].append(round_trip_us(exe, args.iters, args.cpu))
+                if not args.no_reference:
+                    with ReferenceTool(["runqlat-bpfcc", "3600", "1"]):
+                        results["runqlat"].append(round_trip_us(exe, args.iters, args.cpu))
+                    with ReferenceTool(["syscount-bpfcc", "-L", "-i", "3600"]):
+                        results["syscount"].append(round_trip_us(exe, args.iters, args.cpu))
+                with whole_daemon(config):
+                    results["daemon"].append(round_trip_us(exe, args.iters, args.cpu))
+                    results["watched"].append(round_trip_us(
+                        exe, args.iters, args.cpu, lambda pid: (watched_dir / "cgroup.procs").write_text(str(pid))))
+                print(f"round {r + 1}: " + ", ".join(f"{k}={v[-1]:.2f}" for k, v in results.items() if v),
+                      flush=True)
+        finally:
+            floor.close()
+            try:
+                watched_dir.rmdir()
+            except OSError:
+                logger.warning("could not remove %s", watched_dir)
 
-    med = {k: statistics.median(v) for k, v in results.items()}
-    added_sched = med["sched"] - med["bare"]
-    added_runqlat = med["runqlat"] - med["bare"]
-    lines = [
-        "## switch_tax — pipe ping-pong round trip (2 wake-ups + 2 switches + 4 syscalls), one CPU",
-        "",
-        f"{args.rounds} interleaved rounds × {args.iters} round trips, median per configuration.",
-        "",
-        "| attached | round trip µs | added µs |",
-        "|---|---|---|",
-        f"| nothing | {med['bare']:.2f} | 0 |",
-        f"| isoscope sched probe | {med['sched']:.2f} | {added_sched:.2f} |",
-        f"| runqlat-bpfcc | {med['runqlat']:.2f} | {added_runqlat:.2f} |",
-        "",
-        f"sched probe / runqlat added-cost ratio: {added_sched / added_runqlat:.2f}" if added_runqlat > 0 else
-        "runqlat added no measurable cost in this run",
-        "",
-        "raw (µs): " + "; ".join(f"{k}=" + ",".join(f"{x:.2f}" for x in v) for k, v in results.items()),
-    ]
-    print("\n".join(lines))
+    rounds = len(results["none"])
+    added = {k: statistics.median(results[k][i] - results["none"][i] for i in range(rounds))
+             for k in ROWS if results[k]}
+    med = {k: statistics.median(v) for k, v in results.items() if v}
+    ratio = added["daemon"] / added["runqlat"] if added.get("runqlat", 0) > 0 else None
+    ok = ratio is None or ratio <= 1.0
+    r = {"provenance": prov, "daemon_command": daemon_command(), "daemon_config": config, "rounds": rounds,
+         "iters": args.iters, "cpu": args.cpu, "median_us": med, "added_us": added, "samples_us": results,
+         "daemon_over_runqlat": ratio, "acceptance": "met" if ok else "NOT met"}
+    print(json.dumps(r, indent=2))
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text("\n".join(lines) + "\n")
-    return 0 if added_sched <= max(added_runqlat, 0.0) + 0.1 else 1
+        args.markdown.write_text(render(r))
+    return 0 if ok else 1
+
+
+def render(r: dict[str, Any]) -> str:
+    lines = [
+        "## Switch tax (`bench/switch_tax.py`): pipe ping-pong round trip (2 wake-ups + 2 switches + "
+        "4 syscalls), one CPU",
+        "",
+        *provenance_lines(r["provenance"]),
+        "",
+        f"Daemon: `{r['daemon_command']}` with `{json.dumps(r['daemon_config'])}` (default probes), "
+        "started for each round.",
+        "",
+        f"{r['rounds']} rounds × {r['iters']:,} round trips on CPU {r['cpu']}; added = median of per-round "
+        "differences to the same round's bare run.",
+        "",
+        "| attached | round trip µs (median) | added µs |",
+        "|---|---:|---:|",
+    ]
+    for key in ROWS:
+        if key in r["median_us"]:
+            lines.append(f"| {LABELS[key]} | {r['median_us'][key]:.2f} | {r['added_us'][key]:.2f} |")
+    lines.append("")
+    if r["daemon_over_runqlat"] is not None:
+        lines.append(f"Whole daemon / runqlat added-cost ratio: {r['daemon_over_runqlat']:.2f} "
+                     f"(target ≤ 1, aim 0.5): {r['acceptance']}.")
+    lines += ["", "Raw µs per round: " + "; ".join(
+        f"{k}=" + ",".join(f"{x:.2f}" for x in v) for k, v in r["samples_us"].items() if v)]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ def kernel_env() -> Iterator[Any]:
     :class:`isoscope.kernel.env.KernelEnv`.
     """
     _fail_unless_root("kernel_env")
-    from isoscope.kernel.env import BCC_ENV, prepare
+    from isoscope.kernel.env import prepare
+    from isoscope.kernel.headers import BCC_ENV
 
     before = os.environ.get(BCC_ENV)
     env = prepare()

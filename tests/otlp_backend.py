@@ -15,6 +15,12 @@ Usage::
         backend.attempts                         # every request, accepted or not (Attempt)
         backend.stop(); backend.start()          # "down" then back, on the SAME ports
 
+    # A backend as hosted ones are: TLS (optionally requiring a client certificate) and a token.
+    with OtlpBackend(tls=BackendTls(cert_file, key_file, client_ca_file=ca), bearer_token="t0k") as b:
+        b.grpc_url                               # "grpcs://127.0.0.1:PORT"
+        b.http_url                               # "https://127.0.0.1:PORT"
+        b.handshake_failures                     # HTTP TLS handshakes the server refused
+
     make_payload([1, 2, 3])                      # serialized request whose span ids are 1, 2, 3
     span_hex(1)                                  # "0000000000000001", the hex form recorded
 
@@ -26,12 +32,15 @@ Failures (each has a gRPC and an HTTP rendering, so one plan serves both protoco
 ``Failure.invalid_argument()``     INVALID_ARGUMENT                    400
 ``Failure.too_large()``            RESOURCE_EXHAUSTED, no RetryInfo    413
 ``Failure.partial(n, msg)``        OK with ``partial_success``         200 with ``partial_success``
+``Failure.unauthenticated()``      UNAUTHENTICATED                     401
 ``Failure(grpc_code, http_status)``  anything else
 =================================  ==================================  ======================
 
 ``Failure.*(retry_after_s, http_date=True)`` sends ``Retry-After`` as an HTTP-date.
 A request answered with a failure is recorded in ``attempts`` only; its spans are
-not "received". A partial success records the request as received.
+not "received". A partial success records the request as received. With
+``bearer_token`` set, a request without ``Authorization: Bearer <token>`` is
+answered ``Failure.unauthenticated()`` (recorded in ``attempts``), before the plan.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from __future__ import annotations
 import gzip
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections import Counter
@@ -101,6 +111,10 @@ class Failure:
         return cls(grpc.StatusCode.RESOURCE_EXHAUSTED, 413, None, False, "request too large")
 
     @classmethod
+    def unauthenticated(cls) -> "Failure":
+        return cls(grpc.StatusCode.UNAUTHENTICATED, 401, None, False, "missing or invalid bearer token")
+
+    @classmethod
     def partial(cls, rejected: int, message: str = "some spans rejected") -> "Failure":
         return cls(grpc.StatusCode.OK, 200, None, False, message, rejected)
 
@@ -128,6 +142,38 @@ class Attempt:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class BackendTls:
+    """Server-side TLS of the backend (PEM files).
+
+    Attributes:
+        cert_file: server certificate chain (its SAN must cover 127.0.0.1).
+        key_file: server private key.
+        client_ca_file: when set, clients must present a certificate signed by it (mTLS).
+    """
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+
+    def ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.cert_file, self.key_file)
+        if self.client_ca_file:
+            ctx.load_verify_locations(cafile=self.client_ca_file)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    def grpc_credentials(self) -> grpc.ServerCredentials:
+        with open(self.key_file, "rb") as k, open(self.cert_file, "rb") as c:
+            pair = (k.read(), c.read())
+        ca = None
+        if self.client_ca_file:
+            with open(self.client_ca_file, "rb") as f:
+                ca = f.read()
+        return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+
+
 class OtlpBackend:
     """Recording OTLP/gRPC + OTLP/HTTP trace backend on loopback.
 
@@ -136,10 +182,16 @@ class OtlpBackend:
         http_enabled: run the HTTP ``/v1/traces`` server.
         delay_s: time every request takes before it is answered (a slow backend).
         start: listen right away (otherwise call :meth:`start`).
+        tls: serve both protocols over TLS (mTLS when it names a client CA).
+        bearer_token: require ``Authorization: Bearer <token>`` on every request.
     """
 
     def __init__(self, *, grpc_enabled: bool = True, http_enabled: bool = True,
-                 delay_s: float = 0.0, start: bool = True) -> None:
+                 delay_s: float = 0.0, start: bool = True, tls: BackendTls | None = None,
+                 bearer_token: str | None = None) -> None:
+        self.tls = tls
+        self.bearer_token = bearer_token
+        self.handshake_failures: list[str] = []
         self.delay_s = delay_s
         self._grpc_enabled = grpc_enabled
         self._http_enabled = http_enabled
@@ -164,11 +216,11 @@ class OtlpBackend:
 
     @property
     def grpc_url(self) -> str:
-        return f"grpc://127.0.0.1:{self.grpc_port}"
+        return f"{'grpcs' if self.tls else 'grpc'}://127.0.0.1:{self.grpc_port}"
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.http_port}"
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -177,7 +229,9 @@ class OtlpBackend:
         if self._grpc_enabled and self._grpc_server is None:
             server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
             trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Servicer(self), server)
-            port = server.add_insecure_port(f"127.0.0.1:{self.grpc_port}")
+            address = f"127.0.0.1:{self.grpc_port}"
+            port = (server.add_secure_port(address, self.tls.grpc_credentials()) if self.tls
+                    else server.add_insecure_port(address))
             if port == 0:
                 raise OSError(f"cannot bind gRPC port {self.grpc_port}")
             self.grpc_port = port
@@ -185,6 +239,11 @@ class OtlpBackend:
             self._grpc_server = server
         if self._http_enabled and self._http_server is None:
             httpd = _HttpServer(("127.0.0.1", self.http_port), _HttpHandler, self)
+            if self.tls:
+                # The handshake is done by the handler thread (see _HttpHandler.setup), so
+                # a client that fails it cannot stall the accept loop.
+                httpd.socket = self.tls.ssl_context().wrap_socket(
+                    httpd.socket, server_side=True, do_handshake_on_connect=False)
             self.http_port = httpd.server_address[1]
             self._http_thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                                  name="otlp-backend-http", daemon=True)
@@ -263,7 +322,10 @@ class OtlpBackend:
         """Decide and record one request; returns the failure to answer with, if any."""
         if self.delay_s:
             time.sleep(self.delay_s)
-        failure = self._next_failure()
+        if self.bearer_token is not None and headers.get("authorization") != f"Bearer {self.bearer_token}":
+            failure: Failure | None = Failure.unauthenticated()
+        else:
+            failure = self._next_failure()
         ids = [span.span_id.hex() for span in iter_spans(request)]
         with self._cond:
             self.attempts.append(Attempt(protocol, time.monotonic(), ids, failure, headers))
@@ -451,6 +513,23 @@ class _HttpHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         logger.debug("otlp backend http: " + format, *args)
+
+    def setup(self) -> None:
+        self._refused = False
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.settimeout(10)
+            try:
+                self.request.do_handshake()
+            except (ssl.SSLError, OSError) as exc:
+                self._refused = True
+                with self.server.backend._cond:
+                    self.server.backend.handshake_failures.append(f"{type(exc).__name__}: {exc}")
+            self.request.settimeout(None)
+        super().setup()
+
+    def handle(self) -> None:
+        if not self._refused:
+            super().handle()
 
     def do_POST(self) -> None:  # noqa: N802 - stdlib naming
         if not self.server.begin():

@@ -45,6 +45,10 @@ PARSE_CASES = [
     (f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{POD_US}.slice/cri-containerd-{CID}.scope",
      "containerd", CID, POD, "burstable"),
     (f"/kubepods.slice/kubepods-pod{POD_US}.slice/cri-containerd-{CID}.scope", "containerd", CID, POD, "guaranteed"),
+    (f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{POD_US}.slice/containerd-{CID}.scope",
+     "containerd", CID, POD, "burstable"),
+    (f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{POD_US.upper()}.slice/cri-containerd-{CID}.scope",
+     "containerd", CID, POD, "burstable"),  # upper-case UID: reported in canonical lower case
     (f"/kubepods/besteffort/pod{POD}/{CID}", "containerd", CID, POD, "besteffort"),
     (f"/kubepods/burstable/pod{POD}/{CID}", "containerd", CID, POD, "burstable"),
     (f"/kubepods/pod{POD}/{CID}", "containerd", CID, POD, "guaranteed"),

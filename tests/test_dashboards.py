@@ -38,6 +38,7 @@ import pytest
 import yaml
 
 from isoscope.model import Breakdown, Stall, Stats
+from isoscope.metrics.admin import AdminServer
 from isoscope.metrics.prometheus import PrometheusExporter
 
 try:
@@ -176,13 +177,14 @@ def metrics_target(request: pytest.FixtureRequest,
 def _exporter_target() -> Iterator[MetricsTarget]:
     stats = Stats()
     exp = PrometheusExporter(stats, max_label_values=40)
-    host, port = exp.serve("127.0.0.1", 0, ready=lambda: (True, "ready"))
+    admin = AdminServer("127.0.0.1", 0, metrics=exp, ready=lambda: (True, "ready"))
+    host, port = admin.start()
     feeder = Feeder(exp, stats).start()
     try:
         yield MetricsTarget(f"{host}:{port}", "exporter")
     finally:
         feeder.stop()
-        exp.shutdown()
+        admin.shutdown()
 
 
 def _daemon_target(workdir: Path) -> Iterator[MetricsTarget]:

@@ -13,8 +13,8 @@ import time
 import pytest
 
 from isoscope.model import ExportOutcome, ExportResult, Stats
-from isoscope.exporters import DiskSpool, ExportQueue, InMemoryExporter, OtlpGrpcExporter, OtlpHttpExporter
-from isoscope.exporters.queue import decode_frame, encode_frame, SpoolCorrupt
+from isoscope.exporters import ExportQueue, InMemoryExporter, OtlpGrpcExporter, OtlpHttpExporter
+from isoscope.spool import DiskSpool, SpoolCorrupt, decode_frame, encode_frame
 from tests.otlp_backend import Failure, OtlpBackend, make_payload, span_hex
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -474,3 +474,11 @@ def test_persisted_batches_removed_only_after_success_or_counted_drop(tmp_path):
     assert _dropped(stats, "rejected") == 1
     assert exp.span_ids() == [span_hex(2)]
     assert DiskSpool(tmp_path).keys() == []
+
+
+def test_spool_is_a_leaf_module() -> None:
+    """The export queue and the daemon's receipt log both use the spool: it must not pull either in."""
+    code = ("import sys, isoscope.spool; "
+            "print(sorted(m for m in sys.modules if m.startswith('isoscope.') and m != 'isoscope.spool'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -11,16 +11,14 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from isoscope.host.cgroupfs import parse_cgroup_path
 from isoscope.metadata.kubernetes import (
-    CgroupIdentity,
     CgroupOnlyPodMetadata,
     KubeAPIConfig,
     KubeConfigError,
     KubePodMetadata,
     PodMetadata,
-    _parse_cgroup_minimal,
     normalize_container_id,
-    parse_cgroup_identity,
 )
 from isoscope.model import Stats
 from tests.k8s_api_server import KubeAPIServer, TLSFiles, make_pod, make_tls_files
@@ -389,27 +387,34 @@ CID = "0123456789abcdef" * 4
 
 @pytest.mark.parametrize("path, expected", [
     (f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID.replace('-', '_')}.slice/"
-     f"cri-containerd-{CID}.scope", CgroupIdentity(UID, CID, "burstable")),
-    (f"/kubepods.slice/kubepods-pod{UID.replace('-', '_')}.slice/crio-{CID}.scope",
-     CgroupIdentity(UID, CID, "guaranteed")),
+     f"cri-containerd-{CID}.scope", (UID, CID, "burstable")),
+    (f"/kubepods.slice/kubepods-pod{UID.replace('-', '_')}.slice/crio-{CID}.scope", (UID, CID, "guaranteed")),
     (f"/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID.replace('-', '_')}.slice/"
-     f"docker-{CID}.scope", CgroupIdentity(UID, CID, "besteffort")),
-    (f"/kubepods/burstable/pod{UID}/{CID}", CgroupIdentity(UID, CID, "burstable")),
-    (f"/kubepods/pod{UID}/{CID}", CgroupIdentity(UID, CID, "guaranteed")),
-    (f"/kubepods/besteffort/pod{UID}", CgroupIdentity(UID, "", "besteffort")),
-    (f"/system.slice/docker-{CID}.scope", CgroupIdentity()),
-    ("/user.slice/user-0.slice/session-1.scope", CgroupIdentity()),
-    ("/", CgroupIdentity()),
+     f"docker-{CID}.scope", (UID, CID, "besteffort")),
+    (f"/kubepods/burstable/pod{UID}/{CID}", (UID, CID, "burstable")),
+    (f"/kubepods/pod{UID}/{CID}", (UID, CID, "guaranteed")),
+    (f"/kubepods/besteffort/pod{UID}", (UID, "", "besteffort")),
+    # A plain Docker container outside Kubernetes: no pod, but the container id is known.
+    (f"/system.slice/docker-{CID}.scope", ("", CID, "")),
+    ("/user.slice/user-0.slice/session-1.scope", ("", "", "")),
 ])
-def test_cgroup_path_identity(path: str, expected: CgroupIdentity) -> None:
-    assert _parse_cgroup_minimal(path) == expected
-    ident = parse_cgroup_identity(path)
-    assert (ident.pod_uid, ident.qos_class) == (expected.pod_uid, expected.qos_class)
-    if expected.container_id:
-        assert ident.container_id == expected.container_id
-    # A plain Docker container outside Kubernetes may still yield its id
-    # (isoscope.host.cgroupfs knows runtimes beyond the kubelet's layouts).
-    assert ident.container_id in (expected.container_id, CID)
+def test_cgroup_fallback_answers_what_the_one_cgroup_parser_decodes(path: str, expected: tuple) -> None:
+    """The cgroup-only fallback is exactly ``isoscope.host.cgroupfs.parse_cgroup_path``, no second parser."""
+    info = parse_cgroup_path(path)
+    assert (info.pod_uid, info.container_id, info.qos_class) == expected
+    found = CgroupOnlyPodMetadata(node_name="n1").lookup(cgroup_path=path)
+    if expected == ("", "", ""):
+        assert found is None
+    else:
+        assert found is not None
+        assert (found.uid, found.container_id, found.qos_class, found.source) == expected + ("cgroup",)
+
+
+def test_cgroup_fallback_has_no_parser_of_its_own() -> None:
+    import isoscope.metadata.kubernetes as k8s
+
+    assert not hasattr(k8s, "parse_cgroup_identity") and not hasattr(k8s, "_parse_cgroup_minimal")
+    assert "kubepods" not in open(k8s.__file__, encoding="utf-8").read()
 
 
 def test_cgroup_only_metadata_answers_from_the_path() -> None:

@@ -18,9 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from isoscope.kernel import env as kernelenv
-from isoscope.kernel.env import (BCC_ENV, FEATURES, Features, HeadersChoice, detect_features, ensure_tracefs,
-                                 find_kernel_headers, link_modules_dir, prepare)
+from isoscope.kernel.btf import BTF
+from isoscope.kernel.capabilities import CAP_BPF, CAP_PERFMON
+from isoscope.kernel.env import prepare
+from isoscope.kernel.features import FEATURES, Features, detect_features
+from isoscope.kernel.headers import BCC_ENV, HeadersChoice, find_kernel_headers, link_modules_dir
+from isoscope.kernel.tracefs import ensure_tracefs
 
 pytestmark = pytest.mark.kernel
 
@@ -342,7 +345,7 @@ def test_features_from_a_prepared_old_unprivileged_kernel(tmp_path: Path) -> Non
 
 
 def test_features_capabilities_without_root_are_enough(tmp_path: Path) -> None:
-    caps = (1 << kernelenv.CAP_BPF) | (1 << kernelenv.CAP_PERFMON)
+    caps = (1 << CAP_BPF) | (1 << CAP_PERFMON)
     proc = _make_tree(tmp_path / "proc", {
         "sys/kernel/osrelease": "6.6.0\n",
         "sys/kernel/unprivileged_bpf_disabled": "2\n",
@@ -352,6 +355,38 @@ def test_features_capabilities_without_root_are_enough(tmp_path: Path) -> None:
     f = detect_features(None, sys_root=str(sys_root), proc_root=str(proc), probe_kernel=False)
     assert f.bpf and f.raw_tracepoint and f.ringbuf and f.btf
     assert not f.kprobes and "kprobes" in f.missing_reason("kprobes")
+
+
+def _btf_blob(types: list[bytes], strings: bytes) -> bytes:
+    """A BTF file as the kernel lays it out (include/uapi/linux/btf.h): header, types, strings."""
+    import struct
+
+    body = b"".join(types)
+    return struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, len(body), len(body), len(strings)) + body + strings
+
+
+def test_btf_func_id_counts_type_ids_across_kinds(tmp_path: Path) -> None:
+    """Function lookup (what fentry detection attaches by) shares the one BTF parser with struct offsets."""
+    import struct
+
+    strings = b"\0int\0foo\0bar\0x\0"
+    int_t = struct.pack("<III", 1, 1 << 24, 4) + struct.pack("<I", 32)                   # [1] int
+    proto = struct.pack("<III", 0, (13 << 24) | 1, 1) + struct.pack("<II", 0, 1)        # [2] int (*)(int)
+    bar_s = struct.pack("<III", 9, (4 << 24) | 1, 4) + struct.pack("<III", 13, 1, 0)    # [3] struct bar { int x; }
+    foo_f = struct.pack("<III", 5, 12 << 24, 2)                                         # [4] int foo(int)
+    path = tmp_path / "vmlinux"
+    path.write_bytes(_btf_blob([int_t, proto, bar_s, foo_f], strings))
+    btf = BTF(str(path))
+    assert btf.func_id(["bar", "foo"]) == ("foo", 4)  # "bar" is a struct here, not a function
+    assert btf.func_id(["nope"]) is None
+    assert btf.member("bar", "x").offset == 0
+
+
+def test_btf_func_id_on_the_running_kernel() -> None:
+    btf = BTF("/sys/kernel/btf/vmlinux")
+    name, type_id = btf.func_id(["no_such_function_here", "do_nanosleep", "vfs_read"])
+    assert name == "do_nanosleep" and type_id > 0
+    assert btf.has_struct("task_struct")
 
 
 def test_feature_detection_is_fast(kernel_env) -> None:

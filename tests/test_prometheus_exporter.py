@@ -15,6 +15,8 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from prometheus_client.parser import text_string_to_metric_families as text_families
 
+from isoscope import __version__
+from isoscope.metrics.admin import AdminServer
 from isoscope.model import Breakdown, Stall, Stats
 from isoscope.metrics.prometheus import (
     DEFAULT_LOG2_LE_EXPONENTS,
@@ -88,12 +90,13 @@ def served():
     stats = Stats()
     exp = PrometheusExporter(stats, version="9.9.9")
     state = {"ready": (False, "probes loading")}
-    host, port = exp.serve("127.0.0.1", 0, ready=lambda: state["ready"],
-                           status=lambda: {"probes": {"sched": "attached"}})
+    admin = AdminServer("127.0.0.1", 0, metrics=exp, ready=lambda: state["ready"],
+                        status=lambda: {"probes": {"sched": "attached"}}, debug_status=True)
+    host, port = admin.start()
     try:
         yield exp, stats, f"http://{host}:{port}", state
     finally:
-        exp.shutdown()
+        admin.shutdown()
 
 
 def test_text_scrape_passes_promtool_and_has_fed_values(served):
@@ -213,15 +216,21 @@ def test_broken_readiness_check_answers_503():
     def boom() -> tuple[bool, str]:
         raise RuntimeError("pipeline gone")
 
-    exp = PrometheusExporter(Stats())
-    host, port = exp.serve("127.0.0.1", 0, ready=boom)
+    admin = AdminServer("127.0.0.1", 0, metrics=PrometheusExporter(Stats()), ready=boom, debug_status=True)
+    host, port = admin.start()
     try:
         status, _, body = get(f"http://{host}:{port}/readyz")
         assert status == 503 and b"pipeline gone" in body
         assert get(f"http://{host}:{port}/debug/status")[0] == 404  # no status callback given
     finally:
-        exp.shutdown()
-    exp.shutdown()  # idempotent
+        admin.shutdown()
+    admin.shutdown()  # idempotent
+
+
+def test_build_info_version_is_the_package_version():
+    text = PrometheusExporter(Stats()).render(openmetrics=False)[0].decode()
+    build = samples(text, "isoscope_build_info")
+    assert [dict(k)["version"] for k in build] == [__version__]
 
 
 def test_gzip_when_accepted(served):
@@ -438,7 +447,7 @@ def otlp_receiver():
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_otlp_metrics_export_mirrors_the_metrics(otlp_receiver, protocol: str):
-    from isoscope.metrics.prometheus import OtlpMetricsExporter
+    from isoscope.metrics.otlp_push import OtlpMetricsExporter
 
     stats = Stats()
     exp = PrometheusExporter(stats, version="9.9.9")

@@ -24,14 +24,16 @@ from collections import Counter
 from typing import Sequence
 
 from isoscope_lab.faults import Fault
-from isoscope_lab.scenario import Chain, Daemon, HopSpec, LoadResult, port_in_use, send_load
+from isoscope_lab.launcher import DaemonError, IsoscopeDaemon
+from isoscope_lab.net import port_in_use, split_hostport
+from isoscope_lab.scenario import Chain, HopSpec, LoadResult, daemon_for_lab, send_load
 from isoscope_lab.service import RUN_ATTR
 from isoscope_lab.topology import LabError
 from isoscope.report import ReportError, load_spans, make_console, report
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_LISTENERS = ("127.0.0.1:4317", "127.0.0.1:4318", "127.0.0.1:9464")
+DEFAULT_LISTENERS = {"otlp_grpc": "127.0.0.1:4317", "otlp_http": "127.0.0.1:4318", "metrics": "127.0.0.1:9464"}
 SERVICES = ("frontend", "checkout", "payments")
 
 
@@ -44,17 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _daemon(traces: str) -> Daemon:
-    taken = [addr for addr in DEFAULT_LISTENERS if port_in_use(*_split(addr))]
-    if not taken:
-        return Daemon(traces)
-    logger.warning("default listener(s) %s in use; the demo daemon uses free loopback ports", ", ".join(taken))
-    return Daemon.on_free_ports(traces)
-
-
-def _split(addr: str) -> tuple[str, int]:
-    host, port = addr.rsplit(":", 1)
-    return host, int(port)
+def _daemon(traces: str) -> IsoscopeDaemon:
+    taken = [addr for addr in DEFAULT_LISTENERS.values() if port_in_use(*split_hostport(addr))]
+    listen = DEFAULT_LISTENERS
+    if taken:
+        logger.warning("default listener(s) %s in use; the demo daemon uses free loopback ports", ", ".join(taken))
+        listen = {}
+    # The operator's ISOSCOPE_* settings (kernel headers, …) apply to the demo's daemon too.
+    return daemon_for_lab(traces, listen=listen, inherit_env_overrides=True)
 
 
 def _rotate(path: str) -> None:
@@ -83,8 +82,8 @@ def run_demo(args: argparse.Namespace) -> int:
         with console.status("starting isoscope run (loading eBPF probes)…"):
             daemon.start()
         console.print(f"[green]✓[/] daemon ready in {time.monotonic() - t0:.1f} s "
-                      f"(OTLP/HTTP {daemon.http_listen}, metrics http://{daemon.metrics_listen}/metrics)")
-        with Chain(hops, otlp_endpoint=daemon.otlp_http_traces, names=SERVICES) as chain:
+                      f"(OTLP/HTTP {daemon.http_url}, metrics {daemon.metrics_url})")
+        with Chain(hops, otlp_endpoint=daemon.http_traces_url, names=SERVICES) as chain:
             console.print(f"[green]✓[/] chain {' → '.join(SERVICES)} up: own net/pid/mount/uts namespaces, "
                           f"cgroups, veth pairs; fault: CFS quota {args.quota_pct} % of a CPU on "
                           f"[bold]checkout[/]")
@@ -101,7 +100,7 @@ def run_demo(args: argparse.Namespace) -> int:
             code = daemon.stop()
         if code not in (0, None):
             console.print(f"[yellow]isoscope run exited with {code}; its log: {daemon.log_path}[/]")
-    except LabError as exc:
+    except (LabError, DaemonError) as exc:
         daemon.stop()
         console.print(f"[red]demo failed:[/] {exc}", markup=True, highlight=False)
         return 1

@@ -3,26 +3,23 @@
 A :class:`Chain` builds, for every hop, a network namespace joined to the root
 namespace and to the next hop by veth pairs, a cgroup (v2 for a distinct
 kernel id, v1 ``cpu``/``memory`` for limits), and starts the hop's service in
-new PID, mount and UTS namespaces inside them. :class:`Daemon` runs
-``isoscope run`` as a subprocess. :func:`score` compares the daemon's verdict
-on every span with the span's own kernel truth.
+new PID, mount and UTS namespaces inside them. :func:`daemon_for_lab` sets up
+``isoscope run`` (:mod:`isoscope_lab.launcher`) to watch them. :func:`score`
+compares the daemon's verdict on every span with the span's own kernel truth.
 """
 
 from __future__ import annotations
 
 import http.client
-import importlib.util
 import itertools
 import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from isoscope_lab import truth as T
 from isoscope_lab.faults import Environment, Fault, apply_environment
+from isoscope_lab.launcher import IsoscopeDaemon, deep_merge
 from isoscope_lab.service import RUN_ATTR
 from isoscope_lab.topology import JANITOR, LAB_CGROUP_PARENT, LabCgroup, LabError, NetNs, VethLink, \
     free_subnet_base, lab_tag
@@ -308,119 +306,20 @@ def send_load(url: str, duration_s: float, *, pause_s: float = 0.0,
 # The daemon
 # ---------------------------------------------------------------------------
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def daemon_for_lab(traces_path: str | os.PathLike[str], **kwargs: Any) -> IsoscopeDaemon:
+    """An ``isoscope run`` launcher set up for the lab: file export to ``traces_path``, lab cgroups followed.
 
-
-def port_in_use(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
-class Daemon:
-    """``isoscope run`` as a subprocess, exporting to a file.
-
-    Args:
-        traces_path: the file export path.
-        grpc_listen, http_listen, metrics_listen: listeners (``HOST:PORT``).
-        config: extra configuration as ``ISOSCOPE_*`` environment (``{"PROBES__WATCH_ALL": "true"}``).
-        log_path: where the daemon's output goes.
+    The lab's cgroups are followed from their creation (a service's first spans
+    arrive in a batch seconds after they happened, too late to start watching
+    then); following every task on the node would only add load to a shared
+    machine. ``kwargs`` go to :class:`~isoscope_lab.launcher.IsoscopeDaemon`
+    (``config`` is merged over the lab's; the working directory defaults to the
+    export's directory, where ``daemon.log`` then lands).
     """
-
-    def __init__(self, traces_path: str, *, grpc_listen: str = "127.0.0.1:4317",
-                 http_listen: str = "127.0.0.1:4318", metrics_listen: str = "127.0.0.1:9464",
-                 config: dict[str, str] | None = None, log_path: str | None = None) -> None:
-        self.traces_path = traces_path
-        self.grpc_listen = grpc_listen
-        self.http_listen = http_listen
-        self.metrics_listen = metrics_listen
-        # The lab's cgroups are followed from their creation (a service's first spans
-        # arrive in a batch seconds after they happened, too late to start watching
-        # then); following every task on the node would only add load to a shared machine.
-        self.config = {"PROBES__WATCH_CGROUPS": f"[/{LAB_CGROUP_PARENT}]", **(config or {})}
-        self.log_path = log_path or os.path.join(os.path.dirname(os.path.abspath(traces_path)), "daemon.log")
-        self.proc: subprocess.Popen[Any] | None = None
-        self._unregister: Callable[[], None] = lambda: None
-
-    @classmethod
-    def on_free_ports(cls, traces_path: str, **kwargs: Any) -> Daemon:
-        """A daemon whose three listeners are on free loopback ports (for tests next to other daemons)."""
-        return cls(traces_path, grpc_listen=f"127.0.0.1:{free_port()}", http_listen=f"127.0.0.1:{free_port()}",
-                   metrics_listen=f"127.0.0.1:{free_port()}", **kwargs)
-
-    @property
-    def otlp_http_traces(self) -> str:
-        return f"http://{self.http_listen}/v1/traces"
-
-    def start(self, ready_timeout_s: float = 90.0) -> Daemon:
-        """Start it and wait until ``/readyz`` answers 200."""
-        os.makedirs(os.path.dirname(os.path.abspath(self.traces_path)), exist_ok=True)
-        env = dict(os.environ)
-        env.update({f"ISOSCOPE_{k}": v for k, v in self.config.items()})
-        argv = [sys.executable, "-m", "isoscope.cli", "run", "--otlp-grpc-listen", self.grpc_listen,
-                "--otlp-http-listen", self.http_listen, "--metrics-listen", self.metrics_listen,
-                "--file-export", self.traces_path]
-        log = open(self.log_path, "ab")
-        try:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         cwd=os.path.dirname(os.path.abspath(self.traces_path)), env=env)
-        finally:
-            log.close()
-        self._unregister = JANITOR.register("isoscope daemon", self._terminate)
-        deadline = time.monotonic() + ready_timeout_s
-        url = f"http://{self.metrics_listen}/readyz"
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise LabError(f"isoscope run exited with {self.proc.returncode}: {self.log_tail()}")
-            try:
-                with urllib.request.urlopen(url, timeout=1) as resp:
-                    if resp.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.25)
-        self.stop()
-        raise LabError(f"isoscope run not ready within {ready_timeout_s:.0f} s: {self.log_tail()}")
-
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return Path(self.log_path).read_text(errors="replace")[-chars:]
-        except OSError:
-            return "(no log)"
-
-    def _terminate(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            logger.warning("isoscope run did not drain within 30 s, killing it")
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-
-    def stop(self) -> int | None:
-        """SIGTERM (the daemon drains and exits); returns its exit code."""
-        self._unregister()
-        return self.proc.returncode if self.proc is not None else None
-
-    def __enter__(self) -> Daemon:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def daemon_available() -> bool:
-    """True when ``python -m isoscope.cli run`` can be started from this interpreter."""
-    return importlib.util.find_spec("isoscope.cli") is not None
+    traces = Path(traces_path).absolute()
+    config = deep_merge({"probes": {"watch_cgroups": [f"/{LAB_CGROUP_PARENT}"]}}, kwargs.pop("config", None) or {})
+    kwargs.setdefault("workdir", traces.parent)
+    return IsoscopeDaemon(file_export=traces, config=config, **kwargs)
 
 
 def wait_for_spans(path: str, run_id: str, expected: int, timeout_s: float = 20.0,
@@ -644,13 +543,13 @@ class ScenarioRun:
     scores: list[HopScore]
 
 
-def run_scenario(scenario: Scenario, daemon: Daemon, *, threshold: float = 0.2,
+def run_scenario(scenario: Scenario, daemon: IsoscopeDaemon, *, threshold: float = 0.2,
                  load_s: float | None = None,
                  progress: Callable[[float, LoadResult], None] | None = None) -> ScenarioRun:
     """Build the scenario's chain, load it, stop it, and score the daemon's output for this run."""
-    with Chain(scenario.hops, otlp_endpoint=daemon.otlp_http_traces,
+    with Chain(scenario.hops, otlp_endpoint=daemon.http_traces_url,
                service_prefix=f"{scenario.name}-hop") as chain:
         load = send_load(chain.entry_url, load_s or scenario.load_s, progress=progress)
         run_id = chain.run_id
-    spans = wait_for_spans(daemon.traces_path, run_id, expected=load.requests * len(scenario.hops))
+    spans = wait_for_spans(str(daemon.traces_path), run_id, expected=load.requests * len(scenario.hops))
     return ScenarioRun(scenario, load, spans, score(spans, threshold))

@@ -62,10 +62,37 @@ class SecurityConfig(_Section):
     bearer_token_file: str | None = None
 
 
+class ReceiverLimitsConfig(_Section):
+    """What one export request may hold, and how much request data may be in flight.
+
+    Honest senders stay far below these: the OpenTelemetry SDKs cap a span at
+    128 attributes, events and links, and export batches of 512 spans.
+    """
+
+    max_spans_per_request: int = Field(50_000, gt=0)
+    """More spans in one request refuses it whole (HTTP 400 / gRPC INVALID_ARGUMENT)."""
+    max_attributes_per_span: int = Field(1_000, gt=0)
+    """A span with more attributes is dropped (partial success: rejected_spans)."""
+    max_events_per_span: int = Field(1_000, gt=0)
+    """A span with more events is dropped (partial success)."""
+    max_links_per_span: int = Field(1_000, gt=0)
+    """A span with more links is dropped (partial success)."""
+    max_total_attributes_per_request: int = Field(1_000_000, gt=0)
+    """Attributes (span, event, link, resource, scope) of one request; more refuses it whole."""
+    max_inflight_bytes: int | None = Field(None, gt=0)
+    """Estimated memory of all requests being decoded and processed at once; past it, requests are
+    answered HTTP 429 / gRPC RESOURCE_EXHAUSTED with a retry delay. None: 40% of the memory limit
+    (256 MiB without one)."""
+    large_request_bytes: int = Field(1024 * 1024, gt=0)
+    """Requests larger than this (decoded) are processed by a separate, smaller set of workers,
+    so big requests never occupy every worker."""
+
+
 class ReceiversConfig(_Section):
     otlp_grpc: OtlpGrpcConfig = OtlpGrpcConfig()
     otlp_http: OtlpHttpConfig = OtlpHttpConfig()
     security: SecurityConfig = SecurityConfig()
+    limits: ReceiverLimitsConfig = ReceiverLimitsConfig()
 
 
 class MetricsConfig(_Section):
@@ -75,6 +102,9 @@ class MetricsConfig(_Section):
     otlp_endpoint: str | None = None
     """Also push the metrics over OTLP (``grpc://host:port`` or ``http(s)://host:port``)."""
     otlp_interval_s: float = Field(15.0, gt=0)
+    debug_status: bool = False
+    """Serve /debug/status (workloads, probes, queues) on the metrics port; off by default because
+    that port is reachable from the pod network."""
 
     _v = field_validator("listen")(classmethod(lambda cls, v: _check_listen(v)))
 
@@ -117,6 +147,9 @@ class AttributionConfig(_Section):
     blame_threshold: float = Field(0.2, ge=0, le=1)
     hold_max_ms: float = Field(2000.0, ge=0, le=10000)
     hold_capacity_spans: int = Field(100_000, gt=0)
+    child_spans: Literal["blamed", "all", "off"] = "blamed"
+    """Which spans get child spans for their stalls: only those whose overhead reaches
+    ``blame_threshold`` (default), every span a layer held back, or none."""
 
 
 class TimelineConfig(_Section):

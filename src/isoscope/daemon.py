@@ -35,6 +35,7 @@ from isoscope.kernel import capabilities
 from isoscope.kernel.clock import MonoWallClock
 from isoscope.logs import setup_logging
 from isoscope.metadata.resolver import WorkloadResolver
+from isoscope.metrics.admin import AdminServer
 from isoscope.metrics.kernel import MIRRORED_COMPONENTS, KernelMetrics
 from isoscope.metrics.prometheus import PrometheusExporter
 from isoscope.model import SpanExporter, Stats, TraceBatch, Workload
@@ -107,14 +108,14 @@ class Daemon:
                                   on_quarantine=lambda name, why: self.stats.inc("queue_files_quarantined_total",
                                                                                  ("receipt",))) \
             if persist else None
-        self.metrics = PrometheusExporter(self.stats, max_label_values=cfg.metrics.max_label_values,
-                                          version=VERSION) if cfg.metrics.enabled else None
+        self.metrics = PrometheusExporter(self.stats, max_label_values=cfg.metrics.max_label_values) \
+            if cfg.metrics.enabled else None
 
         # Who sent a span, and what the kernel saw.
         self.pods = self._pod_metadata()
         self.vms = VmRegistry(k.host_proc, k.host_sys)
         self.resolver = WorkloadResolver(k.host_proc, k.host_sys, detect_host_stack(k.host_proc, k.host_sys),
-                                         self.pods, vms=self.vms)
+                                         self.pods, vms=self.vms, stats=self.stats)
         tl = cfg.timeline
         self.timeline = Timeline(tl.ttl_s, tl.max_threads, tl.max_stalls_per_thread, tl.max_records)
         self.steal = StealSampler(k.host_proc, interval_s=cfg.probes.steal_sample_ms / 1000) \
@@ -194,7 +195,8 @@ class Daemon:
         watch = self.watch
         policy = CgroupWatchPolicy(cfg.probes.watch_cgroups, cfg.probes.watch_containers, self.resolver.v2_root)
         router = KernelEventRouter(self.timeline, self.resolver, watch, policy, self.netns_changed,
-                                   metrics=self.metrics, mirrored=MIRRORED_COMPONENTS)
+                                   metrics=self.metrics, mirrored=MIRRORED_COMPONENTS,
+                                   lifecycle_listeners=[self.resolver.on_lifecycle])
         context = ProbeContext(
             host_proc=cfg.kernel.host_proc, host_sys=cfg.kernel.host_sys, watched_tgids=watch.tgid_snapshot,
             netns_changed=self.netns_changed, vms=self.vms, kvm_classification=dict(cfg.kvm.classification),
@@ -291,14 +293,15 @@ class Daemon:
             self._begin("kubernetes", self.pods.start, self.pods.shutdown)
         if self.metrics is not None:
             host, port = _split(cfg.metrics.listen)
+            admin = AdminServer(host, port, metrics=self.metrics, ready=self.ready, status=self.status,
+                                debug_status=cfg.metrics.debug_status)
             try:
-                bound = self._begin("metrics", lambda: self.metrics.serve(host, port, self.ready, self.status),
-                                    self.metrics.shutdown)
+                bound = self._begin("metrics", admin.start, admin.shutdown)
             except OSError as exc:
                 raise StartupError(f"metrics.listen: cannot listen on {cfg.metrics.listen}: {exc.strerror}") from None
             self.listen["metrics"] = f"{bound[0]}:{bound[1]}"
             if cfg.metrics.otlp_endpoint:
-                from isoscope.metrics.prometheus import OtlpMetricsExporter
+                from isoscope.metrics.otlp_push import OtlpMetricsExporter
                 try:
                     push = OtlpMetricsExporter(self.metrics, self.stats, cfg.metrics.otlp_endpoint,
                                                interval_s=cfg.metrics.otlp_interval_s)
@@ -369,8 +372,10 @@ class Daemon:
     def _watch_workload(self, wl: Workload) -> None:
         if wl.pid:
             self.watch.add_tgid(wl.pid)
-        elif wl.cgroup_id:
-            self.watch.add_cgroup(wl.cgroup_id)
+        else:
+            for cgid in wl.cgroup_ids or (wl.cgroup_id,):
+                if cgid:
+                    self.watch.add_cgroup(cgid)
 
     # -- housekeeping chores ----------------------------------------------------------
 

@@ -302,8 +302,10 @@ LAYER_COLORS: dict[str, str] = {"L-0": "#6a3d9a", "L-1": "#e31a1c", "L-2": "#ff7
 
 def render_png(traces: Sequence[TraceReport], path: str) -> None:
     """Stacked horizontal bars: one bar per hop, one segment per layer, one panel per trace."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise ReportError("--png needs matplotlib: pip install 'isoscope[report]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

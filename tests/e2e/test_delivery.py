@@ -24,7 +24,8 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExportResult
 
 from isoscope.probes import catalog
-from tests.e2e.daemon import IsoscopeDaemon, attributes, received_spans
+from isoscope_lab.launcher import IsoscopeDaemon
+from tests.e2e.spans import attributes, received_spans
 from tests.otlp_backend import OtlpBackend
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
@@ -171,10 +172,10 @@ def test_backend_outage_then_back_every_span_once_or_counted(backend: OtlpBacken
         dup = {s: counts[s] for s in acked if counts[s] > 1}
         assert not dup, f"{len(dup)} spans arrived more than once"
         assert len(missing) == dropped, (f"{len(missing)} acknowledged spans missing, "
-                                         f"{dropped} counted as dropped\n{daemon.stderr()[-2000:]}")
+                                         f"{dropped} counted as dropped\n{daemon.log_text()[-2000:]}")
         # Not vacuous: spans were accepted while nothing could be delivered, so they waited in the daemon.
         assert during_outage > 0, "no span was acknowledged during the outage"
-        assert daemon.stop() == 0, daemon.stderr()[-2000:]
+        assert daemon.stop() == 0, daemon.log_text()[-2000:]
 
 
 def test_kill_9_with_persistent_queue_loses_no_acknowledged_span(tmp_path: Any) -> None:
@@ -191,7 +192,7 @@ def test_kill_9_with_persistent_queue_loses_no_acknowledged_span(tmp_path: Any) 
             time.sleep(3.0)
             acked_before_kill = len(grpc_s.acked) + len(http_s.acked)
             at_backend_before_kill = len(set(backend.span_ids()))
-            daemon.kill()
+            daemon.kill9()
             time.sleep(1.0)
             daemon.start()
             time.sleep(3.0)
@@ -207,7 +208,7 @@ def test_kill_9_with_persistent_queue_loses_no_acknowledged_span(tmp_path: Any) 
         missing = wait_for_ids(backend, acked, timeout_s=60)
         assert not missing, (f"{len(missing)} of {len(acked)} acknowledged spans lost across kill -9 "
                              f"({len(grpc_s.failed) + len(http_s.failed)} export calls failed while it was down)\n"
-                             f"{daemon.stderr()[-3000:]}")
+                             f"{daemon.log_text()[-3000:]}")
         counts = backend.span_id_counts()
         dups = sum(1 for s in acked if counts[s] > 1)
         if dups:
@@ -229,7 +230,7 @@ def _pass_through(daemon: IsoscopeDaemon, backend: OtlpBackend) -> None:
         senders[proto] = sender
         assert not sender.failed and len(sender.acked) == 10, (proto, sender.failed)
     ids = senders["grpc"].acked + senders["http"].acked
-    assert not wait_for_ids(backend, ids, 30), daemon.stderr()[-2000:]
+    assert not wait_for_ids(backend, ids, 30), daemon.log_text()[-2000:]
     got = received_spans(backend.requests)
     for sid in ids:
         attrs = attributes(got[sid][1].attributes)
@@ -245,7 +246,7 @@ def _pass_through(daemon: IsoscopeDaemon, backend: OtlpBackend) -> None:
 
 
 def test_no_probes_spans_pass_through_unenriched(backend: OtlpBackend) -> None:
-    with IsoscopeDaemon(forward=[backend.grpc_url], no_probes=True) as daemon:
+    with IsoscopeDaemon(forward=[backend.grpc_url], probes=False) as daemon:
         _pass_through(daemon, backend)
         assert daemon.status()["probes"] == []
         assert daemon.stop() == 0

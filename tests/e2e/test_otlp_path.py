@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -36,12 +37,15 @@ import requests
 
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
+from isoscope_lab.launcher import IsoscopeDaemon
 from tests.cgroup_helpers import Cgroup, make_cgroup
-from tests.e2e.daemon import PYTHON, REPO_ROOT, IsoscopeDaemon, attributes, backend, daemon, received_spans  # noqa: F401
+from tests.e2e.spans import attributes, received_spans
 from tests.e2e.flaskapp import ORIGINAL_ATTRIBUTES
 from tests.otlp_backend import OtlpBackend
 
 logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -66,7 +70,7 @@ def within_tolerance(measured: int, truth: int) -> bool:
 
 def sched_attached() -> tuple[bool, str]:
     """Whether ``isoscope probes --json`` reports the sched probe attached (and why not)."""
-    out = subprocess.run([PYTHON, "-m", "isoscope.cli", "probes", "--json"], cwd=REPO_ROOT,
+    out = subprocess.run([sys.executable, "-m", "isoscope.cli", "probes", "--json"], cwd=REPO_ROOT,
                          capture_output=True, text=True, timeout=300)
     try:
         doc = json.loads(out.stdout)
@@ -154,7 +158,7 @@ class TwoServiceApp:
         self.rec_a, self.rec_b = tmp / "a.jsonl", tmp / "b.jsonl"
         log_b = open(tmp / "b.log", "wb")
         log_a = open(tmp / "a.log", "wb")
-        base = [PYTHON, "-m", "tests.e2e.flaskapp"]
+        base = [sys.executable, "-m", "tests.e2e.flaskapp"]
         self.proc_b = self.cg_b.spawn(base + ["--role", "b", "--otlp", "http", "--endpoint", daemon.http_traces_url,
                                               "--record", str(self.rec_b), "--ready-file", str(tmp / "b.port")],
                                       cwd=REPO_ROOT, stdout=log_b, stderr=log_b)
@@ -238,7 +242,7 @@ def test_every_span_arrives_exactly_once(scenario: Scenario, daemon: IsoscopeDae
                                                      f"{scenario.app.logs()}"
     missing = set(scenario.sent) - set(scenario.got)
     assert not missing, (f"{len(missing)} of {len(scenario.sent)} spans never arrived; daemon log:\n"
-                         f"{daemon.stderr()[-3000:]}")
+                         f"{daemon.log_text()[-3000:]}")
     dup = {s: scenario.counts[s] for s in scenario.sent if scenario.counts[s] != 1}
     assert not dup, f"spans forwarded more than once: {dup}"
 
@@ -361,7 +365,7 @@ def test_span_from_a_pid_namespace_is_matched_through_nspid(
         backend: OtlpBackend, daemon: IsoscopeDaemon, cgroup_root: str) -> None:
     cg = make_cgroup(f"{cgroup_root}/pidns", v1_controllers=("cpu",))
     try:
-        proc = cg.spawn(["unshare", "--pid", "--fork", "--mount-proc", PYTHON, "-c", NS_SENDER,
+        proc = cg.spawn(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", NS_SENDER,
                          daemon.grpc_endpoint, "3", str(BURN_MS)],
                         cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                         text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})

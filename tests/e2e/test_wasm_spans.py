@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.daemon import PYTHON, REPO_ROOT, IsoscopeDaemon, attributes, backend, daemon, received_spans  # noqa: F401
+from isoscope_lab.launcher import IsoscopeDaemon
+from tests.e2e.spans import attributes, received_spans
 from tests.otlp_backend import OtlpBackend
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -89,7 +94,7 @@ def test_wasi_host_calls_are_blamed_on_the_sandbox_and_guest_code_is_not(
         daemon: IsoscopeDaemon, backend: OtlpBackend) -> None:
     status = {p["name"]: p for p in daemon.status()["probes"]}
     assert status["sandbox"]["attached"], status["sandbox"]
-    proc = subprocess.Popen([PYTHON, "-c", SENDER, daemon.grpc_endpoint, str(SPANS_PER_KIND)], cwd=REPO_ROOT,
+    proc = subprocess.Popen([sys.executable, "-c", SENDER, daemon.grpc_endpoint, str(SPANS_PER_KIND)], cwd=REPO_ROOT,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     try:

@@ -1,4 +1,5 @@
-"""The lifecycle probe: exec/exit/fork, namespace changes and cgroup events of real processes."""
+"""Lifecycle events of real processes: exec/exit/fork, clone with CLONE_NEW* and cgroup events from the
+lifecycle probe; unshare and setns from the syscalls probe (its raw sys_enter/sys_exit programs)."""
 
 from __future__ import annotations
 
@@ -70,6 +71,15 @@ def cloner(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d / "cloner"
 
 
+def test_no_probe_uses_per_syscall_tracepoints(load_probe):
+    # Any syscalls:sys_enter_*/sys_exit_* tracepoint routes every syscall on the node through the
+    # syscall-tracing dispatch; namespace events must come without them.
+    for spec in (catalog.LIFECYCLE, catalog.SYSCALLS):
+        bpf = load_probe(spec).bpf
+        assert not [tp for tp in bpf.tracepoint_fds if tp.startswith(b"syscalls:")], spec.name
+    assert not [a for s in catalog.ALL_PROBES for a in s.attach if a.target.startswith("syscalls:")]
+
+
 def test_clone_clone3_fork_exec_exit(load_probe, cloner):
     probe = load_probe(catalog.LIFECYCLE)
     proc = subprocess.Popen([str(cloner)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -86,20 +96,32 @@ def test_clone_clone3_fork_exec_exit(load_probe, cloner):
     assert clone_ns[children["clone"]].flags == CLONE_NEWUTS
     assert clone_ns[children["clone3"]].flags == CLONE_NEWNET | CLONE_NEWIPC
     assert children["fork"] not in clone_ns
+    assert all(e.comm == "cloner" for e in clone_ns.values())
 
-    # A watched parent's plain fork is reported so the child can be watched too.
+    # A watched parent's plain fork is reported so the child can be watched too; a child that got
+    # new namespaces is announced once, by its clone_ns record.
     forks = [e for e in _of(events, LifecycleKind.FORK) if e.ppid == proc.pid]
-    assert children["fork"] in {e.pid for e in forks}
+    assert {e.pid for e in forks} == {children["fork"]}
 
     exits = {e.pid for e in _of(events, LifecycleKind.EXIT)}
     assert {proc.pid, *children.values()} <= exits
-    # Nothing is left pending for the tids that came and went.
-    tids = {proc.pid, *children.values()}
-    assert not [k.value for k in probe.bpf["pending"].keys() if k.value in tids]
+
+
+def test_unwatched_plain_fork_is_not_reported_but_clone_ns_is(load_probe, cloner):
+    probe = load_probe(catalog.LIFECYCLE)
+    proc = subprocess.Popen([str(cloner)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate("go\n", timeout=20)
+    assert proc.returncode == 0
+    children = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()}
+    events = probe.wait_for(lambda evs: any(e.pid == proc.pid for e in _of(evs, LifecycleKind.EXIT)))
+    clone_ns = {e.pid for e in _of(events, LifecycleKind.CLONE_NS) if e.ppid == proc.pid}
+    assert clone_ns == {children["clone"], children["clone3"]}
+    assert not [e for e in _of(events, LifecycleKind.FORK) if e.ppid == proc.pid]
 
 
 def test_unshare_and_setns(load_probe):
-    probe = load_probe(catalog.LIFECYCLE)
+    probe = load_probe(catalog.SYSCALLS)
+    lifecycle = load_probe(catalog.LIFECYCLE)
     # Real unshare(1): new net + uts namespaces, then exec sleep in them.
     holder = subprocess.Popen(["unshare", "--net", "--uts", "--", "sleep", "5"])
     try:
@@ -108,8 +130,8 @@ def test_unshare_and_setns(load_probe):
         assert len(ev) == 1 and ev[0].flags == CLONE_NEWNET | CLONE_NEWUTS
         assert ev[0].comm == "unshare"
         # The process is now under the namespaces the event announced.
-        events = probe.wait_for(lambda evs: any(e.pid == holder.pid and e.path.endswith("/sleep")
-                                                for e in _of(evs, LifecycleKind.EXEC)))
+        events = lifecycle.wait_for(lambda evs: any(e.pid == holder.pid and e.path.endswith("/sleep")
+                                                    for e in _of(evs, LifecycleKind.EXEC)))
         assert any(e.pid == holder.pid and e.ts_mono_ns > ev[0].ts_mono_ns for e in _of(events, LifecycleKind.EXEC))
         assert os.readlink(f"/proc/{holder.pid}/ns/net") != os.readlink("/proc/self/ns/net")
 

@@ -132,3 +132,39 @@ def test_compiler_code_pages_are_released_and_compiling_still_works(kernel_env) 
     released = release_compiler_pages()
     assert released > 10 * 1024 * 1024  # LLVM and Clang code mappings exist and were advised
     assert _rss_file_kb() <= after_release + 8 * 1024
+
+
+def _compiled_functions(spec: ProbeSpec, extra: tuple[str, ...] = ()) -> list[str]:
+    """Compile a probe as the loader would (its cflags and BTF defines) without loading or attaching it."""
+    from bcc import BPF, lib
+
+    from isoscope.probes.sources import BPF_DIR
+
+    class CompileOnly(BPF):
+        def _trace_autoload(self) -> None:  # no program is loaded into the kernel, none attached
+            pass
+
+    mgr = ProbeManager([spec], None, lambda ev: None, Stats())  # type: ignore[arg-type]
+    defines = dict(spec.kernel_defines()) if spec.kernel_defines else {}
+    defines.pop("ISO_METHOD", None)
+    flags = mgr.cflags_for(spec, [f"-D{k}={v}" for k, v in defines.items()]) + list(extra)
+    bpf = CompileOnly(src_file=str(BPF_DIR / spec.source).encode(), cflags=flags)
+    try:
+        return [lib.bpf_function_name(bpf.module, i).decode() for i in range(lib.bpf_num_functions(bpf.module))]
+    finally:
+        bpf.cleanup()
+
+
+def test_one_cfs_throttle_source_builds_for_each_attach_method(kernel_env) -> None:
+    # Both catalog entries compile the same file; their cflags select the hook kind, nothing edits the text.
+    assert catalog.CFS_THROTTLE_FENTRY.source == catalog.CFS_THROTTLE_KPROBE.source == "cfs_throttle.bpf.c"
+    assert sorted(_compiled_functions(catalog.CFS_THROTTLE_FENTRY)) == [
+        "kfunc__throttle_cfs_rq", "kfunc__unthrottle_cfs_rq"]
+    assert sorted(_compiled_functions(catalog.CFS_THROTTLE_KPROBE)) == [
+        "kprobe__throttle_cfs_rq", "kprobe__unthrottle_cfs_rq"]
+    plain = ProbeSpec(name="cfs_plain", source="cfs_throttle.bpf.c", summary="test",
+                      attach=catalog.CFS_THROTTLE_KPROBE.attach, kernel_defines=catalog.CFS_THROTTLE_KPROBE.kernel_defines)
+    with pytest.raises(Exception, match="Failed to compile"):
+        _compiled_functions(plain)  # no method chosen: refused by #error
+    with pytest.raises(Exception, match="Failed to compile"):
+        _compiled_functions(catalog.CFS_THROTTLE_KPROBE, ("-DISO_CFS_ATTACH_FENTRY=1",))  # both: refused

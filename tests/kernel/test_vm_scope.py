@@ -28,12 +28,15 @@ def test_pod_span_resolves_to_the_vmm_in_that_pod() -> None:
             assert guest.proc.pid in found, found
             assert found[guest.proc.pid].pod_uid == pod_uid
             resolver = WorkloadResolver(host_stack=host, vms=vms)
-            wl = resolver.resolve({"k8s.pod.uid": pod_uid, "service.name": "in-vm"}, None, 0)
+            # Named by a trusted relay (an agent authenticated by the receiver): no socket owner to check.
+            wl = resolver.resolve({"k8s.pod.uid": pod_uid, "service.name": "in-vm"}, None, 0, relay=True)
             assert wl is not None
             assert wl.scope == "process" and wl.pid == guest.proc.pid
             assert wl.stack is not None and wl.stack.hypervisor in ("kvm", "firecracker")
             assert {"L-1", "L-2", "L-3"} <= set(wl.stack.layers)
             # a pod with no VMM is not mistaken for one
-            assert resolver.resolve({"k8s.pod.uid": str(uuid.uuid4())}, None, 0) is None
+            assert resolver.resolve({"k8s.pod.uid": str(uuid.uuid4())}, None, 0, relay=True) is None
+            # an unproven sender names nothing
+            assert resolver.resolve({"k8s.pod.uid": pod_uid}, None, 0) is None
     finally:
         cg.remove()

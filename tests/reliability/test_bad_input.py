@@ -27,8 +27,8 @@ from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from tests.otlp_backend import OtlpBackend, make_payload, make_request, span_hex
-from tests.reliability.launcher import DaemonProcess, GrpcClient, http_post, wait_until
-
+from isoscope_lab.launcher import IsoscopeDaemon
+from tests.reliability.clients import GrpcClient, http_post, wait_until
 logger = logging.getLogger(__name__)
 
 pytestmark = pytest.mark.slow
@@ -37,9 +37,10 @@ MIB = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonProcess, OtlpBackend]]:
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[IsoscopeDaemon, OtlpBackend]]:
     backend = OtlpBackend()
-    d = DaemonProcess(tmp_path_factory.mktemp("bad-input"), forward=[backend.grpc_url])
+    d = IsoscopeDaemon(tmp_path_factory.mktemp("bad-input"), forward=[backend.grpc_url], probes=False,
+                       config={"exporters": {"queue": {"initial_backoff_s": 0.1, "max_backoff_s": 1.0}}})
     try:
         d.start()
         yield d, backend
@@ -51,7 +52,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonProces
 _next_id = iter(range(1_000_000, 2_000_000, 10))
 
 
-def assert_still_serving(d: DaemonProcess, backend: OtlpBackend) -> None:
+def assert_still_serving(d: IsoscopeDaemon, backend: OtlpBackend) -> None:
     """A good gRPC and a good HTTP client get through, /metrics answers, the daemon runs."""
     assert d.alive(), d.log_tail()
     first = next(_next_id)
@@ -61,7 +62,7 @@ def assert_still_serving(d: DaemonProcess, backend: OtlpBackend) -> None:
     finally:
         client.close()
     assert code is grpc.StatusCode.OK, details
-    status, _, body = http_post(d.http_url, make_payload([first + 2, first + 3]), timeout_s=10)
+    status, _, body = http_post(d.http_traces_url, make_payload([first + 2, first + 3]), timeout_s=10)
     assert status == 200, body
     assert "isoscope_spans_received_total" in d.metrics_text(timeout_s=10)
     want = {span_hex(first + i) for i in range(4)}
@@ -117,7 +118,7 @@ def test_grpc_message_over_4_mib_is_resource_exhausted(env):
 
 def test_http_body_over_20_mib_is_413(env):
     d, backend = env
-    status, _, _ = http_post(d.http_url, b"\x0a" * (21 * MIB), timeout_s=30)
+    status, _, _ = http_post(d.http_traces_url, b"\x0a" * (21 * MIB), timeout_s=30)
     assert status == 413
     # Same without a Content-Length (chunked): the limit holds while streaming.
     conn = http.client.HTTPConnection("127.0.0.1", d.http_port, timeout=30)
@@ -145,7 +146,7 @@ def test_gzip_bomb_is_refused_without_memory_growth(env):
     bomb = b"".join(comp.compress(zeros) for _ in range(128)) + comp.flush()
     assert len(bomb) < MIB
     rss_before = d.rss_bytes()
-    status, _, _ = http_post(d.http_url, bomb, headers={"Content-Encoding": "gzip"}, timeout_s=60)
+    status, _, _ = http_post(d.http_traces_url, bomb, headers={"Content-Encoding": "gzip"}, timeout_s=60)
     assert status == 413
     growth = d.rss_bytes() - rss_before
     assert growth < 32 * MIB, f"RSS grew by {growth / MIB:.1f} MiB on a gzip bomb"
@@ -155,9 +156,9 @@ def test_gzip_bomb_is_refused_without_memory_growth(env):
 
 def test_unknown_content_encoding_is_415(env):
     d, backend = env
-    status, _, _ = http_post(d.http_url, make_payload([next(_next_id)]), headers={"Content-Encoding": "br"})
+    status, _, _ = http_post(d.http_traces_url, make_payload([next(_next_id)]), headers={"Content-Encoding": "br"})
     assert status == 415
-    status, _, _ = http_post(d.http_url, make_payload([next(_next_id)]), content_type="text/plain")
+    status, _, _ = http_post(d.http_traces_url, make_payload([next(_next_id)]), content_type="text/plain")
     assert status == 415
     assert_still_serving(d, backend)
 
@@ -165,9 +166,9 @@ def test_unknown_content_encoding_is_415(env):
 def test_corrupt_gzip_is_400(env):
     d, backend = env
     body = gzip.compress(make_payload([next(_next_id)]))
-    status, _, _ = http_post(d.http_url, body[:-12], headers={"Content-Encoding": "gzip"})
+    status, _, _ = http_post(d.http_traces_url, body[:-12], headers={"Content-Encoding": "gzip"})
     assert status == 400
-    status, _, _ = http_post(d.http_url, b"not gzip at all", headers={"Content-Encoding": "gzip"})
+    status, _, _ = http_post(d.http_traces_url, b"not gzip at all", headers={"Content-Encoding": "gzip"})
     assert status == 400
     assert_still_serving(d, backend)
 
@@ -175,8 +176,8 @@ def test_corrupt_gzip_is_400(env):
 # -- malformed protobuf ------------------------------------------------------------
 
 
-def _both_protocols_refuse(d: DaemonProcess, body: bytes) -> None:
-    status, _, _ = http_post(d.http_url, body)
+def _both_protocols_refuse(d: IsoscopeDaemon, body: bytes) -> None:
+    status, _, _ = http_post(d.http_traces_url, body)
     assert status == 400
     client = GrpcClient(d.grpc_endpoint)
     try:
@@ -207,7 +208,7 @@ def test_random_protobuf_is_refused(env):
             refused += 1
             continue
         # Random bytes that happen to parse: any definite answer, no crash.
-        status, _, _ = http_post(d.http_url, body)
+        status, _, _ = http_post(d.http_traces_url, body)
         assert status in (200, 400)
     assert refused >= 15
     assert_still_serving(d, backend)
@@ -222,7 +223,7 @@ def test_deeply_nested_anyvalue_is_refused(env):
     text = ('{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"' + "01" * 16 + '","spanId":"'
             + span_hex(next(_next_id)) + '","name":"deep","startTimeUnixNano":"1","endTimeUnixNano":"2",'
             + '"attributes":[{"key":"deep","value":' + nested + "}]}]}]}]}")
-    status, _, _ = http_post(d.http_url, text.encode(), content_type="application/json")
+    status, _, _ = http_post(d.http_traces_url, text.encode(), content_type="application/json")
     assert status == 400
     assert_still_serving(d, backend)
 
@@ -233,7 +234,7 @@ def test_invalid_utf8_is_refused(env):
     _both_protocols_refuse(d, _request_with_span_extra(_ld(5, b"caf\xc3\x28\xff")))
     raw = ('{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"' + "01" * 16 + '","spanId":"'
            + span_hex(next(_next_id)) + '","name":"').encode() + b"\xff\xfe" + b'"}]}]}]}'
-    status, _, _ = http_post(d.http_url, raw, content_type="application/json")
+    status, _, _ = http_post(d.http_traces_url, raw, content_type="application/json")
     assert status == 400
     assert_still_serving(d, backend)
 
@@ -251,7 +252,7 @@ def test_bad_json_ids_are_400(env, trace_id, span_id):
     doc = {"resourceSpans": [{"scopeSpans": [{"spans": [{
         "traceId": trace_id, "spanId": span_id, "name": "bad-ids",
         "startTimeUnixNano": "1", "endTimeUnixNano": "2"}]}]}]}
-    status, _, body = http_post(d.http_url, json.dumps(doc).encode(), content_type="application/json")
+    status, _, body = http_post(d.http_traces_url, json.dumps(doc).encode(), content_type="application/json")
     assert status == 400, body
     assert_still_serving(d, backend)
 

@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from tests.otlp_backend import make_payload, span_hex
-from tests.reliability.launcher import GrpcClient, backend, daemon_factory, http_post, wait_until  # noqa: F401
+from tests.reliability.clients import GrpcClient, http_post, wait_until
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def _ack(daemon, ids: list[int], protocol: str) -> None:
             client.close()
         assert code is grpc.StatusCode.OK, details
     else:
-        status, _, body = http_post(daemon.http_url, payload)
+        status, _, body = http_post(daemon.http_traces_url, payload)
         assert status == 200, body
 
 

@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from tests.otlp_backend import Failure, make_payload, span_hex
-from tests.reliability.launcher import GrpcClient, backend, daemon_factory, http_post, wait_until  # noqa: F401
+from tests.reliability.clients import GrpcClient, http_post, wait_until
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def _send_batches(daemon, first_id: int, batches: int, per_batch: int, *, protoc
                 code, details, _ = client.export(payload)
                 ok = code is grpc.StatusCode.OK
             else:
-                status, _, _ = http_post(daemon.http_url, payload)
+                status, _, _ = http_post(daemon.http_traces_url, payload)
                 ok = status == 200
             assert ok, f"batch {b} refused: {code if client else status}"
             acked.extend(ids)

@@ -18,7 +18,7 @@ import pytest
 
 from tests.cgroup_helpers import cgroup_factory  # noqa: F401 - fixture
 from tests.otlp_backend import make_request, span_hex
-from tests.reliability.launcher import GrpcClient, backend, daemon_factory, http_post, wait_until  # noqa: F401
+from tests.reliability.clients import GrpcClient, http_post, wait_until
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def test_memory_limited_daemon_refuses_retryably_and_recovers(daemon_factory, ba
                                 grpc.StatusCode.RESOURCE_EXHAUSTED), (i, code, d.log_tail())
             else:
                 try:
-                    status, _, _ = http_post(d.http_url, payload, timeout_s=30)
+                    status, _, _ = http_post(d.http_traces_url, payload, timeout_s=30)
                 except OSError as exc:  # connection cut: the daemon is gone
                     assert d.alive(), f"daemon died after {i} big requests ({answers}, {exc!r}), " \
                                       f"OOM kills in its cgroup: {_oom_kills(cg)}"
@@ -99,11 +99,11 @@ def test_memory_limited_daemon_refuses_retryably_and_recovers(daemon_factory, ba
     assert _oom_kills(cg) == 0
     # Recovery: the backend comes back, the daemon delivers and accepts again.
     backend.start()
-    status, _, _ = http_post(d.http_url, make_request([900_000_001]).SerializeToString())
+    status, _, _ = http_post(d.http_traces_url, make_request([900_000_001]).SerializeToString())
     deadline = time.monotonic() + 30
     while status != 200 and time.monotonic() < deadline:
         time.sleep(1)
-        status, _, _ = http_post(d.http_url, make_request([900_000_001]).SerializeToString())
+        status, _, _ = http_post(d.http_traces_url, make_request([900_000_001]).SerializeToString())
     assert status == 200
     assert wait_until(lambda: span_hex(900_000_001) in set(backend.span_ids()), 30)
     # Several exports are in flight per destination: batches refused during the outage may still be

@@ -9,7 +9,7 @@ import time
 import pytest
 import yaml
 
-from tests.reliability.launcher import backend, daemon_factory, wait_until  # noqa: F401
+from tests.reliability.clients import wait_until
 from tests.reliability.test_kernel import _attr, _received_span, _send_window
 
 pytestmark = [pytest.mark.kernel]
@@ -54,9 +54,9 @@ def test_listed_capabilities_are_enough_for_the_full_pipeline(daemon_factory, ba
 def test_a_missing_capability_fails_fast_with_one_clear_line(daemon_factory):
     d = daemon_factory("nobpf", probes=True, wrapper=only(LISTED - {"cap_bpf"}),
                        config={"kernel": {"strict_capabilities": True}}, start=False)
-    d.config_path.write_text(yaml.safe_dump(d._config(), sort_keys=False))
+    d.write_config()
     t0 = time.monotonic()
-    res = subprocess.run(d.command(), capture_output=True, text=True, timeout=60, cwd=str(d.workdir))
+    res = subprocess.run(d.argv(), capture_output=True, text=True, timeout=60, cwd=str(d.workdir))
     assert res.returncode != 0
     assert time.monotonic() - t0 < 30  # before any probe is compiled
     lines = [line for line in res.stderr.splitlines() if line.startswith("isoscope:")]
@@ -74,7 +74,7 @@ def test_sighup_reloads_what_can_change_live_and_keeps_a_bad_edit_out(daemon_fac
     d.proc.send_signal(signal.SIGHUP)
     assert wait_until(lambda: d.metric("isoscope_config_reloads_total") == 1, 10), d.log_tail()
     # A change that needs a restart is applied at the next one and said so.
-    doc["metrics"]["max_label_values"] = 500
+    doc.setdefault("metrics", {})["max_label_values"] = 500
     d.config_path.write_text(yaml.safe_dump(doc))
     d.proc.send_signal(signal.SIGHUP)
     assert wait_until(lambda: d.metric("isoscope_config_reloads_total") == 2, 10)

@@ -17,14 +17,17 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from tests.cgroup_helpers import cgroup_factory  # noqa: F401 - fixture
 from tests.otlp_backend import span_hex
-from tests.reliability.launcher import REPO_ROOT, backend, daemon_factory, wait_until  # noqa: F401
+from tests.reliability.clients import wait_until
 
 logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 

@@ -1,7 +1,7 @@
 """Fixtures of the scenario tests: one ``isoscope run`` daemon for the whole session.
 
-The daemon follows every task (``probes.watch_all``) and exports to a file in
-the session's temporary directory; each scenario finds its own spans by the
+The daemon follows the lab's cgroups (:func:`isoscope_lab.daemon_for_lab`) and
+exports to a file in the session's temporary directory; each scenario finds its own spans by the
 ``lab.run`` resource attribute its services carry.
 """
 
@@ -13,22 +13,18 @@ from typing import Iterator
 
 import pytest
 
-from isoscope_lab import Daemon, daemon_available
+from isoscope_lab import IsoscopeDaemon, daemon_available, daemon_for_lab
 
 logger = logging.getLogger(__name__)
 
 
 @pytest.fixture(scope="session")
-def lab_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+def lab_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IsoscopeDaemon]:
     """A running daemon on free loopback ports, stopped (drained) at the end of the session."""
     if not daemon_available():
-        pytest.fail("collector/cli.py is missing: the scenario tests need `python -m isoscope.cli run`",
+        pytest.fail("isoscope.cli is not importable: the scenario tests need `python -m isoscope.cli run`",
                     pytrace=False)
     out: Path = tmp_path_factory.mktemp("isoscope-lab")
-    daemon = Daemon.on_free_ports(str(out / "traces.jsonl"))
-    daemon.start()
-    try:
+    with daemon_for_lab(out / "traces.jsonl") as daemon:
         yield daemon
-    finally:
-        daemon.stop()
-        logger.info("daemon log: %s", daemon.log_path)
+    logger.info("daemon log: %s", daemon.log_path)

@@ -22,7 +22,7 @@ import logging
 import pytest
 from rich.console import Console
 
-from isoscope_lab import Daemon, HopScore, ScenarioRun, run_scenario, scenarios
+from isoscope_lab import HopScore, IsoscopeDaemon, ScenarioRun, run_scenario, scenarios
 from isoscope_lab.scenario import score
 from isoscope_lab import truth as T
 from isoscope.report import build_traces, report
@@ -36,7 +36,7 @@ MIN_ELIGIBLE = 20
 THRESHOLD = 0.2
 
 
-def _run(name: str, daemon: Daemon) -> ScenarioRun:
+def _run(name: str, daemon: IsoscopeDaemon) -> ScenarioRun:
     run = run_scenario(scenarios()[name], daemon, threshold=THRESHOLD, load_s=LOAD_S)
     for h in run.scores:
         logger.info("%s: %s", name, h)
@@ -81,14 +81,14 @@ def _assert_clean(run: ScenarioRun) -> None:
 
 
 @pytest.mark.parametrize("fault", ["cpu_throttle", "cpu_contention", "memory_reclaim", "virtio_io"])
-def test_single_fault_is_blamed_on_its_hop(lab_daemon: Daemon, fault: str) -> None:
+def test_single_fault_is_blamed_on_its_hop(lab_daemon: IsoscopeDaemon, fault: str) -> None:
     run = _run(fault, lab_daemon)
     _assert_enriched(run)
     _assert_faulted(_hop(run, fault))
     _assert_clean(run)
 
 
-def test_netns_crossing_is_measured_on_its_hop(lab_daemon: Daemon) -> None:
+def test_netns_crossing_is_measured_on_its_hop(lab_daemon: IsoscopeDaemon) -> None:
     # A veth crossing costs microseconds per packet (DESIGN §1 budgets L-3 network
     # latency at +0.02 ms), so it is never the dominant stall of a request that also
     # computes: the check is that the crossing is measured on the hop that crosses,
@@ -108,7 +108,7 @@ def test_netns_crossing_is_measured_on_its_hop(lab_daemon: Daemon) -> None:
     _assert_clean(run)
 
 
-def test_steal_is_attributed_only_as_far_as_the_host_steals(lab_daemon: Daemon) -> None:
+def test_steal_is_attributed_only_as_far_as_the_host_steals(lab_daemon: IsoscopeDaemon) -> None:
     # Steal cannot be injected from inside the guest: whatever the host takes during the
     # run is the fault. Spans it stalled by ≥ 20 % must be blamed on it; and the steal
     # put on the hop can never exceed what /proc/stat says the host took on its CPUs.
@@ -126,7 +126,7 @@ def test_steal_is_attributed_only_as_far_as_the_host_steals(lab_daemon: Daemon) 
     _assert_clean(run)
 
 
-def test_mixed_faults_are_each_blamed_on_their_own_hop(lab_daemon: Daemon) -> None:
+def test_mixed_faults_are_each_blamed_on_their_own_hop(lab_daemon: IsoscopeDaemon) -> None:
     run = _run("mixed", lab_daemon)
     _assert_enriched(run)
     throttled = _hop(run, "cpu_throttle")
@@ -137,7 +137,7 @@ def test_mixed_faults_are_each_blamed_on_their_own_hop(lab_daemon: Daemon) -> No
     _assert_clean(run)
 
 
-def test_report_names_the_throttled_hop_as_culprit(lab_daemon: Daemon) -> None:
+def test_report_names_the_throttled_hop_as_culprit(lab_daemon: IsoscopeDaemon) -> None:
     run = _run("cpu_throttle", lab_daemon)
     faulted = _hop(run, "cpu_throttle").service
     by_span = {s.span_id: s for s in run.spans}
@@ -155,7 +155,7 @@ def test_report_names_the_throttled_hop_as_culprit(lab_daemon: Daemon) -> None:
     right = judged.count((faulted, "l3.cpu_throttle"))
     assert right >= 0.9 * len(judged), f"culprit right on {right}/{len(judged)}: {judged[:10]}"
     buf = io.StringIO()
-    assert report(lab_daemon.traces_path, top=3, console=Console(file=buf, width=160)) == 0
+    assert report(str(lab_daemon.traces_path), top=3, console=Console(file=buf, width=160)) == 0
     assert "culprit:" in buf.getvalue() and "L-3" in buf.getvalue()
     # Scoring the same spans again gives the same verdict (pure function of the file).
     assert [(h.service, h.blamed_right) for h in score(run.spans)] == \

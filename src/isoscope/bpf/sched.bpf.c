@@ -5,11 +5,18 @@
  * watched threads so user space can lay the per-CPU steal clock over them.
  *
  * Hooks (raw tracepoints only, no kprobes): sched_wakeup, sched_wakeup_new,
- * sched_switch, sched_process_exit.
+ * sched_switch, sched_process_exit, cgroup_attach_task (optional).
+ *
+ * Cost: sched_wakeup and sched_switch run on every wake-up and context switch
+ * of the node, and every helper call there costs 12-50 ns (retpolines,
+ * call-depth tracking; the clock read in a VM), while hash and array lookups
+ * are inlined. So a wake-up of a thread already queued or running reads
+ * nothing but its pid; a switch-out reuses the thread's cgroup id and
+ * watched/unwatched decision for ISO_SCHED_WATCH_RECHECK_NS (a cgroup move
+ * makes them stale at once); the idle clock is kept only by the idle method.
  *
  * Kernel struct access: raw tracepoints hand us task_struct pointers. The only
- * fields read through them are task_struct.pid / .tgid / .thread_info.cpu /
- * .throttled, at byte offsets user space took from the running kernel's BTF
+ * fields read through them are task_struct.pid / .tgid / .throttled, at byte offsets user space took from the running kernel's BTF
  * (collector/btf.py) and passes as ISO_OFF_* defines. The generic headers'
  * layouts are never used. sched_process_exit cross-checks the pid/tgid offsets
  * against bpf_get_current_pid_tgid() and counts the result in `btf_check`.
@@ -76,10 +83,11 @@ struct iso_sched_task {
 	__u64 runq_ns;       /* cumulative contention wait */
 	__u64 throttle_ns;   /* cumulative throttled wait */
 	__u64 waits;         /* waits completed */
+	__u64 watch_checked; /* when `watched` was last decided (0 = never) */
 	__u32 tgid;
 	__s32 wait_cpu;
 	__u32 wait_flags;    /* ISO_SCHED_F_* of the current wait */
-	__u32 _pad;
+	__u32 watched;       /* is_watched() as of watch_checked */
 };
 
 struct iso_sched_cgroup {
@@ -98,6 +106,21 @@ struct iso_cpu_idle {
 
 #define ISO_SCHED_F_PREEMPTED 1u
 #define ISO_SCHED_F_THROTTLED 2u
+
+/* The idle method (see above) runs only where the task flag cannot be read. */
+#ifdef ISO_OFF_TASK_THROTTLED
+#define ISO_SCHED_IDLE_METHOD 0
+#else
+#define ISO_SCHED_IDLE_METHOD 1
+#endif
+
+/* How long a thread's cgroup id (a helper call) and watched/unwatched decision
+ * (two hash lookups) are reused at its switch-outs; a cgroup_attach_task of
+ * the thread makes both stale at once. A newly watched thread's on-CPU
+ * segments start at most this much late. */
+#ifndef ISO_SCHED_WATCH_RECHECK_NS
+#define ISO_SCHED_WATCH_RECHECK_NS 10000000ull
+#endif
 
 BPF_RINGBUF_OUTPUT(events, ISO_RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(lost_events, __u64, 1);
@@ -160,33 +183,29 @@ static inline __attribute__((always_inline)) void wait_begin_st(struct iso_sched
 	st->wait_start = now;
 	st->wait_cpu = cpu;
 	st->wait_flags = flags;
-	st->idle_start = idle_at(cpu, now);
+#if ISO_SCHED_IDLE_METHOD
+	/* Only a preempted wait is ever judged by the idle clock. */
+	if (flags & ISO_SCHED_F_PREEMPTED)
+		st->idle_start = idle_at(cpu, now);
+#endif
 }
 
-/* Start a wait for `tid` queued on `cpu`, creating its state if needed. */
-static inline __attribute__((always_inline)) void wait_begin(__u32 tid, __u32 tgid, __u64 cgid, __s32 cpu,
-							   __u32 flags, __u64 now)
+/* A new per-task entry (NULL when the map is full, counted in task_map_full). */
+static inline __attribute__((always_inline)) struct iso_sched_task *task_new(__u32 tid, __u32 tgid, __u64 cgid,
+									     __s32 wait_cpu)
 {
-	struct iso_sched_task *st = tasks.lookup(&tid);
-	if (!st) {
-		struct iso_sched_task init = {};
-		init.tgid = tgid;
-		init.cgroup_id = cgid;
-		if (tasks.update(&tid, &init) != 0) {
-			int zero = 0;
-			__u64 *full = task_map_full.lookup(&zero);
-			if (full)
-				(*full)++;
-			return;
-		}
-		st = tasks.lookup(&tid);
-		if (!st)
-			return;
-	} else if (st->run_start) {
-		/* Woken while still on a CPU (it had not slept yet): not a wait. */
-		return;
+	struct iso_sched_task init = {};
+	init.tgid = tgid;
+	init.cgroup_id = cgid;
+	init.wait_cpu = wait_cpu;
+	if (tasks.update(&tid, &init) != 0) {
+		int zero = 0;
+		__u64 *full = task_map_full.lookup(&zero);
+		if (full)
+			(*full)++;
+		return 0;
 	}
-	wait_begin_st(st, cpu, flags, now);
+	return tasks.lookup(&tid);
 }
 
 static inline __attribute__((always_inline)) void emit_part(__u32 component, __u64 start, __u64 end,
@@ -284,26 +303,30 @@ static inline __attribute__((always_inline)) void wait_end(__u32 tid, __s32 cpu,
 		emit_part(ISO_C_RUNQUEUE, start + thr, now, st, tid, cpu, method, wait);
 }
 
-static inline __attribute__((always_inline)) __s32 task_cpu_of(const void *p)
-{
-#ifdef ISO_OFF_TASK_CPU
-	__u32 cpu = 0;
-	if (read_u32(p, ISO_OFF_TASK_CPU, &cpu) == 0 && cpu < ISO_MAX_CPUS)
-		return (__s32)cpu;
-#endif
-	return (__s32)bpf_get_smp_processor_id();
-}
-
 static inline __attribute__((always_inline)) int on_wakeup(const void *p, int is_new)
 {
-	__u32 tid = 0, tgid = 0;
+	__u32 tid = 0;
 	if (read_u32(p, ISO_OFF_TASK_PID, &tid) != 0 || tid == 0)
 		return 0;
-	read_u32(p, ISO_OFF_TASK_TGID, &tgid);
-	/* A new task has never been current; it starts in its parent's cgroup,
-	 * and wake_up_new_task runs in the parent's context. */
-	__u64 cgid = is_new ? bpf_get_current_cgroup_id() : 0;
-	wait_begin(tid, tgid, cgid, task_cpu_of(p), 0, bpf_ktime_get_ns());
+	struct iso_sched_task *st = tasks.lookup(&tid);
+	if (st) {
+		/* Woken while still on a CPU (it had not slept yet), or already queued
+		 * (a second wake-up keeps the first start): no wait starts. Checked
+		 * before anything else is read: helper calls are the cost here. */
+		if (st->run_start || st->wait_start)
+			return 0;
+	} else {
+		__u32 tgid = 0;
+		read_u32(p, ISO_OFF_TASK_TGID, &tgid);
+		/* A new task has never been current; it starts in its parent's cgroup,
+		 * and wake_up_new_task runs in the parent's context. */
+		st = task_new(tid, tgid, is_new ? bpf_get_current_cgroup_id() : 0, 0);
+		if (!st)
+			return 0;
+	}
+	/* A woken (not preempted) wait is never judged by the idle clock, so the
+	 * CPU it is queued on is not needed (nor read from the task). */
+	wait_begin_st(st, -1, 0, bpf_ktime_get_ns());
 	return 0;
 }
 
@@ -335,8 +358,8 @@ RAW_TRACEPOINT_PROBE(sched_switch)
 	__u32 next_tid = 0;
 	read_u32(next, ISO_OFF_TASK_PID, &next_tid);
 
-	/* Per-CPU idle clock: only touched on switches to and from the idle task. */
-	if (prev_tid == 0 || next_tid == 0) {
+	/* Per-CPU idle clock (idle method only): touched on switches to and from the idle task. */
+	if (ISO_SCHED_IDLE_METHOD && (prev_tid == 0 || next_tid == 0)) {
 		__u32 key = (__u32)cpu;
 		struct iso_cpu_idle *ci = cpu_idle.lookup(&key);
 		if (ci) {
@@ -347,12 +370,18 @@ RAW_TRACEPOINT_PROBE(sched_switch)
 	}
 
 	if (prev_tid != 0) {
-		__u64 cgid = bpf_get_current_cgroup_id();
+		__u64 cgid;
 		struct iso_sched_task *st = tasks.lookup(&prev_tid);
 		if (st) {
-			st->cgroup_id = cgid;
+			if (now - st->watch_checked > ISO_SCHED_WATCH_RECHECK_NS) {
+				cgid = bpf_get_current_cgroup_id();
+				st->cgroup_id = cgid;
+				st->watched = is_watched(prev_tgid, cgid);
+				st->watch_checked = now;
+			}
+			cgid = st->cgroup_id;
 			st->tgid = prev_tgid;
-			if (st->run_start && now > st->run_start && is_watched(prev_tgid, cgid)) {
+			if (st->run_start && now > st->run_start && st->watched) {
 				struct iso_run_event *r = events.ringbuf_reserve(sizeof(*r));
 				if (r) {
 					r->kind = ISO_EV_RUN;
@@ -374,6 +403,8 @@ RAW_TRACEPOINT_PROBE(sched_switch)
 				tasks.delete(&prev_tid);
 				st = 0;
 			}
+		} else {
+			cgid = bpf_get_current_cgroup_id();
 		}
 		if (prev_state == 0) {   /* TASK_RUNNING: still runnable, so it waits from now */
 			__u32 flags = ISO_SCHED_F_PREEMPTED;
@@ -383,20 +414,16 @@ RAW_TRACEPOINT_PROBE(sched_switch)
 			if (thr)
 				flags |= ISO_SCHED_F_THROTTLED;
 #endif
+			if (!st)
+				st = task_new(prev_tid, prev_tgid, cgid, cpu);
 			if (st)
 				wait_begin_st(st, cpu, flags, now);
-			else
-				wait_begin(prev_tid, prev_tgid, cgid, cpu, flags, now);
 		} else if (st) {
 			st->wait_start = 0;   /* goes to sleep: any stale wait is void */
 		} else if (!(prev_state & ISO_TASK_DEAD)) {
 			/* Learn identity of a sleeping task so its first wait is attributed.
 			 * (Not for the final switch of an exiting task: its entry is gone.) */
-			struct iso_sched_task init = {};
-			init.tgid = prev_tgid;
-			init.cgroup_id = cgid;
-			init.wait_cpu = -1;
-			tasks.update(&prev_tid, &init);
+			task_new(prev_tid, prev_tgid, cgid, -1);
 		}
 	}
 	if (next_tid != 0)
@@ -420,3 +447,18 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
 	tasks.delete(&tid);
 	return 0;
 }
+
+#ifdef ISO_HAVE_CGROUP_CGROUP_ATTACH_TASK
+/* TP_PROTO(struct cgroup *dst_cgrp, const char *path, struct task_struct *task, bool threadgroup):
+ * once per moved task. Its cached cgroup id and watched decision are stale now. */
+RAW_TRACEPOINT_PROBE(cgroup_attach_task)
+{
+	__u32 tid = 0;
+	if (read_u32((const void *)ctx->args[2], ISO_OFF_TASK_PID, &tid) != 0 || tid == 0)
+		return 0;
+	struct iso_sched_task *st = tasks.lookup(&tid);
+	if (st)
+		st->watch_checked = 0;
+	return 0;
+}
+#endif

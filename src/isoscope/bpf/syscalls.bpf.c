@@ -1,23 +1,43 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
  * Syscall latency per (cgroup, class) and blocked-in-syscall intervals
- * (kernel.syscall) of watched workloads.
+ * (kernel.syscall) of watched workloads; and, because these two programs run
+ * for every syscall anyway, the namespace changes unshare(2) and setns(2)
+ * (ISO_LC_UNSHARE / ISO_LC_SETNS lifecycle records, on success only).
  *
  * Cost is what matters here: sys_enter/sys_exit run for every syscall on the
  * node, and on kernels built with retpolines and call-depth tracking every
- * helper call and hash lookup is expensive. So whether a task is tracked is
- * decided once and cached in the task's own local storage (`task_state`,
- * freed by the kernel with the task), stamped with a generation number. An
- * unwatched task then pays one storage read and one array read per syscall
- * on entry and one storage read on exit: no hash lookups at all.
+ * helper call costs 12-25 ns (bpf_ktime_get_ns about 50 ns in a VM), while
+ * array lookups are inlined by the verifier and nearly free. So:
+ *
+ *  1. Per-CPU slots (`cpu_slots`, no helper call): the pt_regs pointer a raw
+ *     syscall tracepoint receives is unique to the running task (it sits at
+ *     the top of the task's kernel stack). Each CPU remembers the last few
+ *     tasks found untracked there, with the generation each was decided at.
+ *     A task doing syscalls on one CPU (the costly case) is recognised on
+ *     entry and on exit with array reads and no helper call.
+ *  2. Task-local storage (`task_state`, freed by the kernel with the task):
+ *     the decision per task, when no slot names it (it migrated, or more
+ *     tasks took turns on the CPU). One helper pair per program.
+ *  3. The decision itself (watch_all, watched_cgroups, watched_tgids hash
+ *     lookups): on a task's first syscall and after a generation change.
  *
  * The generation (`watch_gen`) changes whenever a cached decision may have
- * become wrong:
+ * become wrong, or a slot may name the wrong syscall:
  *   - every bpf() syscall on the node, on entry and on exit: user space
  *     (collector/probes/watch.py) changes the watch maps only through bpf();
  *     the bump on exit closes the window in which a task could re-decide
  *     against a half-applied update;
- *   - every cgroup_attach_task: a task moved into or out of a watched cgroup.
+ *   - every cgroup_attach_task: a task moved into or out of a watched cgroup;
+ *   - every task_newtask: a new task may reuse a dead task's kernel stack and
+ *     so its pt_regs address; no slot written before it exists stays valid;
+ *   - every unshare/setns entry: the exit must reach the task's storage even
+ *     when the syscall ends on another CPU whose slots name this task.
+ * A slot {regs, gen} thus always means: the task with these pt_regs was
+ * untracked at generation gen and has entered no syscall with exit work
+ * since (tracking or per-syscall work is only ever started after a bump).
+ * Without task_newtask (ISO_HAVE_TASK_TASK_NEWTASK undefined) the slots are
+ * not used and every syscall takes the task-storage path.
  *
  * Tracking levels (the decision):
  *   full  - watch_all, watched_tgids, or watched_cgroups value ISO_SC_WATCH_FULL
@@ -26,13 +46,30 @@
  *   hist  - watched_cgroups value ISO_SC_WATCH_HIST (pod cgroups user space
  *           wants the syscall_latency_seconds histogram for): histogram only.
  */
+#include <uapi/linux/ptrace.h>
 #include "isoscope.h"
 
 #ifndef ISO_SC_MAX_NR
 #define ISO_SC_MAX_NR 512          /* syscall numbers classified through `syscall_class` */
 #endif
+/* Syscall numbers on x86_64; other architectures pass their own. */
 #ifndef ISO_NR_BPF
-#define ISO_NR_BPF 321             /* __NR_bpf on x86_64; other architectures pass their own */
+#define ISO_NR_BPF 321
+#endif
+#ifndef ISO_NR_UNSHARE
+#define ISO_NR_UNSHARE 272
+#endif
+#ifndef ISO_NR_SETNS
+#define ISO_NR_SETNS 308
+#endif
+
+/* CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET|NEWTIME */
+#define ISO_CLONE_NEW_MASK 0x7E020080ull
+
+#if defined(ISO_HAVE_TASK_TASK_NEWTASK)
+#define SC_USE_SLOT 1
+#else
+#define SC_USE_SLOT 0
 #endif
 
 #define ISO_SC_WATCH_FULL 1   /* watched_cgroups values */
@@ -53,6 +90,19 @@ struct sc_task {
 	__u8 valid;           /* a decision has been made */
 	__u8 active;          /* a tracked syscall is in flight */
 	__u8 in_bpf;          /* inside bpf(): bump the generation again on exit */
+	__u8 ns_type;         /* ISO_LC_UNSHARE / ISO_LC_SETNS in flight, 0 if none */
+	__u8 pad[3];
+	__u32 ns_flags;       /* its CLONE_NEW* flags (setns: the nstype argument) */
+};
+
+/* Per CPU: the last few tasks found untracked on this CPU (see 1. above); a
+ * few, not one, so that tasks taking turns on a CPU (a pipe or socket
+ * ping-pong, a thread pool) keep finding themselves. */
+#define SC_SLOTS 4
+struct sc_slots {
+	__u64 regs[SC_SLOTS]; /* pt_regs pointer of each task, 0 = none */
+	__u32 gen[SC_SLOTS];  /* watch_gen when it was found untracked */
+	__u32 next;           /* entry the next untracked task replaces */
 	__u32 pad;
 };
 
@@ -73,6 +123,7 @@ BPF_ARRAY(watch_all, __u32, 1);
 
 BPF_ARRAY(watch_gen, __u32, 1);
 BPF_TASK_STORAGE(task_state, struct sc_task);
+BPF_PERCPU_ARRAY(cpu_slots, struct sc_slots, 1);
 BPF_ARRAY(syscall_class, __u8, ISO_SC_MAX_NR);        /* nr -> ISO_SC_*, filled from user space */
 BPF_HASH(hist, struct iso_hist_key, __u64, 16384);    /* (cgroup, class, log2 ns) -> count */
 BPF_HASH(totals, struct iso_hist_key, struct iso_total, 4096); /* (cgroup, class, 0) -> count, sum */
@@ -102,40 +153,118 @@ static inline __attribute__((always_inline)) __u8 sc_decide(__u64 cg)
 	return wl ? SC_TRACK_HIST : SC_TRACK_NONE;
 }
 
+/* Arguments 1 and 2 of the syscall from its pt_regs (ABI registers: stable layout). */
+static inline __attribute__((always_inline)) __u64 sc_arg(struct pt_regs *regs, int second)
+{
+	__u64 v = 0;
+	if (second)
+		bpf_probe_read_kernel(&v, sizeof(v), &PT_REGS_PARM2(regs));
+	else
+		bpf_probe_read_kernel(&v, sizeof(v), &PT_REGS_PARM1(regs));
+	return v;
+}
+
+/* unshare/setns entry: remember what it asks for; the exit reports it on success. */
+static inline __attribute__((always_inline)) void sc_ns_enter(struct sc_task *s, long id, struct pt_regs *regs)
+{
+	s->ns_type = 0;
+	if (id == ISO_NR_UNSHARE) {
+		__u64 flags = sc_arg(regs, 0) & ISO_CLONE_NEW_MASK;
+		if (!flags)
+			return;            /* unshare of files/fs/sysvsem only: no namespace */
+		s->ns_type = ISO_LC_UNSHARE;
+		s->ns_flags = (__u32)flags;
+	} else {
+		s->ns_type = ISO_LC_SETNS;
+		s->ns_flags = (__u32)sc_arg(regs, 1);   /* nstype, 0 = whatever the fd is */
+	}
+}
+
+static inline __attribute__((always_inline)) void sc_ns_exit(struct sc_task *s, long ret)
+{
+	__u32 type = s->ns_type;
+	s->ns_type = 0;
+	if (ret != 0)
+		return;
+	struct iso_lifecycle_event *e = events.ringbuf_reserve(sizeof(struct iso_lifecycle_event));
+	if (!e) {
+		__u32 zero = 0;
+		__u64 *lost = lost_events.lookup(&zero);
+		if (lost)
+			*lost += 1;
+		return;
+	}
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__builtin_memset(e, 0, sizeof(*e));
+	e->kind = ISO_EV_LIFECYCLE;
+	e->type = type;
+	e->ts_ns = bpf_ktime_get_ns();
+	e->cgroup_id = bpf_get_current_cgroup_id();
+	e->pid = pid_tgid >> 32;
+	e->tid = (__u32)pid_tgid;
+	e->flags = s->ns_flags;
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	events.ringbuf_submit(e, 0);
+}
+
+/* Whether this CPU's slots know the task with pt_regs `regs` as untracked at generation `gen`. */
+static inline __attribute__((always_inline)) int sc_slot_hit(struct sc_slots *sl, __u64 regs, __u32 gen)
+{
+#pragma unroll
+	for (int i = 0; i < SC_SLOTS; i++) {
+		if (sl->regs[i] == regs && sl->gen[i] == gen)
+			return 1;
+	}
+	return 0;
+}
+
+static inline __attribute__((always_inline)) void sc_slot_put(struct sc_slots *sl, __u64 regs, __u32 gen)
+{
+	__u32 i = sl->next & (SC_SLOTS - 1);
+	sl->regs[i] = regs;
+	sl->gen[i] = gen;
+	sl->next = i + 1;
+}
+
 RAW_TRACEPOINT_PROBE(sys_enter)
 {
+	/* TP_PROTO(struct pt_regs *regs, long id) */
+	__u64 regs = ctx->args[0];
 	long id = (long)ctx->args[1];
 	__u32 zero = 0;
 	__u32 *g = watch_gen.lookup(&zero);
 	__u32 gen = g ? *g : 0;
+	struct sc_slots *slots = cpu_slots.lookup(&zero);
+	if (!slots)
+		return 0;
+	int special = id == ISO_NR_BPF || id == ISO_NR_UNSHARE || id == ISO_NR_SETNS;
+	if (SC_USE_SLOT && !special && sc_slot_hit(slots, regs, gen))
+		return 0;                       /* the common case: a task this CPU knows as untracked */
+
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
 	struct sc_task *s = task_state.task_storage_get(task, 0, 0);
-
-	if (id == ISO_NR_BPF) {
+	if (special) {
+		/* The exit must find this task's storage, whichever CPU it ends on. */
 		sc_bump_gen();
 		gen += 1;
 		if (!s)
 			s = task_state.task_storage_get(task, 0, SC_F_CREATE);
-		if (s)
+		if (!s)
+			return 0;
+		if (id == ISO_NR_BPF)
 			s->in_bpf = 1;
+		else
+			sc_ns_enter(s, id, (struct pt_regs *)regs);
+	} else if (s && s->valid && s->gen == gen && s->level == SC_TRACK_NONE) {
+		sc_slot_put(slots, regs, gen);  /* known unwatched: next time the slots answer */
+		return 0;
 	}
-	if (s && s->valid && s->gen == gen && s->level == SC_TRACK_NONE)
-		return 0;                       /* the common case: known unwatched */
 
 	__u64 cg = bpf_get_current_cgroup_id();
 	if (!s || !s->valid || s->gen != gen) {
 		__u8 level = sc_decide(cg);
 		if (!s) {
-			if (level == SC_TRACK_NONE) {
-				/* Remember "unwatched" so the next syscall takes the fast path. */
-				s = task_state.task_storage_get(task, 0, SC_F_CREATE);
-				if (s) {
-					s->level = SC_TRACK_NONE;
-					s->gen = gen;
-					s->valid = 1;
-				}
-				return 0;
-			}
+			/* Remember the decision, "unwatched" included, so the task's next syscall is cheap. */
 			s = task_state.task_storage_get(task, 0, SC_F_CREATE);
 			if (!s)
 				return 0;
@@ -143,8 +272,12 @@ RAW_TRACEPOINT_PROBE(sys_enter)
 		s->level = level;
 		s->gen = gen;
 		s->valid = 1;
-		if (level == SC_TRACK_NONE)
-			return 0;
+	}
+	if (s->level == SC_TRACK_NONE) {
+		s->active = 0;                  /* a syscall entered while tracked is no longer measured */
+		if (!special)
+			sc_slot_put(slots, regs, gen);
+		return 0;
 	}
 	if (id < 0)
 		return 0;
@@ -157,6 +290,14 @@ RAW_TRACEPOINT_PROBE(sys_enter)
 
 RAW_TRACEPOINT_PROBE(sys_exit)
 {
+	/* TP_PROTO(struct pt_regs *regs, long ret) */
+	__u32 zero = 0;
+	if (SC_USE_SLOT) {
+		__u32 *g = watch_gen.lookup(&zero);
+		struct sc_slots *slots = cpu_slots.lookup(&zero);
+		if (g && slots && sc_slot_hit(slots, ctx->args[0], *g))
+			return 0;                   /* untracked, no per-syscall work since (see the generation) */
+	}
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
 	struct sc_task *s = task_state.task_storage_get(task, 0, 0);
 	if (!s)
@@ -165,6 +306,8 @@ RAW_TRACEPOINT_PROBE(sys_exit)
 		s->in_bpf = 0;
 		sc_bump_gen();
 	}
+	if (s->ns_type)
+		sc_ns_exit(s, (long)ctx->args[1]);
 	if (!s->active)
 		return 0;
 	__u64 now = bpf_ktime_get_ns();
@@ -203,7 +346,6 @@ RAW_TRACEPOINT_PROBE(sys_exit)
 		return 0;
 	struct iso_stall_event *e = events.ringbuf_reserve(sizeof(struct iso_stall_event));
 	if (!e) {
-		__u32 zero = 0;
 		__u64 *lost = lost_events.lookup(&zero);
 		if (lost)
 			*lost += 1;
@@ -227,6 +369,15 @@ RAW_TRACEPOINT_PROBE(sys_exit)
 #ifdef ISO_HAVE_CGROUP_CGROUP_ATTACH_TASK
 /* A task changed cgroup: cached decisions may name the wrong cgroup. */
 RAW_TRACEPOINT_PROBE(cgroup_attach_task)
+{
+	sc_bump_gen();
+	return 0;
+}
+#endif
+
+#ifdef ISO_HAVE_TASK_TASK_NEWTASK
+/* A new task: it may reuse a dead task's kernel stack, so no slot stays valid. */
+RAW_TRACEPOINT_PROBE(task_newtask)
 {
 	sc_bump_gen();
 	return 0;

@@ -1,7 +1,9 @@
 """Span exporters and the shared retry queue they run behind.
 
 Every exporter implements ``isoscope.model.SpanExporter`` (one attempt per
-call); :class:`ExportQueue` adds bounding, retries and persistence.
+call); :class:`ExportQueue` adds bounding, retries and persistence (on
+:class:`isoscope.spool.DiskSpool`, which lives outside this package because
+the daemon's receipt log uses it too).
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from isoscope.exporters.file import FileExporter
 from isoscope.exporters.memory import InMemoryExporter
 from isoscope.exporters.otlp_grpc import OtlpGrpcExporter
 from isoscope.exporters.otlp_http import OtlpHttpExporter
-from isoscope.exporters.queue import DiskSpool, ExportQueue, SpoolEntry
+from isoscope.exporters.queue import ExportQueue
 
 __all__ = [
-    "DiskSpool", "ExportQueue", "FileExporter", "InMemoryExporter", "OtlpGrpcExporter",
-    "OtlpHttpExporter", "SpoolEntry", "exporter_from_url",
+    "ExportQueue", "FileExporter", "InMemoryExporter", "OtlpGrpcExporter", "OtlpHttpExporter",
+    "exporter_from_url",
 ]
 
 

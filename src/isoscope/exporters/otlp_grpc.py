@@ -16,7 +16,7 @@ Status codes are mapped as the OTLP specification (opentelemetry-proto
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from typing import Callable, Mapping, Union
 
 import grpc
 from google.rpc import error_details_pb2
@@ -26,6 +26,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from isoscope.model import ExportOutcome, ExportResult
 
 logger = logging.getLogger(__name__)
+
+Headers = Union[Mapping[str, str], Callable[[], Mapping[str, str]]]
+"""Fixed headers, or a callable returning the current ones (values read from rotated files)."""
 
 EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 
@@ -42,6 +45,10 @@ RETRYABLE_CODES: frozenset[grpc.StatusCode] = frozenset({
 
 def _identity(payload: bytes) -> bytes:
     return payload
+
+
+def _metadata(headers: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
+    return tuple((k.lower(), v) for k, v in (headers or {}).items())
 
 
 def retry_delay_of(error: grpc.RpcError) -> float | None:
@@ -82,7 +89,9 @@ class OtlpGrpcExporter:
         endpoint: ``host:port`` (a ``grpc://`` prefix is accepted and stripped).
         timeout_s: deadline of one call.
         insecure: plaintext when True; TLS otherwise.
-        headers: metadata sent with every call (keys are lower-cased, as gRPC requires).
+        headers: metadata sent with every call (keys are lower-cased, as gRPC requires),
+            or a callable returning it, asked before every call. Values are
+            secrets: they are never logged.
         compression: ``"gzip"`` or None.
         root_certificates / certificate_chain / private_key: PEM bytes for TLS
             (server CA; client certificate and key for mTLS).
@@ -92,7 +101,7 @@ class OtlpGrpcExporter:
     """
 
     def __init__(self, endpoint: str, *, timeout_s: float = 10.0, insecure: bool = True,
-                 headers: Mapping[str, str] | None = None, compression: str | None = None,
+                 headers: Headers | None = None, compression: str | None = None,
                  root_certificates: bytes | None = None, certificate_chain: bytes | None = None,
                  private_key: bytes | None = None, reconnect_backoff_max_s: float = 2.0,
                  name: str = "otlp_grpc") -> None:
@@ -102,7 +111,10 @@ class OtlpGrpcExporter:
         self.endpoint = endpoint.rstrip("/")
         self.name = name
         self.timeout_s = timeout_s
-        self._metadata = tuple((k.lower(), v) for k, v in (headers or {}).items())
+        self._headers_fn = headers if callable(headers) else None
+        self._metadata = _metadata(headers) if not callable(headers) else ()
+        if compression == "none":
+            compression = None
         if compression not in (None, "gzip"):
             raise ValueError(f"unsupported compression {compression!r}: use 'gzip' or None")
         self._compression = grpc.Compression.Gzip if compression == "gzip" else grpc.Compression.NoCompression
@@ -129,7 +141,8 @@ class OtlpGrpcExporter:
         if self._closed:
             return ExportOutcome(ExportResult.RETRYABLE, None, "exporter is shut down")
         try:
-            response = self._call(payload, timeout=self.timeout_s, metadata=self._metadata,
+            metadata = _metadata(self._headers_fn()) if self._headers_fn is not None else self._metadata
+            response = self._call(payload, timeout=self.timeout_s, metadata=metadata,
                                   compression=self._compression)
         except grpc.RpcError as exc:
             outcome = outcome_for_error(exc)

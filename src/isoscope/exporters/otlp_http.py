@@ -19,7 +19,7 @@ import email.utils
 import gzip
 import logging
 import time
-from typing import Mapping
+from typing import Callable, Mapping, Union
 
 import urllib3
 from google.protobuf.message import DecodeError
@@ -31,6 +31,8 @@ from isoscope.model import ExportOutcome, ExportResult
 logger = logging.getLogger(__name__)
 
 TRACES_PATH = "/v1/traces"
+Headers = Union[Mapping[str, str], Callable[[], Mapping[str, str]]]
+"""Fixed headers, or a callable returning the current ones (values read from rotated files)."""
 RETRYABLE_STATUSES: frozenset[int] = frozenset({429, 502, 503, 504})
 
 
@@ -88,42 +90,62 @@ class OtlpHttpExporter:
     Args:
         endpoint: ``http(s)://host:port`` (``/v1/traces`` is appended unless present).
         timeout_s: total time of one request.
-        headers: extra request headers (e.g. authentication).
-        compression: ``"gzip"`` or None.
-        ca_certs: CA bundle path for https; client ``cert_file``/``key_file`` for mTLS.
+        headers: extra request headers (e.g. authentication), or a callable
+            returning them, asked before every request. Values are secrets:
+            they are never logged.
+        compression: ``"gzip"``, ``"none"`` or None.
+        ca_certs: CA bundle path for https (the system store when unset).
+        cert_file / key_file: client certificate chain and key (PEM) for mTLS.
+        insecure_skip_verify: https without verifying the server's certificate.
+        append_traces_path: False to POST to ``endpoint`` exactly as given
+            (an OTLP ``TRACES_ENDPOINT``).
         name: exporter label value in ``spans_exported_total{exporter}``.
         max_connections: connections kept per host (match the queue's workers).
     """
 
     def __init__(self, endpoint: str, *, timeout_s: float = 10.0,
-                 headers: Mapping[str, str] | None = None, compression: str | None = "gzip",
+                 headers: Headers | None = None, compression: str | None = "gzip",
                  ca_certs: str | None = None, cert_file: str | None = None,
-                 key_file: str | None = None, name: str = "otlp_http",
+                 key_file: str | None = None, insecure_skip_verify: bool = False,
+                 append_traces_path: bool = True, name: str = "otlp_http",
                  max_connections: int = 4) -> None:
+        if compression == "none":
+            compression = None
         if compression not in (None, "gzip"):
             raise ValueError(f"unsupported compression {compression!r}: use 'gzip' or None")
-        self.url = traces_url(endpoint)
+        self.url = traces_url(endpoint) if append_traces_path else endpoint
         self.name = name
         self.timeout_s = timeout_s
         self.compression = compression
-        self._headers = {"Content-Type": "application/x-protobuf", **(headers or {})}
+        self._fixed = {"Content-Type": "application/x-protobuf"}
         if compression == "gzip":
-            self._headers["Content-Encoding"] = "gzip"
-        tls: dict[str, str] = {}
+            self._fixed["Content-Encoding"] = "gzip"
+        self._headers_fn = headers if callable(headers) else None
+        self._headers = {**(headers or {}), **self._fixed} if not callable(headers) else self._fixed
+        tls: dict[str, object] = {}
         if ca_certs:
             tls["ca_certs"] = ca_certs
         if cert_file:
             tls["cert_file"] = cert_file
         if key_file:
             tls["key_file"] = key_file
+        if insecure_skip_verify:
+            tls["cert_reqs"] = "CERT_NONE"
+            tls["assert_hostname"] = False
+            # The choice was made (and logged) once by whoever configured it;
+            # a warning per request would flood the log.
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
         self._pool = urllib3.PoolManager(num_pools=2, maxsize=max_connections, block=False, **tls)
 
     def export(self, payload: bytes, span_count: int) -> ExportOutcome:
         """One POST; see the module docstring for the outcome mapping."""
         body = gzip.compress(payload, compresslevel=6) if self.compression == "gzip" else payload
+        headers = self._headers
+        if self._headers_fn is not None:
+            headers = {**self._headers_fn(), **self._fixed}
         try:
             resp = self._pool.request(
-                "POST", self.url, body=body, headers=self._headers,
+                "POST", self.url, body=body, headers=headers,
                 timeout=urllib3.Timeout(total=self.timeout_s), retries=False, redirect=False,
                 preload_content=True,
             )

@@ -75,6 +75,7 @@ _SCOPE_RUNTIMES: tuple[tuple[str, str], ...] = (
     ("libpod-", "podman"),
     ("docker-", "docker"),
     ("nerdctl-", "containerd"),
+    ("containerd-", "containerd"),
 )
 _HEX_ID = re.compile(r"[0-9a-f]{12,64}")
 _FULL_ID = re.compile(r"[0-9a-f]{64}")
@@ -105,6 +106,7 @@ def parse_cgroup_path(path: str) -> CgroupInfo:
         /kubepods.slice/kubepods-burstable.slice/
             kubepods-burstable-pod<uid_with_underscores>.slice/
             cri-containerd-<id>.scope                      containerd, systemd driver
+            (also containerd-<id>.scope)
         /kubepods/besteffort/pod<uid>/<id>                 containerd, cgroupfs driver
         /kubepods/pod<uid>/crio-<id>                       CRI-O, cgroupfs (guaranteed QoS)
         /.../crio-<id>.scope, crio-conmon-<id>.scope       CRI-O

@@ -20,7 +20,10 @@ from __future__ import annotations
 import logging
 from typing import Iterable, Protocol
 
+from isoscope.join.timeline import PRECEDENCE, RANK_OF, RANKED, resolve
 from isoscope.model import COMPONENT_LAYER, KERNEL, Breakdown, RunSegment, Stall, Workload
+
+__all__ = ["PRECEDENCE", "Attributor", "StallSource", "StealSource", "thread_breakdown"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,55 +41,6 @@ class StealSource(Protocol):
     def overlay(self, segments: Iterable[RunSegment], start: int, end: int) -> int: ...
 
 
-def _clip(stall: Stall, start: int, end: int) -> tuple[int, int]:
-    return max(stall.start_mono_ns, start), min(stall.end_mono_ns, end)
-
-
-def _union_length(intervals: list[tuple[int, int]]) -> int:
-    total = 0
-    cur_a = cur_b = None
-    for a, b in sorted(intervals):
-        if cur_b is None or a > cur_b:
-            if cur_b is not None:
-                total += cur_b - cur_a
-            cur_a, cur_b = a, b
-        elif b > cur_b:
-            cur_b = b
-    if cur_b is not None:
-        total += cur_b - cur_a
-    return total
-
-
-def _covered(a: int, b: int, intervals: list[tuple[int, int]]) -> int:
-    """Length of [a, b] covered by the union of ``intervals``."""
-    return _union_length([(max(x, a), min(y, b)) for x, y in intervals if y > a and x < b])
-
-
-def _merge(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for a, b in sorted(intervals):
-        if out and a <= out[-1][1]:
-            if b > out[-1][1]:
-                out[-1] = (out[-1][0], b)
-        else:
-            out.append((a, b))
-    return out
-
-
-# When two components claim the same instant of one thread, the first here
-# gets it. Reclaim comes first: a thread preempted or throttled in the middle of
-# reclaiming is still stalled on memory (the kernel's pressure accounting
-# counts it the same way); throttling before plain run-queue contention because
-# the quota is the cause of that wait.
-PRECEDENCE: tuple[str, ...] = ("memory_reclaim", "cpu_throttle", "runqueue", "virtio_io", "netns", "pv_exit",
-                               "ept", "vm_exit", "sandbox", "steal")
-
-
-def _subtract(ivs: list[tuple[int, int]], taken: list[tuple[int, int]]) -> int:
-    """Length of the union of ``ivs`` not already in ``taken`` (both merged, sorted)."""
-    return sum(b - a - _covered(a, b, taken) for a, b in ivs)
-
-
 def thread_breakdown(stalls: list[Stall], start: int, end: int) -> Breakdown:
     """Per-component stall ns of one thread inside ``[start, end]`` (no steal, no coverage).
 
@@ -94,39 +48,26 @@ def thread_breakdown(stalls: list[Stall], start: int, end: int) -> Breakdown:
     the window: a wait two records describe is counted once, and where
     components overlap the instant goes to the one first in
     :data:`PRECEDENCE`. The kernel baseline gets only what no layer explains.
+    One sweep over the stalls' edges (O(n log n)).
     """
     bd = Breakdown(duration_ns=max(0, end - start))
-    per_comp: dict[str, list[tuple[int, int]]] = {}
-    syscalls: list[tuple[int, int]] = []
+    ivs = []
     for s in stalls:
-        a, b = _clip(s, start, end)
+        a, b = max(s.start_mono_ns, start), min(s.end_mono_ns, end)
         if b <= a:
             continue
-        if COMPONENT_LAYER[s.component] == KERNEL:
-            syscalls.append((a, b))
-        else:
-            per_comp.setdefault(s.component, []).append((a, b))
+        ivs.append((a, b, RANK_OF[s.component]))
         bd.stalls.append(s)
-    if syscalls and "virtio_io" in per_comp:
-        # A blocking syscall that waited on a virtio request is the paravirtual I/O
-        # path end to end: the request setup, the virtqueue kick and the completion
-        # it runs on the way are the device's time too, not the kernel baseline.
-        dev = _merge(per_comp["virtio_io"])
-        per_comp["virtio_io"] += [(a, b) for a, b in _merge(syscalls) if _covered(a, b, dev)]
-    comp = bd.component_ns
-    taken: list[tuple[int, int]] = []
-    order = [c for c in PRECEDENCE if c in per_comp] + [c for c in per_comp if c not in PRECEDENCE]
-    for name in order:
-        merged = _merge(per_comp[name])
-        ns = _subtract(merged, taken) if taken else sum(b - a for a, b in merged)
-        if ns:
-            comp[name] = ns
-        taken = _merge(taken + merged)
-    if syscalls:
-        kernel = _subtract(_merge(syscalls), taken)
-        if kernel:
-            comp["syscall"] = kernel
+    if ivs:
+        totals: dict[int, int] = {}
+        for a, b, r in resolve(ivs)[0]:
+            totals[r] = totals.get(r, 0) + b - a
+        bd.component_ns.update((RANKED[r], ns) for r, ns in sorted(totals.items()) if ns)
     return bd
+
+
+def _overhead(component_ns: dict[str, int]) -> int:
+    return sum(ns for comp, ns in component_ns.items() if COMPONENT_LAYER[comp] != KERNEL)
 
 
 class Attributor:
@@ -142,24 +83,85 @@ class Attributor:
         self.steal = steal
 
     def breakdown(self, workload: Workload, start: int, end: int, drained_until: int) -> Breakdown:
-        """The breakdown of a span window (CLOCK_MONOTONIC ns) for a resolved workload."""
-        per_thread = self.timeline.query(start, end, tid=workload.tid if workload.scope == "thread" else 0,
-                                         pid=workload.pid if workload.scope in ("thread", "process") else 0,
-                                         cgroup_id=workload.cgroup_id)
-        best: Breakdown | None = None
-        best_tid = 0
-        for tid, stalls in per_thread.items():
-            bd = thread_breakdown(stalls, start, end)
-            if best is None or bd.overhead_ns() > best.overhead_ns():
-                best, best_tid = bd, tid
-        if best is None:
-            best = Breakdown(duration_ns=max(0, end - start))
-            best_tid = workload.tid
-        if self.steal is not None and best_tid:
-            runs = self.timeline.runs(start, end, best_tid)
-            if runs:
-                steal_ns = int(self.steal.overlay(runs, start, end))
-                if steal_ns > 0:
-                    best.component_ns["steal"] = best.component_ns.get("steal", 0) + steal_ns
-        best.coverage = self.timeline.coverage(start, end, drained_until, tid=best_tid)
-        return best
+        """The breakdown of a span window (CLOCK_MONOTONIC ns) for a resolved workload.
+
+        Its ``stalls`` are those of the thread the breakdown describes (for child spans).
+        """
+        bd, tid = self.join_many(workload, [(start, end)], drained_until)[0]
+        if not bd.stalls and tid:
+            bd.stalls = self.stalls(tid, start, end)
+        return bd
+
+    def join_many(self, workload: Workload, windows: list[tuple[int, int]],
+                  drained_until: int) -> list[tuple[Breakdown, int]]:
+        """Breakdowns of many span windows of one workload, without their stalls.
+
+        Args:
+            workload: the resolved workload all the windows belong to.
+            windows: ``(start, end)`` CLOCK_MONOTONIC ns.
+            drained_until: how far the kernel data has been drained.
+
+        Returns:
+            Per window, the breakdown and the thread it describes (0 when none):
+            at thread scope the span's thread, at process or container scope the
+            workload's thread held back the most inside the window. Fetch that
+            thread's stalls with :meth:`stalls` only when they are needed.
+        """
+        tid = workload.tid if workload.scope == "thread" else 0
+        pid = workload.pid if workload.scope in ("thread", "process") else 0
+        cgroup_id = workload.cgroup_id
+        window_many = getattr(self.timeline, "window_many", None)
+        out: list[tuple[Breakdown, int]] = []
+        if window_many is not None:
+            per_window = window_many(windows, tid=tid, pid=pid, cgroup_id=cgroup_id)
+            for (start, end), per_thread in zip(windows, per_window):
+                best: dict[str, int] | None = None
+                best_tid = 0
+                best_ns = -1
+                for t, comp in per_thread.items():
+                    ns = _overhead(comp)
+                    if ns > best_ns:
+                        best, best_tid, best_ns = comp, t, ns
+                bd = Breakdown(component_ns=best if best is not None else {}, duration_ns=max(0, end - start))
+                out.append((bd, best_tid if best is not None else workload.tid))
+        else:
+            # A stall source without resolved timelines: join its raw stalls.
+            for start, end in windows:
+                best_bd: Breakdown | None = None
+                best_tid = 0
+                for t, stalls in self.timeline.query(start, end, tid=tid, pid=pid, cgroup_id=cgroup_id).items():
+                    bd = thread_breakdown(stalls, start, end)
+                    if best_bd is None or bd.overhead_ns() > best_bd.overhead_ns():
+                        best_bd, best_tid = bd, t
+                if best_bd is None:
+                    best_bd, best_tid = Breakdown(duration_ns=max(0, end - start)), workload.tid
+                out.append((best_bd, best_tid))
+        if self.steal is not None:
+            for (start, end), (bd, t) in zip(windows, out):
+                if not t:
+                    continue
+                runs = self.timeline.runs(start, end, t)
+                if runs:
+                    steal_ns = int(self.steal.overlay(runs, start, end))
+                    if steal_ns > 0:
+                        bd.component_ns["steal"] = bd.component_ns.get("steal", 0) + steal_ns
+        coverage_many = getattr(self.timeline, "coverage_many", None)
+        if coverage_many is not None:
+            covs = coverage_many([(start, end, t) for (start, end), (_, t) in zip(windows, out)], drained_until)
+        else:
+            covs = [self.timeline.coverage(start, end, drained_until, tid=t)
+                    for (start, end), (_, t) in zip(windows, out)]
+        for (bd, _), cov in zip(out, covs):
+            bd.coverage = cov
+        return out
+
+    def stalls(self, tid: int, start: int, end: int) -> list[Stall]:
+        """The stalls of thread ``tid`` overlapping ``[start, end]`` (for child spans).
+
+        A window longer than the timeline keeps stalls is clipped to its last
+        TTL: nothing older is held, and the scan stays bounded.
+        """
+        ttl = getattr(self.timeline, "ttl_ns", 0)
+        lo = max(start, end - ttl) if ttl else start
+        return [s for s in self.timeline.query(lo, end, tid=tid).get(tid, ())
+                if min(s.end_mono_ns, end) > max(s.start_mono_ns, lo)]

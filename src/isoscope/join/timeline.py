@@ -8,6 +8,15 @@ losses, how far the ring buffers have been drained).
 Memory is bounded by ``max_records`` overall (and ``max_per_thread`` per
 thread, ``max_threads`` threads); when full, the thread updated longest ago is
 dropped first. All times are CLOCK_MONOTONIC ns.
+
+Besides the raw stalls (what child spans and :meth:`Timeline.query` return),
+each thread keeps its stalls *resolved*: disjoint segments, each owned by the
+one component that gets that instant under :data:`PRECEDENCE` (the kernel
+baseline where no layer explains a syscall), with per-component prefix sums.
+A window's breakdown is then two binary searches and edge clipping
+(:meth:`Timeline.window_ns`), whatever the window's length. A stall is
+resolved when it arrives, re-resolving only the stretch it can change (from
+its start, or from the start of the syscall run it joins).
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from array import array
 from collections import OrderedDict, defaultdict
 from typing import Any, Iterable, Mapping
 
-from isoscope.model import COMPONENTS, RunSegment, Stall
+from isoscope.model import COMPONENT_LAYER, COMPONENTS, KERNEL, RunSegment, Stall
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +39,233 @@ logger = logging.getLogger(__name__)
 # when a query returns them.
 _CODES = {c: i for i, c in enumerate(COMPONENTS)}
 _NO_DETAILS: Mapping[str, Any] = {}
+
+# When two components claim the same instant of one thread, the first here
+# gets it. Reclaim comes first: a thread preempted or throttled in the middle of
+# reclaiming is still stalled on memory (the kernel's pressure accounting
+# counts it the same way); throttling before plain run-queue contention because
+# the quota is the cause of that wait.
+PRECEDENCE: tuple[str, ...] = ("memory_reclaim", "cpu_throttle", "runqueue", "virtio_io", "netns", "pv_exit",
+                               "ept", "vm_exit", "sandbox", "steal")
+
+# Ranks: the layer components in precedence order, then the kernel baseline last
+# (it gets only what no layer explains). A resolved segment stores its rank.
+RANKED: tuple[str, ...] = (PRECEDENCE + tuple(c for c in COMPONENTS
+                                              if c not in PRECEDENCE and COMPONENT_LAYER[c] != KERNEL)
+                           + ("syscall",))
+SYSCALL_RANK = len(RANKED) - 1
+VIRTIO_RANK = RANKED.index("virtio_io")
+_N_RANKS = len(RANKED)
+RANK_OF: dict[str, int] = {c: (SYSCALL_RANK if COMPONENT_LAYER[c] == KERNEL else RANKED.index(c))
+                           for c in COMPONENTS}
+_RANK_OF_CODE = array("B", [RANK_OF[c] for c in COMPONENTS])
+_SYSCALL_CODES = frozenset(i for i, c in enumerate(COMPONENTS) if COMPONENT_LAYER[c] == KERNEL)
+
+
+def _merge_sorted(ivs: list[tuple[int, int]]) -> list[list[int]]:
+    """Union of intervals sorted by start; touching intervals become one."""
+    out: list[list[int]] = []
+    for a, b in ivs:
+        if out and a <= out[-1][1]:
+            if b > out[-1][1]:
+                out[-1][1] = b
+        else:
+            out.append([a, b])
+    return out
+
+
+def resolve(ivs: Iterable[tuple[int, int, int]]) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]]]:
+    """One thread's stalls as disjoint segments, each owned by one component (a sweep, O(n log n)).
+
+    Args:
+        ivs: ``(start, end, rank)`` with ``end > start``; rank from :data:`RANK_OF`.
+
+    Returns:
+        ``(segments, converted)``: segments ``(start, end, rank)`` sorted and
+        disjoint, where an instant goes to the highest-precedence layer component
+        holding it, else to the kernel baseline (``SYSCALL_RANK``); ``converted``
+        are the syscall runs (merged syscalls) that waited on a virtio request
+        and so count as ``virtio_io`` end to end.
+    """
+    layer: list[tuple[int, int, int]] = []
+    sys_iv: list[tuple[int, int]] = []
+    for a, b, r in ivs:
+        if r == SYSCALL_RANK:
+            sys_iv.append((a, b))
+        else:
+            layer.append((a, b, r))
+    events: list[tuple[int, int, int]] = []
+    converted: list[tuple[int, int]] = []
+    if sys_iv:
+        sys_iv.sort()
+        runs = _merge_sorted(sys_iv)
+        dev = _merge_sorted(sorted((a, b) for a, b, r in layer if r == VIRTIO_RANK))
+        j = 0
+        for ra, rb in runs:
+            # A blocking syscall that waited on a virtio request is the paravirtual I/O
+            # path end to end: the request setup, the virtqueue kick and the completion
+            # it runs on the way are the device's time too, not the kernel baseline.
+            while j < len(dev) and dev[j][1] <= ra:
+                j += 1
+            rank = SYSCALL_RANK
+            if j < len(dev) and dev[j][0] < rb:
+                rank = VIRTIO_RANK
+                converted.append((ra, rb))
+            events.append((ra, 1, rank))
+            events.append((rb, -1, rank))
+    for a, b, r in layer:
+        events.append((a, 1, r))
+        events.append((b, -1, r))
+    if not events:
+        return [], converted
+    events.sort()
+    counts = [0] * _N_RANKS
+    out: list[tuple[int, int, int]] = []
+    i, n = 0, len(events)
+    while i < n:
+        pos = events[i][0]
+        while i < n and events[i][0] == pos:
+            counts[events[i][2]] += events[i][1]
+            i += 1
+        if i == n:
+            break
+        top = -1
+        for r in range(_N_RANKS):
+            if counts[r]:
+                top = r
+                break
+        if top < 0:
+            continue
+        nxt = events[i][0]
+        if out and out[-1][2] == top and out[-1][1] == pos:
+            out[-1] = (out[-1][0], nxt, top)
+        else:
+            out.append((pos, nxt, top))
+    return out, converted
+
+
+def _union_within(ivs: list[tuple[int, int]], lo: int, hi: int) -> int:
+    """Length of the union of sorted ``ivs`` inside ``[lo, hi]``."""
+    total = 0
+    cur_a = cur_b = None
+    for a, b in ivs:
+        if a >= hi:
+            break
+        a, b = max(a, lo), min(b, hi)
+        if b <= a:
+            continue
+        if cur_b is None or a > cur_b:
+            if cur_b is not None:
+                total += cur_b - cur_a
+            cur_a, cur_b = a, b
+        elif b > cur_b:
+            cur_b = b
+    if cur_b is not None:
+        total += cur_b - cur_a
+    return total
+
+
+class _Resolved:
+    """One thread's resolved segments with per-rank prefix sums.
+
+    ``cum[r][j]`` is the total length of rank ``r``'s segments before segment
+    ``j`` (an array only for ranks the thread has had). Dropping the first
+    segments keeps differences valid, so nothing is rebased.
+    """
+
+    __slots__ = ("starts", "ends", "ranks", "cum", "present", "conv_starts", "conv_ends")
+
+    def __init__(self) -> None:
+        self.starts = array("q")
+        self.ends = array("q")
+        self.ranks = array("B")
+        self.cum: list[array | None] = [None] * _N_RANKS
+        self.present: list[int] = []
+        self.conv_starts = array("q")
+        self.conv_ends = array("q")
+
+    def truncate(self, p: int) -> None:
+        """Forget everything from ``p`` on (a segment across ``p`` keeps its part before it)."""
+        j = bisect.bisect_right(self.ends, p)  # segments [j:] end after p
+        cut: tuple[int, int] | None = None
+        if j < len(self.starts) and self.starts[j] < p:
+            cut = (self.starts[j], self.ranks[j])
+        del self.starts[j:]
+        del self.ends[j:]
+        del self.ranks[j:]
+        for r in self.present:
+            del self.cum[r][j + 1:]  # type: ignore[index]
+        if cut is not None:
+            self.append(cut[0], p, cut[1])
+        c = bisect.bisect_left(self.conv_ends, p + 1)
+        del self.conv_starts[c:]
+        del self.conv_ends[c:]
+
+    def append(self, a: int, b: int, rank: int) -> None:
+        cum = self.cum
+        if cum[rank] is None:
+            col = array("q", bytes(8 * (len(self.starts) + 1)))
+            cum[rank] = col
+            self.present.append(rank)
+        self.starts.append(a)
+        self.ends.append(b)
+        self.ranks.append(rank)
+        for r in self.present:
+            col = cum[r]
+            col.append(col[-1] + (b - a if r == rank else 0))  # type: ignore[index]
+
+    def drop_until(self, t: int) -> None:
+        """Drop the segments (and converted runs) that end at or before ``t``."""
+        j = bisect.bisect_right(self.ends, t)
+        if j:
+            del self.starts[:j]
+            del self.ends[:j]
+            del self.ranks[:j]
+            for r in self.present:
+                del self.cum[r][:j]  # type: ignore[index]
+        c = bisect.bisect_right(self.conv_ends, t)
+        if c:
+            del self.conv_starts[:c]
+            del self.conv_ends[:c]
+
+    def sums(self, start: int, end: int) -> dict[int, int] | None:
+        """Per-rank ns inside ``[start, end]`` from the prefix sums; None when nothing overlaps."""
+        i = bisect.bisect_right(self.ends, start)
+        k = bisect.bisect_left(self.starts, end, lo=i)
+        if k <= i:
+            return None
+        out: dict[int, int] = {}
+        cum = self.cum
+        for r in self.present:
+            col = cum[r]
+            v = col[k] - col[i]  # type: ignore[index]
+            if v:
+                out[r] = v
+        s = self.starts[i]
+        if s < start:
+            out[self.ranks[i]] -= start - s
+        e = self.ends[k - 1]
+        if e > end:
+            out[self.ranks[k - 1]] -= e - end
+        return out
+
+    def edge_runs(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Converted syscall runs cut by a window edge, as their part inside the window.
+
+        Inside the window only what the window holds decides whether a syscall run
+        waited on the device, so those parts are resolved again from the raw stalls.
+        """
+        cs = self.conv_starts
+        if not cs:
+            return []
+        out = []
+        for edge in (start, end):
+            c = bisect.bisect_left(self.conv_ends, edge + 1)  # first run ending after edge
+            if c < len(cs) and cs[c] < edge:
+                part = (max(cs[c], start), min(self.conv_ends[c], end))
+                if part[1] > part[0] and part not in out:
+                    out.append(part)
+        return out
 
 
 class _Column:
@@ -91,7 +327,7 @@ class _Column:
 
 
 class _ThreadLog:
-    __slots__ = ("pid", "cgroup_id", "stalls", "runs", "complete_from")
+    __slots__ = ("pid", "cgroup_id", "stalls", "runs", "complete_from", "resolved")
 
     def __init__(self, pid: int, cgroup_id: int) -> None:
         self.pid = pid
@@ -99,6 +335,45 @@ class _ThreadLog:
         self.stalls = _Column()
         self.runs: _Column | None = None  # only watched threads report on-CPU segments
         self.complete_from = 0  # records ending before this were dropped for space
+        self.resolved = _Resolved()
+
+    def reresolve_from(self, start: int) -> None:
+        """Resolve again the part of the thread's timeline a stall starting at ``start`` can change.
+
+        That is everything from ``start`` on, or from the start of the syscall
+        run ``start`` falls in (a syscall joining or a virtio request landing in
+        a run changes the whole run).
+        """
+        col = self.stalls
+        ends, starts, comps = col.ends, col.starts, col.comps
+        assert comps is not None
+        sys_code = _SYSCALL_CODES
+        p = start
+        while True:
+            m = p
+            for x in range(bisect.bisect_left(ends, p), len(ends)):
+                if comps[x] in sys_code and starts[x] < m:
+                    m = starts[x]
+            if m >= p:
+                break
+            p = m
+        ranks = _RANK_OF_CODE
+        ivs = []
+        for x in range(bisect.bisect_right(ends, p), len(ends)):
+            a = starts[x]
+            if a < p:
+                a = p
+            b = ends[x]
+            if b > a:
+                ivs.append((a, b, ranks[comps[x]]))
+        res = self.resolved
+        res.truncate(p)
+        segments, converted = resolve(ivs)
+        for a, b, r in segments:
+            res.append(a, b, r)
+        for a, b in converted:
+            res.conv_starts.append(a)
+            res.conv_ends.append(b)
 
     def records(self) -> int:
         return len(self.stalls) + (len(self.runs) if self.runs is not None else 0)
@@ -197,6 +472,9 @@ class Timeline:
             self._records += 1 - bool(dropped)
             if dropped:
                 log.complete_from = max(log.complete_from, dropped)
+                # Records before complete_from are incomplete anyway (coverage says so).
+                log.resolved.drop_until(dropped)
+            log.reresolve_from(stall.start_mono_ns)
             self._bound(stall.tid)
 
     def add_run(self, seg: RunSegment) -> None:
@@ -236,39 +514,38 @@ class Timeline:
         drained past it, no kernel events were lost in it, and (for ``tid``)
         none of that thread's records in it were dropped to bound memory.
         """
-        if end <= start:
-            return 0.0
+        return self.coverage_many([(start, end, tid)], drained_until)[0]
+
+    def coverage_many(self, windows: list[tuple[int, int, int]], drained_until: int) -> list[float]:
+        """:meth:`coverage` of many ``(start, end, tid)`` windows, reading the shared state once."""
+        if not windows:
+            return []
+        lo_all = min(w[0] for w in windows)
+        hi_all = max(w[1] for w in windows)
         with self._lock:
             ups = list(self._probe_up_since.values())
-            losses = [(a, b) for a, b, _ in self._losses if b > start and a < end]
-            thread_from = 0
-            if tid:
-                log = self._threads.get(tid)
-                thread_from = log.complete_from if log is not None else self._evicted.get(tid, 0)
+            losses = sorted((a, b) for a, b, _ in self._losses if b > lo_all and a < hi_all)
+            froms = {}
+            for _, _, tid in windows:
+                if tid and tid not in froms:
+                    log = self._threads.get(tid)
+                    froms[tid] = log.complete_from if log is not None else self._evicted.get(tid, 0)
         if not ups or any(u is None for u in ups):
-            return 0.0
-        lo = max(start, max(ups), thread_from)  # type: ignore[type-var]
-        hi = min(end, drained_until)
-        if hi <= lo:
-            return 0.0
-        covered = hi - lo
-        # Subtract the union of loss intervals inside [lo, hi].
-        losses.sort()
-        cur_a = cur_b = None
-        lost = 0
-        for a, b in losses:
-            a, b = max(a, lo), min(b, hi)
-            if b <= a:
+            return [0.0] * len(windows)
+        up = max(ups)  # type: ignore[type-var]
+        out = []
+        for start, end, tid in windows:
+            if end <= start:
+                out.append(0.0)
                 continue
-            if cur_b is None or a > cur_b:
-                if cur_b is not None:
-                    lost += cur_b - cur_a
-                cur_a, cur_b = a, b
-            else:
-                cur_b = max(cur_b, b)
-        if cur_b is not None:
-            lost += cur_b - cur_a
-        return max(0.0, (covered - lost) / (end - start))
+            lo = max(start, up, froms.get(tid, 0) if tid else 0)
+            hi = min(end, drained_until)
+            if hi <= lo:
+                out.append(0.0)
+                continue
+            lost = _union_within(losses, lo, hi) if losses else 0
+            out.append(max(0.0, (hi - lo - lost) / (end - start)))
+        return out
 
     # -- queries --------------------------------------------------------------
 
@@ -302,6 +579,55 @@ class Timeline:
                                     log.cgroup_id, col.cpus[j], details[j] or _NO_DETAILS) for j in idx]
         return out
 
+    def window_ns(self, start: int, end: int, *, tid: int = 0, pid: int = 0,
+                  cgroup_id: int = 0) -> dict[int, dict[str, int]]:
+        """Per-component stall ns inside ``[start, end]``, per thread that has stalls there.
+
+        For each thread, the same figures as
+        :func:`isoscope.join.attribution.thread_breakdown` over that thread's
+        :meth:`query` result (precedence, no double counting, kernel baseline),
+        in O(log n) per thread whatever the window's length. The finest key
+        given wins: ``tid`` over ``pid`` over ``cgroup_id``.
+        """
+        return self.window_many([(start, end)], tid=tid, pid=pid, cgroup_id=cgroup_id)[0]
+
+    def window_many(self, windows: list[tuple[int, int]], *, tid: int = 0, pid: int = 0,
+                    cgroup_id: int = 0) -> list[dict[int, dict[str, int]]]:
+        """:meth:`window_ns` of many windows of one workload, under one lock."""
+        out: list[dict[int, dict[str, int]]] = [{} for _ in windows]
+        with self._lock:
+            for t in self._tids(tid, pid, cgroup_id):
+                log = self._threads.get(t)
+                if log is None:
+                    continue
+                for n, (start, end) in enumerate(windows):
+                    got = self._thread_window(log, start, end)
+                    if got is not None:
+                        out[n][t] = got
+        return out
+
+    @staticmethod
+    def _thread_window(log: _ThreadLog, start: int, end: int) -> dict[str, int] | None:
+        res = log.resolved
+        sums = res.sums(start, end)
+        if sums is None:
+            return None
+        if res.conv_starts:
+            for a, b in res.edge_runs(start, end):
+                for r, v in (res.sums(a, b) or {}).items():
+                    sums[r] -= v
+                col = log.stalls
+                comps = col.comps
+                assert comps is not None
+                ivs = []
+                for j in col.overlapping(a, b):
+                    x, y = max(col.starts[j], a), min(col.ends[j], b)
+                    if y > x:
+                        ivs.append((x, y, _RANK_OF_CODE[comps[j]]))
+                for x, y, r in resolve(ivs)[0]:
+                    sums[r] = sums.get(r, 0) + y - x
+        return {RANKED[r]: v for r, v in sorted(sums.items()) if v}
+
     def runs(self, start: int, end: int, tid: int) -> list[RunSegment]:
         """On-CPU segments of a watched thread overlapping ``[start, end]``."""
         with self._lock:
@@ -333,6 +659,8 @@ class Timeline:
                         continue
                     i = bisect.bisect_left(col.ends, horizon)
                     if i:
+                        if col is log.stalls:
+                            log.resolved.drop_until(col.ends[i - 1])
                         col.drop_first(i)
                         dropped += i
                         self._records -= i

@@ -5,7 +5,9 @@ their struct layouts cannot be trusted. A BPF program that truly needs a
 kernel struct field gets its byte offset from the running kernel's own type
 information instead, passed in as a ``-D`` define. This module reads the raw
 BTF format directly (no bpftool/pahole dependency): only what is needed to
-resolve ``struct.member[.member...]`` paths.
+resolve ``struct.member[.member...]`` paths and to find a kernel function's
+type id (what a fentry program is attached by). It is the only BTF reader in
+isoscope.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 import struct
 from dataclasses import dataclass
+from typing import Iterable
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +66,7 @@ class _Type:
 
 
 class BTF:
-    """Parsed kernel BTF: struct layouts by name.
+    """Parsed kernel BTF: struct layouts and function type ids by name.
 
     Args:
         path: the BTF blob, normally ``<sys_root>/kernel/btf/vmlinux``.
@@ -87,6 +90,7 @@ class BTF:
         self._strings = data[hdr_len + str_off: hdr_len + str_off + str_len]
         self._types: list[_Type | None] = [None]  # type id 0 is void
         self._structs: dict[str, int] = {}
+        self._funcs: dict[str, int] = {}
         self._parse(data[hdr_len + type_off: hdr_len + type_off + type_len])
 
     def _str(self, off: int) -> str:
@@ -114,6 +118,8 @@ class BTF:
             self._types.append(_Type(kind, name, size_or_type, kind_flag, members))
             if kind == _STRUCT and name and vlen and name not in self._structs:
                 self._structs[name] = len(self._types) - 1
+            elif kind == _FUNC and name and name not in self._funcs:
+                self._funcs[name] = len(self._types) - 1
 
     def _resolve(self, type_id: int) -> _Type | None:
         t = self._types[type_id] if 0 < type_id < len(self._types) else None
@@ -143,6 +149,21 @@ class BTF:
                     found = self._find(inner, name)
                     if found is not None:
                         return found[0], found[1] + bit_off, found[2], 0
+        return None
+
+    def func_id(self, names: Iterable[str]) -> tuple[str, int] | None:
+        """The first of ``names`` that is a function (``BTF_KIND_FUNC``), with its type id.
+
+        Args:
+            names: kernel function names in order of preference.
+
+        Returns:
+            ``(name, type id)``, or None when none of them is in this BTF.
+        """
+        for name in names:
+            type_id = self._funcs.get(name)
+            if type_id is not None:
+                return name, type_id
         return None
 
     def has_struct(self, name: str) -> bool:

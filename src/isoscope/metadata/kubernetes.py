@@ -30,6 +30,8 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Protocol
 
+from isoscope import __version__
+from isoscope.host.cgroupfs import CgroupInfo, parse_cgroup_path
 from isoscope.model import Stats
 
 logger = logging.getLogger(__name__)
@@ -40,7 +42,10 @@ SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 ERRORS_COUNTER = "kubernetes_api_errors_total"
 """``Stats`` counter (label: ``operation`` = ``list`` | ``watch``) of failed API calls."""
 
-_USER_AGENT = "isoscope/0.1 (k8smeta)"
+_USER_AGENT = f"isoscope/{__version__} (k8smeta)"
+
+_NO_CGROUP = CgroupInfo(path="")
+"""What an unknown cgroup path tells: nothing."""
 
 
 # ---------------------------------------------------------------------------
@@ -80,21 +85,6 @@ class PodInfo:
     container_id: str = ""
     qos_class: str = ""
     source: str = "api"
-
-
-@dataclass(frozen=True, slots=True)
-class CgroupIdentity:
-    """Kubernetes identity encoded in a cgroup path.
-
-    Attributes:
-        pod_uid: pod UID with dashes, "" if the path is not a pod's.
-        container_id: 64-hex container id, "" if the path is not a container's.
-        qos_class: ``guaranteed``, ``burstable``, ``besteffort`` or "".
-    """
-
-    pod_uid: str = ""
-    container_id: str = ""
-    qos_class: str = ""
 
 
 class PodMetadata(Protocol):
@@ -164,89 +154,6 @@ _RUNTIME_PREFIX = re.compile(r"^[a-z0-9.+-]+://")
 def normalize_container_id(container_id: str) -> str:
     """``"containerd://ABC…"`` → ``"abc…"``; also strips ``docker://``, ``cri-o://``."""
     return _RUNTIME_PREFIX.sub("", container_id.strip()).lower()
-
-
-_POD_UID_RE = re.compile(
-    r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})")
-_CONTAINER_RE = re.compile(
-    r"^(?:(?:cri-containerd|containerd|docker|crio|libpod)-)?([0-9a-f]{64})(?:\.scope)?$")
-
-
-def _parse_cgroup_minimal(path: str) -> CgroupIdentity:
-    """Parse the kubelet's cgroup layouts (cgroupfs and systemd drivers).
-
-    Handles ``/kubepods/burstable/pod<uid>/<id>`` and
-    ``/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_with_underscores>.slice/
-    cri-containerd-<id>.scope`` (and ``docker-``/``crio-`` scopes, guaranteed pods
-    that sit directly under ``kubepods``).
-    """
-    parts = [p for p in path.strip().split("/") if p]
-    if not any(p.startswith("kubepods") for p in parts):
-        return CgroupIdentity()
-    pod_uid = ""
-    for part in parts:
-        m = _POD_UID_RE.search(part)
-        if m:
-            pod_uid = m.group(1).replace("_", "-")
-    container_id = ""
-    if parts:
-        m = _CONTAINER_RE.match(parts[-1])
-        if m:
-            container_id = m.group(1)
-    qos = ""
-    if pod_uid:
-        joined = "/".join(parts)
-        if "besteffort" in joined:
-            qos = "besteffort"
-        elif "burstable" in joined:
-            qos = "burstable"
-        else:
-            qos = "guaranteed"
-    return CgroupIdentity(pod_uid=pod_uid, container_id=container_id, qos_class=qos)
-
-
-def _parse_cgroup_shared(path: str) -> CgroupIdentity | None:
-    """Use ``isoscope.host.cgroupfs.parse_cgroup_path`` when that module exists."""
-    try:
-        from isoscope.host.cgroupfs import parse_cgroup_path  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    try:
-        parsed = parse_cgroup_path(path)
-    except Exception:  # a parser bug must not take metadata down with it
-        logger.debug("isoscope.host.cgroupfs failed on %r", path, exc_info=True)
-        return None
-    if parsed is None:
-        return None
-
-    def get(key: str) -> str:
-        value = parsed.get(key) if isinstance(parsed, Mapping) else getattr(parsed, key, "")
-        return str(value or "")
-
-    return CgroupIdentity(pod_uid=get("pod_uid").replace("_", "-").lower(),
-                          container_id=normalize_container_id(get("container_id")),
-                          qos_class=get("qos_class").lower())
-
-
-def parse_cgroup_identity(path: str) -> CgroupIdentity:
-    """Pod UID, container id and QoS class encoded in a cgroup path.
-
-    Prefers the project's full cgroup parser; fields it leaves empty are filled
-    from a minimal parser of the kubelet's layouts.
-
-    Args:
-        path: a cgroup path as in ``/proc/<pid>/cgroup`` (relative to the root).
-
-    Returns:
-        The identity; empty fields where the path does not tell.
-    """
-    minimal = _parse_cgroup_minimal(path)
-    shared = _parse_cgroup_shared(path)
-    if shared is None:
-        return minimal
-    return CgroupIdentity(pod_uid=shared.pod_uid or minimal.pod_uid,
-                          container_id=shared.container_id or minimal.container_id,
-                          qos_class=shared.qos_class or minimal.qos_class)
 
 
 def _owner(meta: Mapping[str, Any], labels: Mapping[str, str]) -> tuple[str, str]:
@@ -596,7 +503,8 @@ class KubePodMetadata:
         backoff_initial_s: first retry delay after an error.
         backoff_max_s: retry delay cap.
         list_page_size: ``limit`` of each LIST page.
-        cgroup_parser: cgroup path → identity, for the fallback.
+        cgroup_parser: cgroup path → identity, for the fallback
+            (default :func:`isoscope.host.cgroupfs.parse_cgroup_path`).
 
     Raises:
         ValueError: no node name (a cluster-wide pod cache would not scale).
@@ -606,7 +514,7 @@ class KubePodMetadata:
                  stats: Stats | None = None, watch_timeout_s: int = 300,
                  backoff_initial_s: float = 0.5, backoff_max_s: float = 30.0,
                  list_page_size: int = 500,
-                 cgroup_parser: Callable[[str], CgroupIdentity] = parse_cgroup_identity) -> None:
+                 cgroup_parser: Callable[[str], CgroupInfo] = parse_cgroup_path) -> None:
         self._node = node_name or os.environ.get("NODE_NAME", "")
         if not self._node:
             raise ValueError("node name unknown: pass node_name or set NODE_NAME")
@@ -688,7 +596,7 @@ class KubePodMetadata:
             API-derived info (``source="api"``); else, when the cgroup path names
             a pod, what it tells (``source="cgroup"``); else ``None``.
         """
-        ident = self._parse_cgroup(cgroup_path) if cgroup_path else CgroupIdentity()
+        ident = self._parse_cgroup(cgroup_path) if cgroup_path else _NO_CGROUP
         container_id = container_id or ident.container_id
         pod_uid = pod_uid or ident.pod_uid
         info = self._cache.get(container_id=container_id, pod_uid=pod_uid)
@@ -825,21 +733,22 @@ class CgroupOnlyPodMetadata:
 
     Args:
         node_name: reported as ``PodInfo.node``.
-        cgroup_parser: cgroup path → identity.
+        cgroup_parser: cgroup path → identity
+            (default :func:`isoscope.host.cgroupfs.parse_cgroup_path`).
     """
 
     list_errors = 0
     watch_errors = 0
 
     def __init__(self, node_name: str = "",
-                 cgroup_parser: Callable[[str], CgroupIdentity] = parse_cgroup_identity) -> None:
+                 cgroup_parser: Callable[[str], CgroupInfo] = parse_cgroup_path) -> None:
         self._node = node_name
         self._parse_cgroup = cgroup_parser
 
     def lookup(self, container_id: str = "", pod_uid: str = "",
                cgroup_path: str = "") -> PodInfo | None:
         """What the cgroup path (and given ids) tell; ``None`` if nothing."""
-        ident = self._parse_cgroup(cgroup_path) if cgroup_path else CgroupIdentity()
+        ident = self._parse_cgroup(cgroup_path) if cgroup_path else _NO_CGROUP
         cid = normalize_container_id(container_id or ident.container_id)
         uid = pod_uid or ident.pod_uid
         if not (cid or uid):

@@ -1,9 +1,12 @@
 """Who sent a span, and who a kernel record belongs to.
 
 Resolution for spans, finest first (DESIGN §4 ``isolation.scope``):
-``thread.id`` (OS tid) → ``process.pid`` (translated from the container's PID
-namespace through ``NSpid``) → ``container.id`` / ``k8s.pod.uid`` → the
-sending connection's peer (the loopback socket's owner).
+``thread.id`` (OS tid) → ``process.pid`` → ``container.id`` / ``k8s.pod.uid``
+→ the sending connection's owner. Every claim is checked against the identity
+the connection proves (the process owning the client socket, found in the
+sender's own network namespace); see :mod:`isoscope.metadata.identity` for the
+rules and :mod:`isoscope.metadata.containers` for how container and pod names
+match.
 
 Per-process facts (host pid, cgroup, isolation stack) are cached and keyed by
 the process start time, so a reused PID never inherits a dead process's
@@ -20,8 +23,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from isoscope.host import cgroupfs
-from isoscope.model import IsolationStack, Workload
+from isoscope.host.namespaces import NamespaceIndex, shared_index
 from isoscope.host.stack import detect_process_stack
+from isoscope.metadata.containers import ContainerIndex, ContainerMatch, container_id_matches
+from isoscope.metadata.identity import Claims, RelayPolicy
+from isoscope.model import IsolationStack, LifecycleEvent, LifecycleKind, Stats, Workload
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +85,19 @@ class WorkloadResolver:
         max_processes: cache bound.
         vms: optional VM registry (``isoscope.host.vms.VmRegistry``): spans of a pod or
             container whose workload runs inside a VM are joined at VM scope.
+        stats: where ``identity_rejected_total{reason}`` is counted (a private one by default).
+        relays: which connection owners are trusted relays (none by default).
+        trust_unproven: resolve claims of spans whose sender is unproven (no socket owner on
+            this node) as a host pid or an exact container/pod id. Off by default: on a node
+            with untrusted tenants anyone could then claim anyone's identity.
+        namespaces: namespace index (the shared one of ``proc_root`` by default).
+        containers: container index (built over the v2 hierarchy by default).
     """
 
     def __init__(self, proc_root: str = "/proc", sys_root: str = "/sys", host_stack: IsolationStack | None = None,
-                 pods: Any = None, max_processes: int = 20_000, vms: Any = None) -> None:
+                 pods: Any = None, max_processes: int = 20_000, vms: Any = None, *, stats: Stats | None = None,
+                 relays: RelayPolicy | None = None, trust_unproven: bool = False,
+                 namespaces: NamespaceIndex | None = None, containers: ContainerIndex | None = None) -> None:
         self.proc_root = proc_root
         self.sys_root = sys_root
         self.host_stack = host_stack
@@ -92,8 +107,13 @@ class WorkloadResolver:
         self._lock = threading.Lock()
         self._procs: OrderedDict[int, ProcessInfo] = OrderedDict()
         self._max = max_processes
-        self._tid_map: OrderedDict[tuple[int, int], int] = OrderedDict()
         self._cgroup_labels: OrderedDict[int, tuple[str, str, str]] = OrderedDict()
+        self._scope_sets: OrderedDict[int, tuple[int, ...]] = OrderedDict()
+        self.stats = stats if stats is not None else Stats()
+        self.relays = relays or RelayPolicy()
+        self.trust_unproven = trust_unproven
+        self.ns = namespaces if namespaces is not None else shared_index(proc_root)
+        self.containers = containers if containers is not None else ContainerIndex(self.v2_root)
 
     # -- processes -------------------------------------------------------------
 
@@ -154,108 +174,210 @@ class WorkloadResolver:
 
     # -- spans -------------------------------------------------------------------
 
-    def _host_pid(self, pid_attr: int | None, peer_pid: int) -> int:
-        if peer_pid:
-            chain = cgroupfs.nspid(peer_pid, self.proc_root)
-            if not pid_attr or (chain and chain[-1] == pid_attr):
-                return peer_pid
-            # The sender is another process (an agent or a collector forwarding
-            # for others): look for pid_attr in the peer's PID namespace.
-            found = cgroupfs.host_pid_from_ns(pid_attr, peer_pid, self.proc_root)
-            if found:
-                return found
-        if pid_attr:
-            chain = cgroupfs.nspid(pid_attr, self.proc_root)
-            if len(chain) == 1:  # a process of the host PID namespace: its pid is the host pid
-                return pid_attr
-        return 0
+    def _reject(self, reason: str) -> None:
+        self.stats.inc("identity_rejected_total", (reason,))
 
-    def _host_tid(self, host_pid: int, tid_attr: int, nspid_chain: list[int]) -> int:
-        if len(nspid_chain) <= 1:
-            # A process of the host PID namespace reports host tids. The thread may
-            # already be gone (thread-per-request servers): its stalls are still in
-            # the timeline, so the tid is used as is.
-            return tid_attr
-        key = (host_pid, tid_attr)
-        with self._lock:
-            hit = self._tid_map.get(key)
-        if hit is not None:
-            return hit
-        found = 0
-        try:
-            for t in os.listdir(f"{self.proc_root}/{host_pid}/task"):
-                chain = cgroupfs.nspid(f"{host_pid}/task/{t}", self.proc_root)
-                if chain and chain[-1] == tid_attr:
-                    found = int(t)
-                    break
-        except OSError:
-            return 0
-        with self._lock:
-            self._tid_map[key] = found
-            while len(self._tid_map) > 50_000:
-                self._tid_map.popitem(last=False)
-        return found
+    def resolve(self, identity: dict[str, Any], tid_attr: int | None, peer_pid: int, *,
+                relay: bool = False) -> Workload | None:
+        """Resolve one span to a workload, or None when nothing ties it to the node or its claims are refused.
 
-    def resolve(self, identity: dict[str, Any], tid_attr: int | None, peer_pid: int) -> Workload | None:
-        """Resolve one span to a workload, or None when nothing ties it to the node."""
-        pid_attr = identity.get("process.pid")
-        try:
-            pid_attr = int(pid_attr) if pid_attr is not None else None
-        except (TypeError, ValueError):
-            pid_attr = None
-        host_pid = self._host_pid(pid_attr, peer_pid)
-        info = self.process(host_pid) if host_pid else None
-        if info is not None:
-            wl = Workload(scope="process", pid=host_pid, cgroup_id=info.cgroup_id, cgroup_path=info.cgroup_path,
-                          namespace=info.namespace, pod=info.pod, container=info.container, stack=info.stack)
-            if tid_attr:
-                tid = self._host_tid(host_pid, int(tid_attr), info.nspid)
-                if tid:
-                    wl.scope = "thread"
-                    wl.tid = tid
-            return wl
-        container_id = str(identity.get("container.id") or "")
-        pod_uid = str(identity.get("k8s.pod.uid") or "")
-        vm = self.vms.vm_for_owner(container_id, pod_uid) if self.vms is not None else None
-        if vm is not None:
-            # The workload runs inside a VM (Kata, Firecracker): its time is the VMM's
-            # threads' time on this host, vCPU threads included.
-            from isoscope.host.vms import guest_stack
-            host = self.host_stack or IsolationStack()
-            return Workload(scope="process", pid=vm.pid, cgroup_path=vm.cgroup_path, stack=guest_stack(vm, host))
-        if container_id or pod_uid:
-            path = self._find_cgroup(container_id or pod_uid)
-            if path is not None and self.v2_root:
-                try:
-                    cgid = cgroupfs.cgroup_id(path, self.v2_root)
-                except OSError:
-                    return None
-                info_c = cgroupfs.parse_cgroup_path(path)
-                stack = IsolationStack(layers=sorted(set((self.host_stack.layers if self.host_stack else [])
-                                                         + ["L-3"])),
-                                       runtime=info_c.runtime,
-                                       hypervisor=self.host_stack.hypervisor if self.host_stack else "none",
-                                       container_id=info_c.container_id, pod_uid=info_c.pod_uid,
-                                       qos_class=info_c.qos_class, cgroup_path=path)
-                ns, pod, container = self._pod_labels(stack)
-                return Workload(scope="container", cgroup_id=cgid, cgroup_path=path, namespace=ns, pod=pod,
-                                container=container, stack=stack)
+        Args:
+            identity: :func:`resource_identity` of the span's resource.
+            tid_attr: the span's ``thread.id`` (as the sending process sees it), if any.
+            peer_pid: host pid owning the sending socket (0 when unproven).
+            relay: the receiver authenticated the connection as a trusted relay
+                (mTLS / bearer); a peer matching ``relays`` is one too.
+
+        Claims are checked against the proven sender (module docstring of
+        :mod:`isoscope.metadata.identity`); a refused claim is counted in
+        ``identity_rejected_total{reason}``. A span whose pid, container or pod
+        claim disagrees with the proof is not joined (None: forwarded
+        unenriched); a ``thread.id`` that is no thread of the resolved process
+        only lowers the scope to the process.
+        """
+        claims = Claims.from_span(identity, tid_attr)
+        sender = self.process(peer_pid) if peer_pid else None
+        if sender is not None and not relay and self.relays.matches(peer_pid, sender.cgroup_path, self.proc_root):
+            relay = True
+        if relay:
+            return self._resolve_relayed(claims)
+        if sender is not None:
+            return self._resolve_direct(sender, claims)
+        if self.trust_unproven:
+            return self._resolve_unproven(claims)
+        if claims.pid or claims.raw_container or claims.raw_pod or claims.tid:
+            self._reject("unproven_sender")
         return None
 
-    def _find_cgroup(self, ident: str) -> str | None:
-        if not self.v2_root:
+    def _process_workload(self, info: ProcessInfo, tid_claim: int) -> Workload:
+        wl = Workload(scope="process", pid=info.pid, cgroup_id=info.cgroup_id, cgroup_path=info.cgroup_path,
+                      namespace=info.namespace, pod=info.pod, container=info.container, stack=info.stack)
+        if tid_claim:
+            tid = self.ns.thread_of(info.pid, tid_claim)
+            if tid:
+                wl.scope = "thread"
+                wl.tid = tid
+            else:
+                self._reject("thread_not_in_process")
+        return wl
+
+    @staticmethod
+    def _same_workload(a: cgroupfs.CgroupInfo, b: cgroupfs.CgroupInfo) -> bool:
+        if a.pod_uid or b.pod_uid:
+            return a.pod_uid == b.pod_uid
+        return a.container_id == b.container_id
+
+    def _resolve_direct(self, sender: ProcessInfo, claims: Claims) -> Workload | None:
+        target = sender
+        if claims.pid and not (sender.nspid and sender.nspid[-1] == claims.pid):
+            # process.pid is the pid as the sender's PID namespace sees it: never a host pid
+            # unless the sender lives in the host's PID namespace.
+            _net, pidns = self.ns.namespaces_of(sender.pid)
+            host = self.ns.translate(pidns, claims.pid)
+            found = self.process(host) if host else None
+            if found is None:
+                self._reject("pid_not_in_sender_ns")
+                return None
+            if not self._same_workload(cgroupfs.parse_cgroup_path(sender.cgroup_path),
+                                       cgroupfs.parse_cgroup_path(found.cgroup_path)):
+                self._reject("container_mismatch")
+                return None
+            target = found
+        ident = cgroupfs.parse_cgroup_path(target.cgroup_path)
+        if claims.raw_container and not container_id_matches(claims.container_id, ident.container_id):
+            self._reject("container_mismatch")
             return None
-        # The systemd cgroup driver writes pod UIDs with "_" instead of "-".
-        needles = {ident, ident.replace("-", "_")}
-        best = None
-        for dirpath, dirnames, _files in os.walk(self.v2_root):
-            base = os.path.basename(dirpath)
-            if any(n in base for n in needles):
-                rel = "/" + os.path.relpath(dirpath, self.v2_root)
-                if best is None or len(rel) < len(best):
-                    best = rel
-                dirnames[:] = []
-        return best
+        if claims.raw_pod and (not claims.pod_uid or claims.pod_uid != ident.pod_uid):
+            self._reject("pod_mismatch")
+            return None
+        return self._process_workload(target, claims.tid)
+
+    def _resolve_relayed(self, claims: Claims) -> Workload | None:
+        cmatch = pmatch = None
+        if claims.raw_container:
+            cmatch = self.containers.container(claims.container_id)
+            if cmatch is None and not self._vm_owner(claims):
+                self._reject("unknown_container")
+                return None
+        if claims.raw_pod:
+            pmatch = self.containers.pod(claims.pod_uid)
+            if pmatch is None and not self._vm_owner(claims):
+                self._reject("unknown_pod")
+                return None
+            if cmatch is not None and cmatch.pod_uid != claims.pod_uid:
+                self._reject("pod_mismatch")
+                return None
+        vm_wl = self._vm_workload(claims, cmatch)
+        if vm_wl is not None:
+            return vm_wl
+        match = cmatch or pmatch
+        if match is None:
+            self._reject("pid_without_workload" if claims.pid else "relay_self")
+            return None
+        if claims.pid:
+            host = self._pid_in_cgroups(claims.pid, match.paths)
+            info = self.process(host) if host else None
+            if info is not None:
+                return self._process_workload(info, claims.tid)
+            self._reject("pid_not_in_workload")
+        return self._scope_workload(match)
+
+    def _resolve_unproven(self, claims: Claims) -> Workload | None:
+        # Only with trust_unproven: a host-namespace pid, or a container/pod by exact id.
+        if claims.pid:
+            host = self.ns.translate(self.ns.root_pidns or self.ns.namespaces_of(1)[1], claims.pid)
+            info = self.process(host) if host else None
+            if info is not None:
+                return self._process_workload(info, claims.tid)
+        if claims.raw_container or claims.raw_pod:
+            return self._resolve_relayed(Claims(0, 0, claims.container_id, claims.pod_uid,
+                                                claims.raw_container, claims.raw_pod))
+        return None
+
+    def _vm_owner(self, claims: Claims) -> Any:
+        if self.vms is None:
+            return None
+        return self.vms.vm_for_owner(claims.container_id if len(claims.container_id) == 64 else "", claims.pod_uid)
+
+    def _vm_workload(self, claims: Claims, cmatch: ContainerMatch | None) -> Workload | None:
+        if self.vms is None:
+            return None
+        vm = self.vms.vm_for_owner(cmatch.container_id if cmatch else "", claims.pod_uid) or self._vm_owner(claims)
+        if vm is None:
+            return None
+        # The workload runs inside a VM (Kata, Firecracker): its time is the VMM's
+        # threads' time on this host, vCPU threads included.
+        from isoscope.host.vms import guest_stack
+        host = self.host_stack or IsolationStack()
+        return Workload(scope="process", pid=vm.pid, cgroup_path=vm.cgroup_path, stack=guest_stack(vm, host))
+
+    def _pid_in_cgroups(self, ns_pid: int, paths: tuple[str, ...]) -> int:
+        """Host pid of the process of these cgroups that sees itself as ``ns_pid`` (the pod's view)."""
+        if not self.v2_root:
+            return 0
+        for path in paths:
+            try:
+                with open(os.path.join(self.v2_root, path.lstrip("/"), "cgroup.procs"), encoding="ascii") as fh:
+                    pids = [int(x) for x in fh.read().split()]
+            except (OSError, ValueError):
+                continue
+            for pid in pids:
+                chain = cgroupfs.nspid(pid, self.proc_root)
+                if chain and chain[-1] == ns_pid:
+                    return pid
+        return 0
+
+    def _scope_workload(self, match: ContainerMatch) -> Workload | None:
+        """Container scope over the cgroups that hold the container's (or pod's) threads."""
+        if not match.cgroup_ids or not self.v2_root:
+            return None  # a pod without containers yet: nothing runs there
+        if len(match.cgroup_ids) == 1:
+            cgid, path = match.cgroup_ids[0], match.paths[0]
+        else:
+            # Several containers: the pod-level cgroup names the scope; the join needs the set
+            # (scope_cgroups) since the pod cgroup itself holds no threads.
+            cgid = match.pod_cgroup_id or match.cgroup_ids[0]
+            path = self.containers.path(cgid) or match.paths[0]
+        with self._lock:
+            self._scope_sets[cgid] = match.cgroup_ids
+            self._scope_sets.move_to_end(cgid)
+            while len(self._scope_sets) > 10_000:
+                self._scope_sets.popitem(last=False)
+        info_c = cgroupfs.parse_cgroup_path(match.paths[0])
+        host = self.host_stack
+        stack = IsolationStack(layers=sorted(set((host.layers if host else []) + ["L-3"])),
+                               runtime=info_c.runtime, hypervisor=host.hypervisor if host else "none",
+                               container_id=match.container_id, pod_uid=match.pod_uid or info_c.pod_uid,
+                               qos_class=info_c.qos_class, cgroup_path=path)
+        ns, pod, container = self._pod_labels(stack)
+        return Workload(scope="container", cgroup_id=cgid, cgroup_path=path, namespace=ns, pod=pod,
+                        container=container, stack=stack)
+
+    def scope_cgroups(self, wl: Workload) -> tuple[int, ...]:
+        """Every cgroup v2 id holding the threads of a container-scope workload (its own id otherwise).
+
+        A pod resolves to the cgroups of all of its containers; the join must
+        look at each (``Workload`` carries one ``cgroup_id``).
+        """
+        if not wl.cgroup_id:
+            return ()
+        with self._lock:
+            return self._scope_sets.get(wl.cgroup_id, (wl.cgroup_id,))
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def on_lifecycle(self, ev: LifecycleEvent) -> None:
+        """Keep the namespace and container indexes (and caches) current; call for every lifecycle event."""
+        try:
+            self.ns.on_lifecycle(ev)
+            self.containers.on_lifecycle(ev)
+            if ev.kind is LifecycleKind.EXIT and ev.pid == ev.tid:
+                self.forget(ev.pid)
+            elif ev.kind is LifecycleKind.CGROUP_RMDIR:
+                with self._lock:
+                    self._scope_sets.pop(ev.cgroup_id, None)
+        except Exception:  # an index update must never break the event router
+            logger.debug("lifecycle update failed for %s", ev, exc_info=True)
 
     # -- kernel records ----------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Prometheus exporter: the ``isoscope_*`` metrics of DESIGN §4 over HTTP.
+"""Prometheus exporter: the ``isoscope_*`` metrics of DESIGN §4.
 
 The exporter keeps its own metric state (plain dicts under one lock) and turns
 it into metric families at scrape time through a custom collector registered in
@@ -13,23 +13,21 @@ events, probe and queue gauges) is read from the shared
 import this module.
 
 Exemplars (trace ids on ``isoscope_span_layer_seconds``) only exist in the
-OpenMetrics exposition; ``/metrics`` serves OpenMetrics when the scraper's
-``Accept`` header asks for it and the classic text format otherwise.
+OpenMetrics exposition; :meth:`PrometheusExporter.render_for` renders
+OpenMetrics when the scraper's ``Accept`` header asks for it and the classic
+text format otherwise. Serving it over HTTP is :mod:`isoscope.metrics.admin`;
+pushing the same metrics over OTLP is :mod:`isoscope.metrics.otlp_push`.
 """
 
 from __future__ import annotations
 
 import bisect
-import gzip
-import importlib.metadata
-import json
 import logging
 import platform
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -42,6 +40,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
+from isoscope import __version__
 from isoscope.model import COMPONENT_LAYER, LAYERS, Breakdown, Stall, Stats
 
 logger = logging.getLogger(__name__)
@@ -68,16 +67,11 @@ buckets kernel log2 histograms are re-binned into. A fixed set keeps the bucket 
 stable across scrapes, which ``histogram_quantile`` over ``rate`` needs."""
 
 
-class ReadyCheck(Protocol):
-    """``/readyz`` callback: ``(ready, reason)``."""
-
-    def __call__(self) -> tuple[bool, str]: ...
-
-
 class MetricSink(Protocol):
     """Receives every recorded increment/observation (after the cardinality cap).
 
-    Used to mirror the metrics into another system (see :class:`OtlpMetricsExporter`).
+    Used to mirror the metrics into another system (see
+    :class:`isoscope.metrics.otlp_push.OtlpMetricsExporter`).
     Called outside the exporter's lock; names are the Prometheus family names.
     """
 
@@ -291,10 +285,10 @@ def log2_to_cumulative(slot_counts: Mapping[int, int], le_exponents: Sequence[in
 # ---------------------------------------------------------------------------
 
 class PrometheusExporter:
-    """Holds isoscope's metrics and serves them to Prometheus.
+    """Holds isoscope's metrics and renders them for Prometheus.
 
     Thread-safe: pipeline threads call the ``observe_*``/``add_*``/``set_*``
-    methods while the HTTP server renders scrapes.
+    methods while the admin server renders scrapes.
 
     Args:
         stats: the shared self-telemetry counters, read at scrape time.
@@ -302,7 +296,7 @@ class PrometheusExporter:
         span_buckets: bucket bounds (seconds) of ``isoscope_span_layer_seconds``.
         ratio_buckets: bucket bounds of ``isoscope_span_overhead_ratio``.
         log2_le_exponents: bounds (powers of two ns) for mirrored kernel log2 histograms.
-        version: reported in ``isoscope_build_info``; default: the installed package's version.
+        version: reported in ``isoscope_build_info``; default ``isoscope.__version__``.
         build_labels: extra ``isoscope_build_info`` labels (e.g. ``{"commit": ...}``).
         sinks: mirrors of every increment/observation (e.g. an OTLP metrics exporter).
     """
@@ -333,12 +327,10 @@ class PrometheusExporter:
         self._histograms: dict[str, dict[tuple[str, ...], _Histogram]] = {
             SPAN_LAYER.name: {}, SPAN_OVERHEAD.name: {}}
         self._log2: dict[str, dict[tuple[str, ...], _Log2Histogram]] = {n: {} for n in LOG2_HISTOGRAMS}
-        self._build = {"version": version or _package_version(), "python": platform.python_version(),
+        self._build = {"version": version or __version__, "python": platform.python_version(),
                        "kernel": platform.release(), **dict(build_labels or {})}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
     def label_cap(self, metric: str) -> CardinalityCap:
         """The cardinality cap of one metric (full family name)."""
@@ -660,55 +652,6 @@ class PrometheusExporter:
         encoder, content_type = choose_encoder(accept)
         return encoder(self.registry), content_type
 
-    # -- HTTP --------------------------------------------------------------
-
-    def serve(self, host: str, port: int, ready: ReadyCheck | Callable[[], tuple[bool, str]],
-              status: Callable[[], Mapping[str, Any]] | None = None) -> tuple[str, int]:
-        """Start the HTTP server on a background thread.
-
-        Endpoints: ``/metrics``, ``/healthz`` (200 while the server runs), ``/readyz``
-        (200 or 503 with the reason from ``ready``), ``/debug/status`` (JSON from
-        ``status``, 404 when not given).
-
-        Args:
-            host: listen address.
-            port: listen port (0 picks a free one).
-            ready: readiness callback.
-            status: optional debug status callback.
-
-        Returns:
-            The bound ``(host, port)``.
-        """
-        if self._server is not None:
-            raise RuntimeError("already serving")
-        handler = _make_handler(self, ready, status)
-        server = ThreadingHTTPServer((host, port), handler)
-        server.daemon_threads = True
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="isoscope-metrics", daemon=True)
-        self._thread.start()
-        bound = server.server_address
-        logger.info("metrics listening on http://%s:%d/metrics", bound[0], bound[1])
-        return str(bound[0]), int(bound[1])
-
-    def shutdown(self) -> None:
-        """Stop the HTTP server (idempotent)."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-
-def _package_version() -> str:
-    try:
-        return importlib.metadata.version("isoscope")
-    except importlib.metadata.PackageNotFoundError:  # running from a checkout that is not installed
-        return "0.0.0+unknown"
-
 
 class _Collector:
     """Adapter registering the exporter's state with a ``CollectorRegistry``."""
@@ -720,184 +663,8 @@ class _Collector:
         return self._exporter.collect()
 
 
-def _make_handler(exporter: PrometheusExporter, ready: Callable[[], tuple[bool, str]],
-                  status: Callable[[], Mapping[str, Any]] | None) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self) -> None:  # noqa: N802 (http.server naming)
-            path = self.path.split("?", 1)[0]
-            try:
-                if path == "/metrics":
-                    body, ctype = exporter.render_for(self.headers.get("Accept", ""))
-                    self._send(200, body, ctype)
-                elif path == "/healthz":
-                    self._send(200, b"ok\n", "text/plain; charset=utf-8")
-                elif path == "/readyz":
-                    try:
-                        ok, reason = ready()
-                    except Exception as exc:  # a broken check means "not ready", never a crash
-                        logger.exception("readiness check failed")
-                        ok, reason = False, f"readiness check failed: {exc}"
-                    text = (reason or ("ready" if ok else "not ready")) + "\n"
-                    self._send(200 if ok else 503, text.encode(), "text/plain; charset=utf-8")
-                elif path == "/debug/status" and status is not None:
-                    body = json.dumps(status(), default=str, indent=2).encode()
-                    self._send(200, body, "application/json")
-                else:
-                    self._send(404, b"not found\n", "text/plain; charset=utf-8")
-            except Exception:
-                logger.exception("error serving %s", path)
-                self._send(500, b"internal error\n", "text/plain; charset=utf-8")
-
-        def _send(self, code: int, body: bytes, ctype: str) -> None:
-            if len(body) > 1024 and "gzip" in self.headers.get("Accept-Encoding", ""):
-                body = gzip.compress(body, compresslevel=1)
-                encoding: str | None = "gzip"
-            else:
-                encoding = None
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            if encoding:
-                self.send_header("Content-Encoding", encoding)
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
-            logger.debug("%s - " + format, self.address_string(), *args)
-
-    return Handler
-
-
-# ---------------------------------------------------------------------------
-# OTLP metrics (for users without Prometheus)
-# ---------------------------------------------------------------------------
-
-def otlp_metric_name(prom_name: str) -> str:
-    """``isoscope_layer_stall_seconds`` → ``isoscope.layer_stall_seconds`` (``_total`` dropped)."""
-    name = prom_name.removesuffix("_total")
-    return "isoscope." + name.removeprefix(PREFIX)
-
-
-def _unit(prom_name: str) -> str:
-    if prom_name.removesuffix("_total").endswith("_seconds"):
-        return "s"
-    return "1"
-
-
-class OtlpMetricsExporter:
-    """Pushes the same metrics over OTLP through the OpenTelemetry SDK's ``MeterProvider``.
-
-    Histograms and incremented counters are mirrored as they are recorded (the
-    exporter calls this object as a :class:`MetricSink`, after its cardinality cap);
-    mirrored counters (steal, label overflow) and the :class:`Stats` self-telemetry
-    are observable instruments read at each export. The kernel log2 histograms
-    (run-queue and syscall latency) are Prometheus-only: the OpenTelemetry API has
-    no instrument for a histogram whose cumulative state is owned elsewhere.
-    Exemplars are not sent over OTLP.
-
-    Metric names use dots (``isoscope.span_layer_seconds``); see :func:`otlp_metric_name`.
-    Needs the ``opentelemetry-exporter-otlp`` package.
-
-    Args:
-        exporter: the Prometheus exporter whose recordings are mirrored.
-        stats: the shared self-telemetry counters.
-        endpoint: ``grpc://host:port`` (OTLP/gRPC, plaintext), ``http(s)://host:port``
-            (OTLP/HTTP, ``/v1/metrics`` appended unless a path is given).
-        interval_s: export interval.
-        resource_attributes: extra resource attributes (``host.name``, ``k8s.node.name`` …).
-    """
-
-    def __init__(self, exporter: PrometheusExporter, stats: Stats, endpoint: str, *,
-                 interval_s: float = 15.0, resource_attributes: Mapping[str, str] | None = None) -> None:
-        from opentelemetry.metrics import CallbackOptions, Observation
-        from opentelemetry.sdk.metrics import MeterProvider
-        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-        from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
-        from opentelemetry.sdk.resources import Resource
-
-        self._stats = stats
-        self._exporter = exporter
-        reader = PeriodicExportingMetricReader(_otlp_metric_exporter(endpoint),
-                                               export_interval_millis=interval_s * 1000)
-        views = [
-            View(instrument_name=otlp_metric_name(SPAN_LAYER.name),
-                 aggregation=ExplicitBucketHistogramAggregation(boundaries=exporter.span_buckets)),
-            View(instrument_name=otlp_metric_name(SPAN_OVERHEAD.name),
-                 aggregation=ExplicitBucketHistogramAggregation(boundaries=exporter.ratio_buckets)),
-        ]
-        build = exporter.build_labels
-        resource = Resource.create({"service.name": "isoscope", "service.version": build.get("version", ""),
-                                    "os.version": build.get("kernel", ""), **dict(resource_attributes or {})})
-        self._provider = MeterProvider(resource=resource, metric_readers=[reader], views=views)
-        meter = self._provider.get_meter("isoscope", build.get("version"))
-        self._histograms = {spec.name: meter.create_histogram(otlp_metric_name(spec.name), _unit(spec.name),
-                                                              spec.help)
-                            for spec in (SPAN_LAYER, SPAN_OVERHEAD)}
-        self._counters = {spec.name: meter.create_counter(otlp_metric_name(spec.name), _unit(spec.name), spec.help)
-                          for spec in (LAYER_STALL, KVM_EXITS, KVM_EXIT_SECONDS)}
-
-        def mirrored(spec: MetricSpec) -> Callable[[CallbackOptions], Iterable[Observation]]:
-            def callback(_: CallbackOptions) -> Iterable[Observation]:
-                return [Observation(float(v), dict(zip(spec.labels, k)))
-                        for k, v in exporter.counter_values(spec.name).items()]
-            return callback
-
-        for spec in (STEAL, LABEL_OVERFLOW):
-            meter.create_observable_counter(otlp_metric_name(spec.name), [mirrored(spec)], _unit(spec.name), spec.help)
-
-        def from_stats(name: str, labelnames: tuple[str, ...], gauge: bool) -> Callable[[CallbackOptions],
-                                                                                       Iterable[Observation]]:
-            def callback(_: CallbackOptions) -> Iterable[Observation]:
-                counters, gauges = stats.snapshot()
-                series = (gauges if gauge else counters).get(name, {})
-                return [Observation(float(v), dict(zip(labelnames, k))) for k, v in series.items()
-                        if len(k) == len(labelnames)]
-            return callback
-
-        for name, (doc, labelnames) in STATS_COUNTERS.items():
-            meter.create_observable_counter(otlp_metric_name(name), [from_stats(name, labelnames, False)], "1", doc)
-        for name, (doc, labelnames) in STATS_GAUGES.items():
-            meter.create_observable_gauge(otlp_metric_name(name), [from_stats(name, labelnames, True)], "1", doc)
-        exporter.add_sink(self)
-
-    def histogram(self, name: str, value: float, attributes: Mapping[str, str]) -> None:
-        """Mirror one histogram observation (called by the exporter)."""
-        instrument = self._histograms.get(name)
-        if instrument is not None:
-            instrument.record(value, dict(attributes))
-
-    def counter(self, name: str, value: float, attributes: Mapping[str, str]) -> None:
-        """Mirror one counter increment (called by the exporter)."""
-        instrument = self._counters.get(name)
-        if instrument is not None:
-            instrument.add(value, dict(attributes))
-
-    def force_flush(self, timeout_s: float = 10.0) -> bool:
-        """Export now; True when the export finished in time."""
-        return bool(self._provider.force_flush(timeout_millis=int(timeout_s * 1000)))
-
-    def shutdown(self) -> None:
-        """Export what is left and stop the periodic export."""
-        self._provider.shutdown()
-
-
-def _otlp_metric_exporter(endpoint: str) -> Any:
-    """An OTLP metric exporter for ``grpc://host:port`` or ``http(s)://host:port[/path]``."""
-    if endpoint.startswith("grpc://"):
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
-        return GrpcExporter(endpoint=endpoint.removeprefix("grpc://"), insecure=True)
-    if endpoint.startswith(("http://", "https://")):
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
-        rest = endpoint.partition("://")[2]
-        url = endpoint if "/" in rest else endpoint.rstrip("/") + "/v1/metrics"
-        return HttpExporter(endpoint=url)
-    raise ValueError(f"OTLP metrics endpoint must start with grpc://, http:// or https://: {endpoint!r}")
-
-
 __all__ = [
-    "PrometheusExporter", "OtlpMetricsExporter", "MetricSink", "otlp_metric_name", "CardinalityCap", "MetricSpec", "log2_to_cumulative",
+    "PrometheusExporter", "MetricSink", "CardinalityCap", "MetricSpec", "log2_to_cumulative",
     "DEFAULT_SPAN_BUCKETS", "DEFAULT_RATIO_BUCKETS", "DEFAULT_LOG2_LE_EXPONENTS",
     "LOG2_HISTOGRAMS", "STATS_COUNTERS", "STATS_GAUGES", "OTHER",
 ]

@@ -24,7 +24,8 @@ from typing import Any, Callable, Protocol
 from isoscope.join.attribution import Attributor
 from isoscope.kernel.clock import MonoWallClock
 from isoscope.config import AttributionConfig
-from isoscope.pipeline.enrich import add_attributes, child_spans, contract_attributes, isoscope_scope, workload_attributes
+from isoscope.pipeline.enrich import (add_attributes, child_spans, contract_attributes, contract_attributes_wire,
+                                      isoscope_scope, workload_attributes, workload_attributes_wire)
 from isoscope.metadata.resolver import WorkloadResolver, resource_identity
 from isoscope.model import Backpressure, Breakdown, Stats, TraceBatch, Workload
 
@@ -53,6 +54,23 @@ class _Held:
     deadline_mono_ns: int
     spool_key: str | None
     may_conflict: bool | None  # known when the request was serialized at receipt
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A resolved span waiting for its join."""
+
+    span: Any
+    wl: Workload
+    start: int
+    end: int
+    bd: Breakdown | None = None
+    tid: int = 0
+
+
+CHILD_MODES = ("blamed", "all", "off")
+"""``attribution.child_spans``: child spans for spans whose overhead ratio reaches the blame
+threshold (``blamed``), for every span a layer held back (``all``), or none (``off``)."""
 
 
 def _may_hold_isolation_keys(payload: bytes) -> bool:
@@ -222,8 +240,16 @@ class EnrichPipeline:
 
     # -- the join -------------------------------------------------------------------
 
+    def child_mode(self) -> str:
+        """Which spans get child spans: ``blamed`` (default), ``all`` or ``off``."""
+        mode = getattr(self.cfg, "child_spans", "blamed")
+        return mode if mode in CHILD_MODES else "blamed"
+
     def enrich(self, batch: TraceBatch, drained: int, may_conflict: bool | None = None) -> int:
         """Enrich every span of a batch in place; returns how many were enriched.
+
+        The spans are resolved first, then joined per workload in one call each
+        (one lock, one coverage snapshot), then written in their original order.
 
         Args:
             batch: the batch, enriched in place.
@@ -232,21 +258,24 @@ class EnrichPipeline:
                 None looks at the request.
         """
         cfg = self.cfg
-        enriched = 0
-        scope_cache: dict[int, Any] = {}
-        resolved: dict[tuple[Any, int | None], Workload | None] = {}
-        wl_attrs: dict[int, list[Any]] = {}
         if may_conflict is None:
             may_conflict = _may_hold_isolation_keys(batch.request.SerializeToString())
+        to_mono = self.clock.to_mono
+        resolved: dict[tuple[Any, int | None], Workload | None] = {}
+        groups: dict[int, tuple[Workload, list[_Pending]]] = {}
+        order: list[tuple[Any, str, list[_Pending]]] = []
+        unresolved = 0
         for rs in batch.request.resource_spans:
             ident = resource_identity(rs.resource)
             service = str(ident.get("service.name") or "unknown_service")
-            children: list[Any] = []
+            base_key = (ident.get("process.pid"), ident.get("container.id"), ident.get("k8s.pod.uid"))
+            pending: list[_Pending] = []
+            order.append((rs, service, pending))
             for ss in rs.scope_spans:
                 for span in ss.spans:
                     try:
                         tid = _thread_id(span)
-                        key = (ident.get("process.pid"), ident.get("container.id"), ident.get("k8s.pod.uid"), tid)
+                        key = (base_key, tid)
                         if key in resolved:
                             wl = resolved[key]
                         else:
@@ -254,32 +283,96 @@ class EnrichPipeline:
                             if wl is not None and self._on_workload is not None:
                                 self._on_workload(wl)
                         if wl is None:
-                            self.stats.inc("enrichment_failures_total", ("unresolved",))
+                            unresolved += 1
                             continue
-                        start = self.clock.to_mono(span.start_time_unix_nano)
-                        end = self.clock.to_mono(span.end_time_unix_nano)
-                        bd = self.attributor.breakdown(wl, start, end, drained)
+                        item = _Pending(span, wl, to_mono(span.start_time_unix_nano),
+                                        to_mono(span.end_time_unix_nano))
+                    except Exception:
+                        self._failed("join")
+                        continue
+                    pending.append(item)
+                    group = groups.get(id(wl))
+                    if group is None:
+                        groups[id(wl)] = (wl, [item])
+                    else:
+                        group[1].append(item)
+        if unresolved:
+            self.stats.inc("enrichment_failures_total", ("unresolved",), unresolved)
+        for wl, items in groups.values():
+            try:
+                joined = self.attributor.join_many(wl, [(p.start, p.end) for p in items], drained)
+            except Exception:
+                self._failed("join", len(items))
+                continue
+            for p, (bd, tid) in zip(items, joined):
+                p.bd, p.tid = bd, tid
+        return self._write(batch, order, cfg, may_conflict)
+
+    def _write(self, batch: TraceBatch, order: list[tuple[Any, str, list[_Pending]]], cfg: AttributionConfig,
+               may_conflict: bool) -> int:
+        """Write the joined breakdowns (and child spans) onto the spans, in their order."""
+        mode = self.child_mode()
+        max_children = cfg.max_child_spans if mode != "off" else 0
+        blame = cfg.blame_threshold
+        scope_cache: dict[int, Any] = {}
+        wl_attrs: dict[int, list[Any]] = {}
+        wl_wire: dict[int, bytes] = {}
+        enriched: dict[str, int] = {}
+        emitted = 0
+        for rs, service, pending in order:
+            children: list[Any] = []
+            for p in pending:
+                bd = p.bd
+                if bd is None:
+                    continue
+                span, wl = p.span, p.wl
+                try:
+                    if may_conflict:
+                        # Some span may hold isolation.* keys already: add only the missing ones.
                         prefix = wl_attrs.get(id(wl))
                         if prefix is None:
                             prefix = wl_attrs[id(wl)] = workload_attributes(wl)
-                        add_attributes(span, contract_attributes(bd, wl, cfg.blame_threshold, prefix),
-                                       may_conflict)
-                        if cfg.max_child_spans:
-                            children.extend(child_spans(span, bd, wl, self.clock.to_unix,
-                                                        min_stall_ns=self.min_stall_ns,
-                                                        max_children=cfg.max_child_spans, window=(start, end),
-                                                        cgroup_path=wl.cgroup_path))
-                        enriched += 1
-                        self.stats.inc("spans_enriched_total", (wl.scope,))
-                        if self._observer is not None:
-                            self._observer.observe_span(service, bd, span.trace_id.hex(),
-                                                        layers=wl.stack.layers if wl.stack else None)
-                    except Exception:
-                        self.stats.inc("enrichment_failures_total", ("join",))
-                        if self._failures_logged < 5:
-                            self._failures_logged += 1
-                            logger.exception("enriching a span failed; it is forwarded unenriched")
+                        add_attributes(span, contract_attributes(bd, wl, blame, prefix), True)
+                    else:
+                        wire = wl_wire.get(id(wl))
+                        if wire is None:
+                            wire = wl_wire[id(wl)] = workload_attributes_wire(wl)
+                        span.MergeFromString(contract_attributes_wire(bd, blame, wire))
+                    if max_children and p.tid and self._wants_children(bd, mode, blame):
+                        bd.stalls = self.attributor.stalls(p.tid, p.start, p.end)
+                        kids = child_spans(span, bd, wl, self.clock.to_unix, min_stall_ns=self.min_stall_ns,
+                                           max_children=max_children, window=(p.start, p.end),
+                                           cgroup_path=wl.cgroup_path)
+                        children.extend(kids)
+                    enriched[wl.scope] = enriched.get(wl.scope, 0) + 1
+                    if self._observer is not None:
+                        self._observer.observe_span(service, bd, span.trace_id.hex(),
+                                                    layers=wl.stack.layers if wl.stack else None)
+                except Exception:
+                    self._failed("join")
             if children:
                 isoscope_scope(rs, scope_cache).spans.extend(children)
                 batch.span_count += len(children)
-        return enriched
+                emitted += len(children)
+        for scope, n in enriched.items():
+            self.stats.inc("spans_enriched_total", (scope,), n)
+        if emitted:
+            self.stats.inc("child_spans_emitted_total", (), emitted)
+        return sum(enriched.values())
+
+    @staticmethod
+    def _wants_children(bd: Breakdown, mode: str, blame_threshold: float) -> bool:
+        """Whether a span's children would explain something (decided before its stalls are read)."""
+        overhead = bd.overhead_ns()
+        if not overhead:
+            return False  # no layer held the thread back: the kernel baseline gets no children
+        if mode == "all":
+            return True
+        ratio = bd.overhead_ratio()
+        return ratio >= blame_threshold and ratio > 0
+
+    def _failed(self, stage: str, n: int = 1) -> None:
+        self.stats.inc("enrichment_failures_total", (stage,), n)
+        if self._failures_logged < 5:
+            self._failures_logged += 1
+            logger.exception("enriching a span failed; it is forwarded unenriched")

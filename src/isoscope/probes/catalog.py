@@ -27,8 +27,9 @@ SCHED = ProbeSpec(
     source="sched.bpf.c",
     summary="run-queue waits per thread and cgroup; CFS throttling told apart from CPU contention "
             "(tracepoint method); on-CPU segments of watched threads for steal",
+    # cgroup_attach_task only makes a moved thread's cached cgroup id stale at once (else within 10 ms).
     attach=(raw_tp("sched:sched_wakeup"), raw_tp("sched:sched_wakeup_new"), raw_tp("sched:sched_switch"),
-            raw_tp("sched:sched_process_exit")),
+            raw_tp("sched:sched_process_exit"), raw_tp("cgroup:cgroup_attach_task", required=False)),
     fallback="no run-queue, throttling or steal attribution",
     ringbuf_pages=256,
     kernel_defines=_sched_defines,
@@ -37,9 +38,12 @@ SCHED = ProbeSpec(
 SYSCALLS = ProbeSpec(
     name="syscalls",
     source="syscalls.bpf.c",
-    summary="per-class syscall latency histograms per cgroup; blocked-in-syscall intervals of watched workloads",
+    summary="per-class syscall latency histograms per cgroup; blocked-in-syscall intervals of watched workloads; "
+            "namespace changes (unshare, setns) for the lifecycle stream",
+    # task_newtask only invalidates cached per-CPU decisions (a new task may reuse a dead one's stack);
+    # without it every syscall takes the task-storage path.
     attach=(raw_tp("raw_syscalls:sys_enter"), raw_tp("raw_syscalls:sys_exit"),
-            raw_tp("cgroup:cgroup_attach_task", required=False)),
+            raw_tp("cgroup:cgroup_attach_task", required=False), raw_tp("task:task_newtask", required=False)),
     features=("bpf", "raw_tracepoint", "ringbuf", "btf"),
     fallback="no kernel.syscall baseline",
     ringbuf_pages=1024,
@@ -70,12 +74,11 @@ BLOCK = ProbeSpec(
 LIFECYCLE = ProbeSpec(
     name="lifecycle",
     source="lifecycle.bpf.c",
-    summary="process exec/exit/fork, namespace changes (unshare, setns, clone with CLONE_NEW*) and cgroup "
-            "mkdir/rmdir/attach, so tracked sets follow workloads as they come and go",
-    attach=(tp("sched:sched_process_fork"), tp("sched:sched_process_exec"), tp("sched:sched_process_exit"),
-            tp("syscalls:sys_enter_unshare"), tp("syscalls:sys_exit_unshare"),
-            tp("syscalls:sys_enter_setns"), tp("syscalls:sys_exit_setns"),
-            tp("syscalls:sys_enter_clone", required=False), tp("syscalls:sys_enter_clone3", required=False),
+    summary="process exec/exit/fork, clone with CLONE_NEW* and cgroup mkdir/rmdir/attach, so tracked sets "
+            "follow workloads as they come and go (unshare and setns come from the syscalls probe)",
+    # No syscalls:* tracepoint here: attaching any of them routes every syscall on the node through the
+    # syscall-tracing dispatch (about 60 ns each). Clone flags come with task_newtask.
+    attach=(tp("task:task_newtask"), tp("sched:sched_process_exec"), tp("sched:sched_process_exit"),
             tp("cgroup:cgroup_mkdir", required=False), tp("cgroup:cgroup_rmdir", required=False),
             tp("cgroup:cgroup_attach_task", required=False)),
     features=("bpf", "tracepoint", "ringbuf"),
@@ -123,25 +126,27 @@ SANDBOX = ProbeSpec(
 
 CFS_THROTTLE_FENTRY = ProbeSpec(
     name="cfs_throttle_fentry",
-    source="cfs_throttle_fentry.bpf.c",
+    source="cfs_throttle.bpf.c",
     summary="exact CFS throttle/unthrottle events per cgroup via fentry (cheapest exact method)",
     attach=(fentry("throttle_cfs_rq", required=True), fentry("unthrottle_cfs_rq", required=True)),
     features=("bpf", "fentry", "ringbuf"),
     required=False,
     fallback="CFS throttling measured with the tracepoint method",
     kernel_defines=_cfs_throttle_defines,
+    cflags=("-DISO_CFS_ATTACH_FENTRY=1",),  # one source, two ways of hooking the same functions
     method="fentry",
 )
 
 CFS_THROTTLE_KPROBE = ProbeSpec(
     name="cfs_throttle_kprobe",
-    source="cfs_throttle_kprobe.bpf.c",
+    source="cfs_throttle.bpf.c",
     summary="exact CFS throttle/unthrottle events per cgroup via kprobes",
     attach=(kprobe("throttle_cfs_rq", required=True), kprobe("unthrottle_cfs_rq", required=True)),
     features=("bpf", "kprobes", "ringbuf"),
     required=False,
     fallback="CFS throttling measured with the tracepoint method",
     kernel_defines=_cfs_throttle_defines,
+    cflags=("-DISO_CFS_ATTACH_KPROBE=1",),
     method="kprobe",
 )
 

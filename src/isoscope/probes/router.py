@@ -30,9 +30,9 @@ class StallStore(Protocol):
 
 
 class WorkloadIndex(Protocol):
-    """The metadata side: forgets what exited, learns what the kernel announces."""
+    """The metadata side: labels for metrics, and forgetting removed cgroups' labels.
 
-    def forget(self, pid: int) -> None: ...
+    (The metadata's own indexes follow processes and namespaces as a lifecycle listener.)"""
 
     def forget_cgroup(self, cgroup_id: int) -> tuple[str, str, str] | None: ...
 
@@ -142,7 +142,6 @@ class KernelEventRouter:
         watch = self._watch
         kind = ev.kind
         if kind is LifecycleKind.EXIT and ev.pid == ev.tid:
-            self._workloads.forget(ev.pid)
             if ev.pid in watch.tgids:
                 watch.remove_tgid(ev.pid)
         elif kind in (LifecycleKind.UNSHARE, LifecycleKind.SETNS, LifecycleKind.CLONE_NS):

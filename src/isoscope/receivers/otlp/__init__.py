@@ -6,8 +6,12 @@ from isoscope.receivers.otlp.limits import (
     BodyTooLarge,
     BoundedDecoder,
     CorruptBody,
+    LimitChecker,
+    RequestLimits,
+    RequestOverLimit,
     UnsupportedEncoding,
     decode_body,
+    memory_estimate,
 )
 from isoscope.metadata.peer import PeerResolver
 from isoscope.receivers.otlp.security import ReceiverSecurity, SecurityConfigError
@@ -17,4 +21,5 @@ __all__ = [
     "OtlpGrpcReceiver", "OtlpHttpReceiver", "PeerResolver", "ReceiverSecurity",
     "SecurityConfigError", "ValidationResult", "validate_request", "MAX_ANYVALUE_DEPTH",
     "BoundedDecoder", "BodyTooLarge", "CorruptBody", "UnsupportedEncoding", "decode_body",
+    "RequestLimits", "RequestOverLimit", "LimitChecker", "memory_estimate",
 ]

@@ -2,8 +2,16 @@
 
 Conforms to opentelemetry-proto ``docs/specification.md`` "OTLP/gRPC":
 oversized messages get ``RESOURCE_EXHAUSTED`` (enforced by gRPC core before
-the message is buffered), undecodable ones ``INVALID_ARGUMENT``, invalid spans
-a partial success, and backpressure ``UNAVAILABLE`` with a ``RetryInfo``.
+the message is buffered), undecodable ones and ones over a per-request limit
+``INVALID_ARGUMENT``, invalid spans and spans over a per-span limit a partial
+success, and backpressure ``UNAVAILABLE`` with a ``RetryInfo``.
+
+Each call reserves an estimate of its memory cost in the daemon's
+:class:`~isoscope.host.memguard.MemoryGuard` before it parses anything; a
+refusal, and a large message arriving while the large-message slots are all
+taken, is ``RESOURCE_EXHAUSTED`` with a ``RetryInfo`` (which makes it
+retryable for OTLP clients). Large messages can occupy at most half of the
+workers, so small ones from other senders are always served.
 """
 
 from __future__ import annotations
@@ -20,9 +28,16 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from isoscope.host.memguard import MemoryExhausted, MemoryGuard, process_guard
 from isoscope.model import Backpressure, Stats, TraceConsumer
 from isoscope.receivers.otlp.ingest import ConsumerFailed, Ingestor, Peer
-from isoscope.receivers.otlp.limits import DEFAULT_MAX_GRPC_MESSAGE_BYTES
+from isoscope.receivers.otlp.limits import (
+    DEFAULT_LARGE_REQUEST_BYTES,
+    DEFAULT_MAX_GRPC_MESSAGE_BYTES,
+    RequestLimits,
+    RequestOverLimit,
+    memory_estimate,
+)
 from isoscope.metadata.peer import PeerResolver, split_peer
 from isoscope.receivers.otlp.security import BearerTokenInterceptor, ReceiverSecurity
 
@@ -36,11 +51,11 @@ METHOD = "Export"
 RETRY_INFO_TRAILER = "google.rpc.retryinfo-bin"
 
 
-def _retry_status(message: str, retry_after_s: float) -> grpc.Status:
+def _retry_status(message: str, retry_after_s: float, code: int = code_pb2.UNAVAILABLE) -> grpc.Status:
     secs = max(retry_after_s, 0.0)
     delay = duration_pb2.Duration(seconds=int(secs), nanos=int((secs - int(secs)) * 1e9))
     info = error_details_pb2.RetryInfo(retry_delay=delay)
-    st = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=message)
+    st = status_pb2.Status(code=code, message=message)
     st.details.add().Pack(info)
     rich = rpc_status.to_status(st)
     return _Status(rich.code, rich.details, tuple(rich.trailing_metadata) + (
@@ -68,19 +83,31 @@ class OtlpGrpcReceiver:
         workers: threads running ``Export`` calls (consume() may block).
         proc_root: procfs used to resolve loopback peers to pids.
         resolve_peers: whether to resolve loopback peers to pids at all.
+        limits: span and attribute limits per request (None: the defaults).
+        memory: where calls reserve their memory (None: the process-wide guard).
+        large_request_bytes: messages larger than this are "large".
+        large_workers: how many large messages are processed at once (default:
+            half of ``workers``, at least 1); one more is refused retryably.
     """
 
     def __init__(self, consumer: TraceConsumer, stats: Stats, listen: str = "127.0.0.1:4317", *,
                  max_message_bytes: int = DEFAULT_MAX_GRPC_MESSAGE_BYTES,
                  security: ReceiverSecurity | None = None, workers: int = 4,
-                 proc_root: str = "/proc", resolve_peers: bool = True) -> None:
+                 proc_root: str = "/proc", resolve_peers: bool = True,
+                 limits: RequestLimits | None = None, memory: MemoryGuard | None = None,
+                 large_request_bytes: int = DEFAULT_LARGE_REQUEST_BYTES,
+                 large_workers: int | None = None) -> None:
         self._listen = listen
         self._max = max_message_bytes
         self._security = security
         self._workers = workers
         self._stats = stats
         self._ingest = Ingestor(consumer, stats, "grpc",
-                                PeerResolver(proc_root) if resolve_peers else None)
+                                PeerResolver(proc_root) if resolve_peers else None, limits)
+        self._memory = memory if memory is not None else process_guard()
+        self._large_bytes = large_request_bytes
+        self._large_slots = threading.BoundedSemaphore(
+            large_workers if large_workers is not None else max(1, workers // 2))
         self._server: grpc.Server | None = None
         self._port = 0
         self._lock = threading.Lock()
@@ -147,20 +174,45 @@ class OtlpGrpcReceiver:
             server.stop(grace_s).wait(grace_s + 1.0)
 
     def _export(self, raw: bytes, context: grpc.ServicerContext) -> Any:
+        large = len(raw) > self._large_bytes
+        if large and not self._large_slots.acquire(blocking=False):
+            self._ingest.reject("memory_limit")
+            context.abort_with_status(_retry_status(
+                "too many large requests in flight; retry later", 1.0, code_pb2.RESOURCE_EXHAUSTED))
+        try:
+            try:
+                reservation = self._memory.reserve(memory_estimate(len(raw)), _LARGE_SHARE if large else 1.0)
+            except MemoryExhausted as exc:
+                self._ingest.reject("memory_limit")
+                context.abort_with_status(_retry_status(str(exc), exc.retry_after_s, code_pb2.RESOURCE_EXHAUSTED))
+            with reservation:
+                return self._export_reserved(raw, context)
+        finally:
+            if large:
+                self._large_slots.release()
+
+    def _export_reserved(self, raw: bytes, context: grpc.ServicerContext) -> Any:
         try:
             request = ExportTraceServiceRequest.FromString(raw)
         except DecodeError as exc:
             self._ingest.reject("malformed")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"cannot decode ExportTraceServiceRequest: {exc}")
+        del raw
         peer = None
         parsed = split_peer(context.peer() or "")
         if parsed is not None:
             peer = Peer(parsed[0], parsed[1], self._port)
         try:
             return self._ingest.ingest(request, peer)
+        except RequestOverLimit as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Backpressure as bp:
             context.abort_with_status(_retry_status(str(bp) or "pipeline is full", bp.retry_after_s))
         except ConsumerFailed as exc:
             context.abort_with_status(_retry_status(f"trace pipeline failed: {exc}", 1.0))
         raise AssertionError("unreachable")  # abort raises
+
+
+_LARGE_SHARE = 0.75
+"""Share of the in-flight memory cap that large requests may fill together (the rest stays for small ones)."""

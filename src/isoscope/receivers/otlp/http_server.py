@@ -7,8 +7,15 @@ bad data is 400; backpressure is 503 with ``Retry-After``.
 
 The server is aiohttp on its own event loop in its own thread: idle and slow
 connections cost a coroutine each instead of a thread, so they cannot starve
-other clients. Decoding and ``consume()`` (which may block) run on a small
-thread pool, never on the event loop.
+other clients. Decompression, decoding and ``consume()`` (which may block)
+run on thread pools, never on the event loop: one pool for small requests and
+a smaller one for large ones, so a sender of huge requests cannot occupy the
+workers everyone else needs.
+
+Every request reserves an estimate of its memory cost in the daemon's
+:class:`~isoscope.host.memguard.MemoryGuard` as soon as its headers arrive
+(and more while a compressed body inflates); when the reservation is refused
+the answer is 429 with ``Retry-After``, which OTLP clients retry.
 """
 
 from __future__ import annotations
@@ -31,14 +38,20 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 
 from isoscope import otlpjson
+from isoscope.host.memguard import MemoryExhausted, MemoryGuard, Reservation, process_guard
 from isoscope.model import Backpressure, Stats, TraceConsumer
 from isoscope.receivers.otlp.ingest import ConsumerFailed, Ingestor, Peer
 from isoscope.receivers.otlp.limits import (
+    DEFAULT_LARGE_REQUEST_BYTES,
     DEFAULT_MAX_HTTP_BODY_BYTES,
     BodyTooLarge,
     BoundedDecoder,
     CorruptBody,
+    LimitChecker,
+    RequestLimits,
+    RequestOverLimit,
     UnsupportedEncoding,
+    memory_estimate,
 )
 from isoscope.metadata.peer import PeerResolver
 from isoscope.receivers.otlp.security import ReceiverSecurity
@@ -93,25 +106,37 @@ class OtlpHttpReceiver:
             this to arrive.
         proc_root: procfs used to resolve loopback peers to pids.
         resolve_peers: whether to resolve loopback peers to pids at all.
+        limits: span and attribute limits per request (None: the defaults).
+        memory: where requests reserve their memory (None: the process-wide guard).
+        large_request_bytes: requests larger than this (decoded, estimated for
+            compressed bodies) go to the large-request pool.
+        large_workers: threads of the large-request pool (default: half of ``workers``, at least 1).
     """
 
     def __init__(self, consumer: TraceConsumer, stats: Stats, listen: str = "127.0.0.1:4318", *,
                  max_body_bytes: int = DEFAULT_MAX_HTTP_BODY_BYTES,
                  security: ReceiverSecurity | None = None, workers: int = 4,
                  idle_timeout_s: float = 30.0, body_timeout_s: float = 15.0,
-                 proc_root: str = "/proc", resolve_peers: bool = True) -> None:
+                 proc_root: str = "/proc", resolve_peers: bool = True,
+                 limits: RequestLimits | None = None, memory: MemoryGuard | None = None,
+                 large_request_bytes: int = DEFAULT_LARGE_REQUEST_BYTES,
+                 large_workers: int | None = None) -> None:
         self._listen = listen
         self._max = max_body_bytes
         self._security = security
         self._workers = workers
+        self._large_workers = large_workers if large_workers is not None else max(1, workers // 2)
+        self._large_bytes = large_request_bytes
         self._idle_timeout = idle_timeout_s
         self._body_timeout = body_timeout_s
         self._ingest = Ingestor(consumer, stats, "http",
-                                PeerResolver(proc_root) if resolve_peers else None)
+                                PeerResolver(proc_root) if resolve_peers else None, limits)
+        self._memory = memory if memory is not None else process_guard()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self._pool: futures.ThreadPoolExecutor | None = None
+        self._large_pool: futures.ThreadPoolExecutor | None = None
         self._port = 0
         self._started = threading.Event()
         self._start_error: BaseException | None = None
@@ -148,6 +173,8 @@ class OtlpHttpReceiver:
             raise RuntimeError(f"cannot listen on {self._listen}: {exc}") from None
         self._port = sock.getsockname()[1]
         self._pool = futures.ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="otlp-http")
+        self._large_pool = futures.ThreadPoolExecutor(max_workers=self._large_workers,
+                                                      thread_name_prefix="otlp-http-large")
         self._thread = threading.Thread(target=self._run, args=(sock, ssl_ctx),
                                         name="otlp-http-loop", daemon=True)
         self._thread.start()
@@ -166,8 +193,9 @@ class OtlpHttpReceiver:
         if self._stop is not None:
             loop.call_soon_threadsafe(self._stop.set)
         thread.join(grace_s + 2.0)
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._pool, self._large_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
         self._thread = None
         self._loop = None
 
@@ -250,42 +278,89 @@ class OtlpHttpReceiver:
                           f"use {PROTOBUF} or {JSON}", "unsupported_media_type")
         encoding = request.headers.get("Content-Encoding", "identity")
         try:
-            decoder = BoundedDecoder(encoding, self._max)
+            BoundedDecoder(encoding, self._max)  # only checks that the encoding is supported
         except UnsupportedEncoding as exc:
             raise _Reject(415, code_pb2.INVALID_ARGUMENT, str(exc), "unsupported_encoding") from None
-        if request.content_length is not None and request.content_length > self._max:
+        compressed = encoding.strip().lower() not in ("", "identity")
+        length = request.content_length
+        if length is not None and length > self._max:
             raise _Reject(413, code_pb2.RESOURCE_EXHAUSTED,
-                          f"request body of {request.content_length} bytes exceeds the limit of "
+                          f"request body of {length} bytes exceeds the limit of "
                           f"{self._max} bytes", "too_large")
+        # Reserve before reading the body: a refusal costs the daemon nothing.
+        # An identity body's whole cost is known from its length; a compressed
+        # one reserves its raw bytes now and the rest as it inflates.
+        large = length is not None and self._is_large(length, compressed)
+        share = _LARGE_SHARE if large else 1.0
+        estimate = (length or 0) + (0 if compressed else memory_estimate(length or 0, media))
+        reservation = self._reserve(estimate, share)
         try:
-            async with asyncio.timeout(self._body_timeout):
-                async for chunk in request.content.iter_any():
-                    decoder.feed(chunk)
-        except TimeoutError:
-            raise _Reject(408, code_pb2.DEADLINE_EXCEEDED,
-                          f"request body not received within {self._body_timeout:g} s",
-                          "body_timeout") from None
+            chunks: list[bytes] = []
+            raw = 0
+            try:
+                async with asyncio.timeout(self._body_timeout):
+                    async for chunk in request.content.iter_any():
+                        raw += len(chunk)
+                        if raw > self._max:
+                            raise BodyTooLarge(self._max)
+                        if length is None:  # chunked: reserve as it comes
+                            reservation.grow(len(chunk) + (0 if compressed else memory_estimate(len(chunk), media)))
+                        chunks.append(chunk)
+            except TimeoutError:
+                raise _Reject(408, code_pb2.DEADLINE_EXCEEDED,
+                              f"request body not received within {self._body_timeout:g} s",
+                              "body_timeout") from None
+            except BodyTooLarge as exc:
+                raise _Reject(413, code_pb2.RESOURCE_EXHAUSTED, str(exc), "too_large") from None
+            except MemoryExhausted as exc:
+                raise _too_busy(exc) from None
+            peer = None
+            peername = request.transport.get_extra_info("peername") if request.transport else None
+            if peername:
+                peer = Peer(str(peername[0]), int(peername[1]), self._port)
+            pool = self._large_pool if self._is_large(raw, compressed) else self._pool
+            loop = asyncio.get_running_loop()
+            response = await loop.run_in_executor(pool, self._process, encoding, chunks, media, peer,
+                                                  reservation, compressed)
+        finally:
+            reservation.release()
+        return web.Response(status=200, body=_encode(response, media), content_type=media)
+
+    def _is_large(self, raw_bytes: int, compressed: bool) -> bool:
+        # OTLP compresses 5-10x with gzip: judge a compressed body by what it will become.
+        return raw_bytes * (_COMPRESSION_GUESS if compressed else 1) > self._large_bytes
+
+    def _reserve(self, nbytes: int, share: float) -> Reservation:
+        try:
+            return self._memory.reserve(nbytes, share)
+        except MemoryExhausted as exc:
+            raise _too_busy(exc) from None
+
+    def _process(self, encoding: str, chunks: list[bytes], media: str, peer: Peer | None,
+                 reservation: Reservation, compressed: bool) -> ExportTraceServiceResponse:
+        """Decompress, decode and ingest (runs on a worker pool: all of it may be slow)."""
+        decoder = BoundedDecoder(encoding, self._max)
+        try:
+            for i in range(len(chunks)):
+                chunk, chunks[i] = chunks[i], b""
+                decoder.feed(chunk)
+            if compressed:
+                # The counting pass told the decoded size: reserve its cost
+                # before anything is inflated for real.
+                decoded = decoder.decoded_size
+                reservation.grow(decoded + memory_estimate(decoded, media))
+            body = decoder.finish()
         except BodyTooLarge as exc:
             raise _Reject(413, code_pb2.RESOURCE_EXHAUSTED, str(exc), "too_large") from None
         except CorruptBody as exc:
             raise _Reject(400, code_pb2.INVALID_ARGUMENT, str(exc), "malformed") from None
-        peer = None
-        peername = request.transport.get_extra_info("peername") if request.transport else None
-        if peername:
-            peer = Peer(str(peername[0]), int(peername[1]), self._port)
-        loop = asyncio.get_running_loop()
-        response = await loop.run_in_executor(self._pool, self._process, decoder, media, peer)
-        return web.Response(status=200, body=_encode(response, media), content_type=media)
-
-    def _process(self, decoder: BoundedDecoder, media: str, peer: Peer | None) -> ExportTraceServiceResponse:
-        """Decode and ingest (runs on the worker pool: parsing and consume() may be slow)."""
-        try:
-            body = decoder.finish()
-        except CorruptBody as exc:
-            raise _Reject(400, code_pb2.INVALID_ARGUMENT, str(exc), "malformed") from None
+        except MemoryExhausted as exc:
+            raise _too_busy(exc) from None
+        checker = LimitChecker(self._ingest.limits)
         try:
             if media == JSON:
-                request = otlpjson.decode_request(body)
+                request = otlpjson.decode_request(body, span_filter=checker.span_problem_json,
+                                                  on_spans=checker.count_spans)
             else:
                 request = ExportTraceServiceRequest.FromString(body)
         except otlpjson.OtlpJsonError as exc:
@@ -293,8 +368,13 @@ class OtlpHttpReceiver:
         except DecodeError as exc:
             raise _Reject(400, code_pb2.INVALID_ARGUMENT,
                           f"cannot decode ExportTraceServiceRequest: {exc}", "malformed") from None
+        except RequestOverLimit as exc:
+            raise _Reject(400, code_pb2.INVALID_ARGUMENT, str(exc), "limit") from None
+        del body
         try:
-            return self._ingest.ingest(request, peer)
+            return self._ingest.ingest(request, peer, checker.rejected)
+        except RequestOverLimit as exc:
+            raise _Reject(400, code_pb2.INVALID_ARGUMENT, str(exc), "limit", counted=True) from None
         except Backpressure as bp:
             retry = max(1, math.ceil(bp.retry_after_s))
             raise _Reject(503, code_pb2.UNAVAILABLE, str(bp) or "pipeline is full", "backpressure",
@@ -302,3 +382,14 @@ class OtlpHttpReceiver:
         except ConsumerFailed as exc:
             raise _Reject(503, code_pb2.UNAVAILABLE, f"trace pipeline failed: {exc}",
                           "consumer_error", {"Retry-After": "1"}, counted=True) from None
+
+
+_LARGE_SHARE = 0.75
+"""Share of the in-flight memory cap that large requests may fill together (the rest stays for small ones)."""
+_COMPRESSION_GUESS = 8
+
+
+def _too_busy(exc: MemoryExhausted) -> _Reject:
+    """429 + ``Retry-After``: OTLP/HTTP clients retry it after the delay."""
+    retry = max(1, math.ceil(exc.retry_after_s))
+    return _Reject(429, code_pb2.RESOURCE_EXHAUSTED, str(exc), "memory_limit", {"Retry-After": str(retry)})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -17,6 +18,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 
 from isoscope.model import Backpressure, Stats, TraceBatch, TraceConsumer
 from isoscope.metadata.peer import PeerResolver, format_addr, is_loopback
+from isoscope.receivers.otlp.limits import RequestLimits, RequestOverLimit
 from isoscope.receivers.otlp.validate import validate_request
 
 logger = logging.getLogger(__name__)
@@ -49,31 +51,53 @@ class Ingestor:
         stats: shared counters.
         protocol: ``"grpc"`` or ``"http"`` (the ``protocol`` label).
         peer_resolver: resolves loopback peers to pids; None disables it.
+        limits: span and attribute limits (None: the defaults of ``RequestLimits``).
     """
 
     def __init__(self, consumer: TraceConsumer, stats: Stats, protocol: str,
-                 peer_resolver: PeerResolver | None) -> None:
+                 peer_resolver: PeerResolver | None, limits: RequestLimits | None = None) -> None:
         self._consumer = consumer
         self._stats = stats
         self._protocol = protocol
         self._peers = peer_resolver
+        self.limits = limits if limits is not None else RequestLimits()
 
     def reject(self, reason: str) -> None:
         """Count a rejected request (``requests_rejected_total{protocol,reason}``)."""
         self._stats.inc("requests_rejected_total", (self._protocol, reason))
 
-    def ingest(self, request: ExportTraceServiceRequest, peer: Peer | None) -> ExportTraceServiceResponse:
+    def ingest(self, request: ExportTraceServiceRequest, peer: Peer | None,
+               dropped: Counter[str] | None = None) -> ExportTraceServiceResponse:
         """Process one parsed request.
 
         ``spans_received_total`` counts spans once the request is settled
         (consumed, or entirely invalid), so a request retried after
         backpressure is not counted twice.
 
+        Args:
+            request: the parsed request.
+            peer: the sender, if known.
+            dropped: spans already removed while decoding (reason → count),
+                reported with the others through partial success.
+
         Raises:
+            RequestOverLimit: the request is over a per-request limit; it was
+                counted as rejected (``reason="limit"``) and nothing was consumed.
             Backpressure: the consumer is full; nothing was counted as received.
             ConsumerFailed: the consumer broke; the client should retry.
         """
-        result = validate_request(request)
+        try:
+            result = validate_request(request, self.limits)
+        except RequestOverLimit:
+            self.reject("limit")
+            raise
+        if dropped:
+            result.rejected += sum(dropped.values())
+            detail = "; ".join(f"{n} span(s): {why}" for why, n in sorted(dropped.items()))
+            if result.message:
+                result.message += "; " + detail
+            else:
+                result.message = f"rejected {result.rejected} span(s): {detail}"
         if result.accepted_spans:
             batch = TraceBatch(request=result.accepted, protocol=self._protocol,
                                span_count=result.accepted_spans,

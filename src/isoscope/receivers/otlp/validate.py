@@ -5,6 +5,10 @@ length cannot be joined or forwarded, and attribute values nested without
 bound make every later stage (enrichment, JSON export) recurse without bound.
 Such spans are removed and reported through OTLP partial success
 (``docs/specification.md``, "Partial Success"); the rest of the request goes on.
+With :class:`~isoscope.receivers.otlp.limits.RequestLimits`, spans over a
+per-span limit (attributes, events, links) are removed the same way, and a
+request over a per-request limit (spans, total attributes) raises
+``RequestOverLimit`` before any span is looked at closely.
 
 This runs on the hot path for every span, so the common case (nothing to
 reject) only reads fields and never copies or rebuilds the request.
@@ -18,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from isoscope.receivers.otlp.limits import LimitChecker, RequestLimits
 
 logger = logging.getLogger(__name__)
 
@@ -109,22 +115,41 @@ def _resource_problem(rs: Any) -> str | None:
     return None
 
 
-def validate_request(req: ExportTraceServiceRequest) -> ValidationResult:
+def _check_request_limits(req: ExportTraceServiceRequest, checker: LimitChecker) -> None:
+    """Per-request limits that need no look inside a span: span count, resource/scope attributes."""
+    for rs in req.resource_spans:
+        checker.count_attributes(len(rs.resource.attributes))
+        for ss in rs.scope_spans:
+            checker.count_spans(len(ss.spans))
+            checker.count_attributes(len(ss.scope.attributes))
+
+
+def validate_request(req: ExportTraceServiceRequest, limits: RequestLimits | None = None) -> ValidationResult:
     """Remove invalid spans from ``req`` in place.
 
     A span is invalid when its trace id is not 16 bytes or all zero, its span
     id is not 8 bytes or all zero, its parent span id is neither empty nor 8
     bytes, or one of its attribute values (span, event or link) nests
-    ``AnyValue`` deeper than ``MAX_ANYVALUE_DEPTH``. A resource or scope whose
-    own attributes nest too deep takes all its spans with it. Scope and
-    resource entries left without spans are removed.
+    ``AnyValue`` deeper than ``MAX_ANYVALUE_DEPTH``, or it is over one of the
+    per-span ``limits``. A resource or scope whose own attributes nest too
+    deep takes all its spans with it. Scope and resource entries left without
+    spans are removed.
 
     Args:
         req: the parsed request; modified only when something is rejected.
+        limits: span and attribute limits; None checks none.
 
     Returns:
         The validation result; ``result.accepted is req``.
+
+    Raises:
+        RequestOverLimit: the request is over a per-request limit (nothing
+            was removed from it).
     """
+    checker = None
+    if limits is not None:
+        checker = LimitChecker(limits)
+        _check_request_limits(req, checker)
     reasons: Counter[str] | None = None
     accepted = 0
     rs_list = req.resource_spans
@@ -144,7 +169,11 @@ def validate_request(req: ExportTraceServiceRequest) -> ValidationResult:
             spans = ss_list[si].spans
             bad: list[int] | None = None
             for i, span in enumerate(spans):
-                problem = _span_problem(span)
+                # Limits first: they only read lengths, so an oversized span is
+                # dropped without its attributes ever being walked.
+                problem = checker.span_problem_pb(span) if checker is not None else None
+                if problem is None:
+                    problem = _span_problem(span)
                 if problem is not None:
                     if bad is None:
                         bad = []
