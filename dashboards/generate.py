@@ -33,7 +33,11 @@ SCHEMA_VERSION = 39
 PROM = {"type": "prometheus", "uid": "${datasource}"}
 RATE = "$__rate_interval"
 INSTANCE = 'instance=~"$instance"'
-WORKLOAD = 'instance=~"$instance", namespace=~"$namespace", pod=~"$pod"'
+POD_LEGEND = "{{workload_namespace}}/{{workload_pod}}"
+# Workload labels are prefixed (workload_namespace, workload_pod, workload_container,
+# workload_service): the unprefixed names are the scrape target's own labels, which the
+# Prometheus Operator attaches to every series (they say which isoscope pod was scraped).
+WORKLOAD = 'instance=~"$instance", workload_namespace=~"$namespace", workload_pod=~"$pod"'
 
 
 # ---------------------------------------------------------------------------
@@ -160,11 +164,13 @@ def dashboard(uid: str, title: str, description: str, variables: list[dict[str, 
 
 V_DATASOURCE = datasource_var("datasource", "prometheus", "Prometheus")
 V_INSTANCE = query_var("instance", "Node", "isoscope_build_info", "instance")
-V_NAMESPACE = query_var("namespace", "Namespace", f"isoscope_layer_stall_seconds_total{{{INSTANCE}}}", "namespace")
-V_POD = query_var("pod", "Pod", f'isoscope_layer_stall_seconds_total{{{INSTANCE}, namespace=~"$namespace"}}', "pod")
-V_SERVICE = query_var("service", "Service", "isoscope_span_overhead_ratio_count", "service")
+V_NAMESPACE = query_var("namespace", "Namespace", f"isoscope_layer_stall_seconds_total{{{INSTANCE}}}",
+                        "workload_namespace")
+V_POD = query_var("pod", "Pod",
+                  f'isoscope_layer_stall_seconds_total{{{INSTANCE}, workload_namespace=~"$namespace"}}', "workload_pod")
+V_SERVICE = query_var("service", "Service", "isoscope_span_overhead_ratio_count", "workload_service")
 V_COMPONENT = query_var("component", "Component",
-                        'isoscope_span_layer_seconds_count{service=~"$service"}', "component")
+                        'isoscope_span_layer_seconds_count{workload_service=~"$service"}', "component")
 
 
 def traces_var(traces_type: str) -> dict[str, Any]:
@@ -218,8 +224,8 @@ def layer_overhead() -> dict[str, Any]:
               [target(f"sum by (layer) (rate({stall}{{{WORKLOAD}}}[{RATE}]))", "{{layer}}")],
               unit="s", stacked=True),
         Panel("Stall time by pod and layer", "timeseries",
-              [target(f"sum by (namespace, pod, layer) (rate({stall}{{{WORKLOAD}}}[{RATE}]))",
-                      "{{namespace}}/{{pod}} {{layer}}")],
+              [target(f"sum by (workload_namespace, workload_pod, layer) (rate({stall}{{{WORKLOAD}}}[{RATE}]))",
+                      "{{workload_namespace}}/{{workload_pod}} {{layer}}")],
               unit="s", stacked=True),
     ]
     return dashboard("isoscope-layer-overhead", "isoscope / Layer overhead",
@@ -231,8 +237,8 @@ def top_pods() -> dict[str, Any]:
     stall = "isoscope_layer_stall_seconds_total"
 
     def top(component: str) -> str:
-        return (f'topk(10, sum by (namespace, pod) (rate({stall}{{{WORKLOAD}, component="{component}"}}'
-                f"[{RATE}])))")
+        return (f'topk(10, sum by (workload_namespace, workload_pod) '
+                f'(rate({stall}{{{WORKLOAD}, component="{component}"}}[{RATE}])))')
 
     def p99(metric: str, by: str, selector: str = WORKLOAD) -> str:
         return f"histogram_quantile(0.99, sum by ({by}, le) (rate({metric}{{{selector}}}[{RATE}])))"
@@ -247,15 +253,15 @@ def top_pods() -> dict[str, Any]:
               [target(top("runqueue"), instant=True, fmt="table")], unit="s", options=table,
               description="Seconds per second runnable threads waited for a CPU (L-3 runqueue)."),
         row("Over time"),
-        Panel("CPU throttling by pod", "timeseries", [target(top("cpu_throttle"), "{{namespace}}/{{pod}}")],
+        Panel("CPU throttling by pod", "timeseries", [target(top("cpu_throttle"), POD_LEGEND)],
               unit="s"),
-        Panel("Run-queue wait by pod", "timeseries", [target(top("runqueue"), "{{namespace}}/{{pod}}")],
+        Panel("Run-queue wait by pod", "timeseries", [target(top("runqueue"), POD_LEGEND)],
               unit="s"),
         Panel("Memory reclaim stalls by pod", "timeseries",
-              [target(top("memory_reclaim"), "{{namespace}}/{{pod}}")], unit="s"),
+              [target(top("memory_reclaim"), POD_LEGEND)], unit="s"),
         Panel("Run-queue latency p99 by pod", "timeseries",
-              [target(p99("isoscope_runqueue_latency_seconds_bucket", "namespace, pod"),
-                      "{{namespace}}/{{pod}}")], unit="s"),
+              [target(p99("isoscope_runqueue_latency_seconds_bucket", "workload_namespace, workload_pod"),
+                      POD_LEGEND)], unit="s"),
         Panel("Syscall latency p99 by class", "timeseries",
               [target(p99("isoscope_syscall_latency_seconds_bucket", "class"), "{{class}}")], unit="s",
               width=24, description="Ordinary blocked-in-syscall time: the kernel baseline, not an overhead."),
@@ -297,7 +303,7 @@ def virtualization() -> dict[str, Any]:
 
 def requests(traces_type: str) -> dict[str, Any]:
     span = "isoscope_span_layer_seconds"
-    sel = 'service=~"$service", component=~"$component"'
+    sel = 'workload_service=~"$service", component=~"$component"'
     link = trace_link(traces_type)
     items: list[Panel | dict[str, Any]] = [
         row("Requests"),
@@ -316,14 +322,15 @@ def requests(traces_type: str) -> dict[str, Any]:
                        "exemplars": {"color": "rgba(255,0,255,0.7)"}, "tooltip": {"show": True}}),
         Panel("Request time taken by each layer", "timeseries",
               [target(ratio("isoscope_span_overhead_ratio_sum", "isoscope_span_overhead_ratio_count",
-                            'service=~"$service"', "service, layer"), "{{service}} {{layer}}")],
+                            'workload_service=~"$service"', "workload_service, layer"),
+                      "{{workload_service}} {{layer}}")],
               unit="percentunit"),
         Panel("Requests stalled per second by component", "timeseries",
               [target(f"sum by (layer, component) (rate({span}_count{{{sel}}}[{RATE}]))",
                       "{{layer}} {{component}}", exemplar=False)], unit="reqps", stacked=True),
         Panel("Mean stall per stalled request", "timeseries",
-              [target(ratio(f"{span}_sum", f"{span}_count", sel, "service, component"),
-                      "{{service}} {{component}}")], unit="s"),
+              [target(ratio(f"{span}_sum", f"{span}_count", sel, "workload_service, component"),
+                      "{{workload_service}} {{component}}")], unit="s"),
     ]
     explore_link = {"title": "Search traces", "type": "link", "icon": "external link", "targetBlank": True,
                     "tooltip": "Open the trace data source in Explore", "asDropdown": False,

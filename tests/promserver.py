@@ -19,7 +19,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -51,11 +51,20 @@ class PrometheusServer:
         targets: ``host:port`` scrape targets (``/metrics`` path, job ``isoscope``).
         scrape_interval: scrape and evaluation interval, e.g. ``"1s"``.
         rule_files: rule files to load (evaluated every ``scrape_interval``).
+        target_labels: labels attached to every scraped series by relabeling, the way
+            Kubernetes service discovery does it (the Prometheus Operator sets ``namespace``,
+            ``pod``, ``container``, ``service``, ``endpoint`` and ``job`` from the target).
+            A scraped label of the same name is renamed ``exported_<name>`` unless
+            ``honor_labels``.
+        honor_labels: keep scraped labels that clash with target labels (and drop the target's).
     """
 
     def __init__(self, targets: Sequence[str], scrape_interval: str = "1s",
-                 rule_files: Sequence[str | os.PathLike[str]] = ()) -> None:
+                 rule_files: Sequence[str | os.PathLike[str]] = (),
+                 target_labels: Mapping[str, str] | None = None, honor_labels: bool = False) -> None:
         self.targets = list(targets)
+        self.target_labels = dict(target_labels or {})
+        self.honor_labels = honor_labels
         self.scrape_interval = scrape_interval
         self.rule_files = [str(Path(p).resolve()) for p in rule_files]
         self.port = 0
@@ -78,7 +87,12 @@ class PrometheusServer:
             "rule_files": self.rule_files,
             "scrape_configs": [{
                 "job_name": "isoscope",
+                "honor_labels": self.honor_labels,
                 "static_configs": [{"targets": self.targets}],
+                # A replace rule without source labels writes its replacement: the same
+                # mechanism the Operator's generated config uses for __meta_kubernetes_* values.
+                "relabel_configs": [{"action": "replace", "target_label": name, "replacement": value}
+                                    for name, value in self.target_labels.items()],
             }],
         }
         (root / "prometheus.yml").write_text(yaml.safe_dump(config))

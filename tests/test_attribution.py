@@ -129,7 +129,7 @@ def test_child_spans_shape_and_merging() -> None:
         assert k.name == "isolation L-3 runqueue"
         a = attrs(k)
         assert a["isolation.layer"] == "L-3" and a["isolation.component"] == "runqueue"
-        assert a["cgroup.path"] == "/kubepods/x"
+        assert a["isolation.cgroup.path"] == "/kubepods/x"
         assert k.start_time_unix_nano >= 1_000_000_000 and k.end_time_unix_nano > k.start_time_unix_nano
     merged = [k for k in kids if "isolation.merged_count" in attrs(k)]
     assert len(merged) == 1 and attrs(merged[0])["isolation.merged_count"] == 20 - 15
@@ -147,7 +147,7 @@ def test_touching_stalls_of_one_thread_become_one_child() -> None:
     bd = Breakdown(stalls=queued + samples + other_thread, duration_ns=50 * MS)
     kids = child_spans(parent, bd, _workload(), lambda m: m, min_stall_ns=MS, max_children=16, window=(0, 50 * MS))
     got = sorted((k.start_time_unix_nano, k.name.rsplit(" ", 1)[-1], attrs(k)["thread.id"],
-                  attrs(k).get("isolation.merged_count", 1), attrs(k).get("merged.ns")) for k in kids)
+                  attrs(k).get("isolation.merged_count", 1), attrs(k).get("isolation.merged.ns")) for k in kids)
     assert got == [(0, "runqueue", 5, 2, 2 * MS - int(0.02 * MS)), (3 * MS, "runqueue", 5, 1, None),
                    (10 * MS, "sandbox", 5, 4, 4 * MS), (11 * MS, "sandbox", 6, 1, None),
                    (40 * MS, "sandbox", 5, 1, None)]
@@ -159,3 +159,135 @@ def test_isoscope_scope_is_added_once_per_resource() -> None:
     a = isoscope_scope(rs, cache)
     b = isoscope_scope(rs, cache)
     assert a is b and len(rs.scope_spans) == 1 and rs.scope_spans[0].scope.name == "isoscope"
+
+
+# -- process / container scope: which thread served the span ------------------------------
+
+
+def _run(tid: int, a: float, b: float, pid: int = 5, cg: int = 9) -> RunSegment:
+    return RunSegment(tid, pid, cg, 0, int(a * MS), int(b * MS))
+
+
+def _sc(tid: int, a: float, b: float, cls: str = "lock", pid: int = 5, cg: int = 9) -> Stall:
+    return Stall("syscall", int(a * MS), int(b * MS), tid, pid, cg, -1, {"syscall.class": cls})
+
+
+def _pool_timeline() -> Timeline:
+    """A pool of workers over [100, 200] ms: 11 serves a downstream-blocked request, 12 a CPU-bound one.
+
+    Worker 12 is throttled most of the window and waits for the GIL (a futex) whenever 11 runs;
+    13 is idle in a futex; 10 (the accept loop) sits in epoll_wait.
+    """
+    tl = Timeline()
+    tl.set_probe_up("sched", True, at_mono_ns=0)
+    # 11: woken at 99.8, on a CPU 99.8..101, blocked in recv 101..198.5 (its wake-up waited 0.4 ms), runs to 200.5
+    tl.add_run(_run(11, 99.8, 101))
+    tl.add_stall(_sc(11, 101, 198.5, "net"))
+    tl.add_stall(Stall("runqueue", int(198.1 * MS), int(198.5 * MS), 11, 5, 9))
+    tl.add_run(_run(11, 198.5, 200.5))
+    # 12: GIL waits around both of 11's edges, otherwise runs 1 ms per 10 ms period and is throttled the rest
+    tl.add_stall(_sc(12, 99.5, 101.2))
+    tl.add_stall(_sc(12, 198.3, 200.7))
+    for p in range(100, 200, 10):
+        if p in (100, 190):
+            continue
+        tl.add_run(_run(12, p + 1.5, p + 2.5))
+        tl.add_stall(Stall("cpu_throttle", int((p + 2.5) * MS), int((p + 11.5) * MS), 12, 5, 9))
+    tl.add_stall(_sc(13, 50, 250))
+    tl.add_run(_run(10, 99.0, 99.6))
+    tl.add_stall(_sc(10, 99.6, 230, "net"))
+    return tl
+
+
+def test_process_scope_picks_the_worker_on_a_cpu_at_both_edges_not_the_most_throttled() -> None:
+    tl = _pool_timeline()
+    (bd, tid), = Attributor(tl).join_many(Workload("process", pid=5), [(100 * MS, 200 * MS)], 10**12)
+    assert tid == 11
+    assert bd.component_ns == {"runqueue": int(0.4 * MS), "syscall": int(97.1 * MS)}
+    assert bd.coverage == 1.0
+    # The old rule would have taken worker 12, throttled for most of the window.
+    assert tl.window_ns(100 * MS, 200 * MS, tid=12)[12]["cpu_throttle"] > 50 * MS
+
+
+def test_process_scope_picks_the_cpu_bound_worker_for_its_own_request() -> None:
+    tl = _pool_timeline()
+    # 12's own request: it opened it on a CPU at 121.6 and ended it on a CPU at 181.8.
+    (bd, tid), = Attributor(tl).join_many(Workload("process", pid=5), [(int(121.6 * MS), int(181.8 * MS))], 10**12)
+    assert tid == 12 and bd.dominant() == "cpu_throttle" and bd.coverage == 1.0
+
+
+def test_an_event_loop_counts_its_stalls_for_every_request_it_served() -> None:
+    tl = Timeline()
+    tl.set_probe_up("sched", True, at_mono_ns=0)
+    # Loop thread 20 serves overlapping requests; 21 (an exporter thread) sleeps in a futex.
+    tl.add_run(_run(20, 0, 12))
+    tl.add_stall(Stall("runqueue", 12 * MS, 20 * MS, 20, 5, 9))
+    tl.add_run(_run(20, 20, 33))
+    tl.add_stall(_sc(20, 33, 35, "net"))
+    tl.add_run(_run(20, 35, 50))
+    tl.add_stall(_sc(21, 0, 60))
+    tl.add_run(_run(21, 60, 61))
+    windows = [(5 * MS, 30 * MS), (10 * MS, 45 * MS), (25 * MS, 40 * MS)]
+    got = Attributor(tl).join_many(Workload("process", pid=5), windows, 10**12)
+    assert [t for _, t in got] == [20, 20, 20]
+    assert [bd.component_ns.get("runqueue", 0) for bd, _ in got] == [8 * MS, 8 * MS, 0]
+    assert all(bd.coverage == 1.0 for bd, _ in got)
+
+
+def test_equally_plausible_threads_that_disagree_lower_the_coverage() -> None:
+    tl = Timeline()
+    tl.set_probe_up("sched", True, at_mono_ns=0)
+    # Two threads on a CPU at both edges (no GIL between them): 30 was throttled 6 ms, 31 not at all.
+    for t in (30, 31):
+        tl.add_run(_run(t, 0, 2))
+        tl.add_run(_run(t, 9, 11))
+    tl.add_stall(Stall("cpu_throttle", 2 * MS, 8 * MS, 30, 5, 9))
+    (bd, tid), = Attributor(tl).join_many(Workload("process", pid=5), [(1 * MS, 10 * MS)], 10**12)
+    assert tid == 30 and bd.component_ns == {"cpu_throttle": 6 * MS}
+    assert bd.coverage == 0.5
+    # When they agree, which one served the span does not matter: full coverage.
+    tl.add_stall(Stall("cpu_throttle", 2 * MS, 8 * MS, 31, 5, 9))
+    (bd, _), = Attributor(tl).join_many(Workload("process", pid=5), [(1 * MS, 10 * MS)], 10**12)
+    assert bd.coverage == 1.0
+
+
+def test_a_watched_thread_that_ran_only_after_an_edge_was_off_a_cpu_there() -> None:
+    from isoscope.join.timeline import EDGE_NEAR, EDGE_OFF, EDGE_ON, EDGE_UNKNOWN
+
+    tl = Timeline()
+    tl.add_run(_run(40, 5, 8))
+    tl.add_stall(_sc(41, 0, 20))
+    tl.add_stall(Stall("runqueue", 3 * MS, 6 * MS, 42, 5, 9))
+    ev, = tl.evidence_many([(int(4.99 * MS), 7 * MS)], pid=5)
+    assert ev[40][1:] == (EDGE_NEAR, EDGE_ON)
+    assert ev[41][1:] == (EDGE_OFF, EDGE_OFF)
+    assert ev[42][1:] == (EDGE_OFF, EDGE_UNKNOWN)
+    ev, = tl.evidence_many([(1 * MS, 9 * MS)], pid=5)
+    assert ev[40][1:] == (EDGE_OFF, EDGE_UNKNOWN)
+
+
+def test_container_scope_looks_at_every_cgroup_of_the_workload() -> None:
+    tl = Timeline()
+    tl.set_probe_up("sched", True, at_mono_ns=0)
+    # A pod of two containers (cgroups 71, 72); its pod-level cgroup 70 holds no thread.
+    tl.add_stall(_sc(50, 0, 100, pid=50, cg=71))
+    tl.add_run(_run(60, 0, 2, pid=60, cg=72))
+    tl.add_stall(Stall("cpu_throttle", 2 * MS, 9 * MS, 60, 60, 72))
+    tl.add_run(_run(60, 9, 12, pid=60, cg=72))
+    pod = Workload("container", cgroup_id=70, cgroup_ids=(71, 72))
+    (bd, tid), = Attributor(tl).join_many(pod, [(1 * MS, 10 * MS)], 10**12)
+    assert tid == 60 and bd.component_ns == {"cpu_throttle": 7 * MS} and bd.coverage == 1.0
+    # The pod-level cgroup alone: no thread seen, so no data, never full coverage.
+    (bd, tid), = Attributor(tl).join_many(Workload("container", cgroup_id=70), [(1 * MS, 10 * MS)], 10**12)
+    assert tid == 0 and bd.component_ns == {} and bd.coverage == 0.0
+
+
+def test_a_scope_whose_threads_were_not_seen_near_the_window_has_no_coverage() -> None:
+    tl = Timeline()
+    tl.set_probe_up("sched", True, at_mono_ns=0)
+    tl.add_stall(Stall("runqueue", 1 * MS, 2 * MS, 5, 5, 9))
+    att = Attributor(tl)
+    (bd, tid), = att.join_many(Workload("process", pid=5), [(50 * MS, 60 * MS)], 10**12)
+    assert tid == 0 and bd.coverage == 0.0
+    (bd, tid), = att.join_many(Workload("process", pid=77), [(0, 10 * MS)], 10**12)
+    assert tid == 0 and bd.coverage == 0.0 and bd.overhead_ratio() == 0.0

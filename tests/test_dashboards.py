@@ -5,15 +5,23 @@ is sent to a real Prometheus (``tests/promserver.py``): each must parse, and eac
 panel query, with its template variables replaced by values Prometheus really has, must
 return data.
 
+Prometheus scrapes the way the Prometheus Operator configures it: every series gets the
+target labels ``namespace``, ``pod``, ``container``, ``service``, ``endpoint`` and ``job`` of
+the isoscope pod, without ``honorLabels``. The workload labels isoscope writes must survive
+that (no ``exported_*`` renames), and every query must read the workload's namespace, pod
+and service, never the isoscope pod's.
+
 What Prometheus scrapes is chosen by ``METRICS_TARGET`` (environment variable
 ``ISOSCOPE_METRICS_TARGET``):
 
 * ``"exporter"`` — ``isoscope.metrics.prometheus.PrometheusExporter`` fed through its API with
   values measured on this machine (``/proc/stat`` steal, timer-wakeup latencies); every
   panel must return data;
-* ``"daemon"``   — the real ``isoscope run`` daemon, fed OTLP spans over HTTP; a panel may
-  be empty only when the daemon exports no sample of its metric on this machine (no VM
-  runs here, so there are no KVM exits, for instance);
+* ``"daemon"``   — the real ``isoscope run`` daemon, fed OTLP spans over HTTP, with Kubernetes
+  pod metadata from a real HTTPS API-shaped server (``tests/k8s_api_server.py``) and a "pod"
+  made of real processes in a real kubelet-style cgroup under a CPU quota; a panel may be empty
+  only when the daemon exports no sample of its metric on this machine (no VM runs here, so
+  there are no KVM exits, for instance);
 * ``"auto"``     — both, the daemon only when ``isoscope.daemon`` and ``.venv/bin/isoscope``
   exist.
 """
@@ -30,6 +38,7 @@ import sys
 import threading
 import time
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -39,12 +48,10 @@ import yaml
 
 from isoscope.model import Breakdown, Stall, Stats
 from isoscope.metrics.admin import AdminServer
-from isoscope.metrics.prometheus import PrometheusExporter
-
-try:
-    from tests.promserver import PrometheusServer, PromQLError, free_port
-except ImportError:  # tests/ is not a package: pytest puts it on sys.path itself
-    from promserver import PrometheusServer, PromQLError, free_port
+from isoscope.metrics.prometheus import WORKLOAD_LABELS, PrometheusExporter
+from tests.cgroup_helpers import make_cgroup
+from tests.k8s_api_server import KubeAPIServer, make_pod, make_tls_files
+from tests.promserver import PrometheusServer, PromQLError, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARDS = sorted((ROOT / "dashboards").glob("*.json"))
@@ -55,12 +62,32 @@ METRICS_TARGET = os.environ.get("ISOSCOPE_METRICS_TARGET", "auto")
 
 GRAFANA_MACROS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m"}
 
+OPERATOR_TARGET_LABELS = {
+    "namespace": "isoscope", "pod": "isoscope-x7k2p", "container": "isoscope",
+    "service": "isoscope-metrics", "endpoint": "metrics", "job": "isoscope-metrics",
+}
+"""What the Prometheus Operator's ServiceMonitor relabeling attaches to every series it scrapes
+from the isoscope DaemonSet pod (``honorLabels`` off, its default)."""
+
+SERVICE_LABEL = "workload_service"
+WORKLOAD_LABEL_NAMES = (*WORKLOAD_LABELS, SERVICE_LABEL)
+
+K8S_NODE = "node-a"
+K8S_TOKEN = "dash-" + os.urandom(8).hex()
+DAEMON_WORKLOAD = {"namespace": "shop", "pod": "cart-5d8f7b-q2x9z", "container": "app"}
+DAEMON_SERVICE = "dash-test"
+
+
 @dataclass
 class MetricsTarget:
-    """A running metrics endpoint Prometheus can scrape."""
+    """A running metrics endpoint Prometheus can scrape, and the workloads it reports."""
 
     address: str  # host:port
     kind: str  # "exporter" or "daemon"
+    namespaces: frozenset[str] = frozenset()
+    pods: frozenset[str] = frozenset()
+    services: frozenset[str] = frozenset()
+    other_values: str = "other"  # regex: further workload label values the target legitimately reports
 
 
 # ---------------------------------------------------------------------------
@@ -126,7 +153,7 @@ class Feeder:
             ns = max(1, time.perf_counter_ns() - t0)
             self._sys[ns.bit_length() - 1] = self._sys.get(ns.bit_length() - 1, 0) + 1
             self._sys_sum += ns / 1e9
-        wl = {"namespace": "shop", "pod": "cart-0", "container": "app"}
+        wl = dict(zip(WORKLOAD_LABELS, ("shop", "cart-0", "app")))
         self.exp.set_log2_histogram("runqueue_latency_seconds", wl, self._rq, None)
         self.exp.set_log2_histogram("syscall_latency_seconds", {"class": "sleep", **wl}, self._sys, self._sys_sum)
         for cpu, seconds in _cpu_steal_seconds().items():
@@ -181,36 +208,60 @@ def _exporter_target() -> Iterator[MetricsTarget]:
     host, port = admin.start()
     feeder = Feeder(exp, stats).start()
     try:
-        yield MetricsTarget(f"{host}:{port}", "exporter")
+        yield MetricsTarget(f"{host}:{port}", "exporter", namespaces=frozenset({"shop"}),
+                            pods=frozenset({"cart-0", "checkout-7"}), services=frozenset({"checkout", "cart"}),
+                            other_values=r"other|batch-\d+")
     finally:
         feeder.stop()
         admin.shutdown()
 
 
 def _daemon_target(workdir: Path) -> Iterator[MetricsTarget]:
+    """The real daemon, with one Kubernetes pod on its node: real processes in a kubelet-style
+    cgroup (CPU quota 20 ms / 100 ms, so they wait in the run queue and get throttled) that the
+    API server names ``shop/cart-…``."""
+    uid, cid = str(uuid.uuid4()), os.urandom(32).hex()
+    tls = make_tls_files(workdir / "tls")
+    (workdir / "token").write_text(K8S_TOKEN + "\n")
+    api = KubeAPIServer(token=K8S_TOKEN, tls=tls)
+    api.start()
+    api.add_pod(make_pod(DAEMON_WORKLOAD["pod"], namespace=DAEMON_WORKLOAD["namespace"], node=K8S_NODE, uid=uid,
+                         containers=[(DAEMON_WORKLOAD["container"], cid)], qos_class="BestEffort"))
+    (workdir / "config.yaml").write_text(yaml.safe_dump({"kubernetes": {
+        "enabled": True, "node_name": K8S_NODE, "api_url": f"https://127.0.0.1:{api.port}",
+        "token_file": str(workdir / "token"), "ca_file": tls.ca_file}}))
     metrics, grpc, http = free_port(), free_port(), free_port()
     log = open(workdir / "daemon.log", "wb")
     proc = subprocess.Popen(
-        [str(ISOSCOPE_BIN), "run", "--metrics-listen", f"127.0.0.1:{metrics}",
+        [str(ISOSCOPE_BIN), "run", "--config", str(workdir / "config.yaml"),
+         "--metrics-listen", f"127.0.0.1:{metrics}",
          "--otlp-grpc-listen", f"127.0.0.1:{grpc}", "--otlp-http-listen", f"127.0.0.1:{http}",
          "--file-export", str(workdir / "traces.jsonl")],
         stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
     log.close()
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, (workdir / "daemon.log").read_text(errors="replace")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/readyz", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "daemon not ready in 90 s"
-            time.sleep(0.3)
-        _send_spans(http, n=20)
-        time.sleep(2)  # let the pipeline enrich and count them
-        yield MetricsTarget(f"127.0.0.1:{metrics}", "daemon")
+        with make_cgroup(f"kubepods/besteffort/pod{uid}/{cid}", v1_controllers=("cpu",),
+                         cpu_quota_us=20_000) as pod_cgroup:
+            deadline = time.monotonic() + 90
+            while True:
+                assert proc.poll() is None, (workdir / "daemon.log").read_text(errors="replace")
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/readyz", timeout=2) as resp:
+                        if resp.status == 200:
+                            break
+                except OSError:
+                    pass
+                assert time.monotonic() < deadline, "daemon not ready in 90 s"
+                time.sleep(0.3)
+            # A watch opens once the initial pod list is in: from then on the daemon names the pod.
+            assert api.wait_watches(1, timeout_s=30), "the daemon never listed this node's pods"
+            for _ in range(2):
+                pod_cgroup.spawn([sys.executable, "-c", "while True: pass"])
+            _send_spans(http, n=20)
+            time.sleep(2)  # let the pipeline enrich and count them
+            yield MetricsTarget(f"127.0.0.1:{metrics}", "daemon",
+                                namespaces=frozenset({DAEMON_WORKLOAD["namespace"]}),
+                                pods=frozenset({DAEMON_WORKLOAD["pod"]}), services=frozenset({DAEMON_SERVICE}))
     finally:
         proc.terminate()
         try:
@@ -218,6 +269,7 @@ def _daemon_target(workdir: Path) -> Iterator[MetricsTarget]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=5)
+        api.stop()
 
 
 def _send_spans(http_port: int, n: int) -> None:
@@ -233,7 +285,7 @@ def _send_spans(http_port: int, n: int) -> None:
         spans.append(Span(trace_id=os.urandom(16), span_id=os.urandom(8), name=f"op-{i}",
                           kind=Span.SPAN_KIND_SERVER, start_time_unix_nano=start, end_time_unix_nano=time.time_ns()))
     req = ExportTraceServiceRequest(resource_spans=[ResourceSpans(
-        resource={"attributes": [KeyValue(key="service.name", value=AnyValue(string_value="dash-test"))]},
+        resource={"attributes": [KeyValue(key="service.name", value=AnyValue(string_value=DAEMON_SERVICE))]},
         scope_spans=[ScopeSpans(spans=spans)])])
     http_req = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/traces", data=req.SerializeToString(),
                                       headers={"Content-Type": "application/x-protobuf"})
@@ -287,8 +339,10 @@ def substitute(expr: str, values: dict[str, str]) -> str:
 def resolve_variables(prom: PrometheusServer, board: dict[str, Any], target: MetricsTarget) -> dict[str, str]:
     """Run each query variable (in order, like Grafana) and pick a real value for it.
 
-    The daemon on a machine without pods has no namespace/pod values: there a
-    multi-value variable falls back to its "All" value, as Grafana would show it.
+    On the daemon a variable may have no values (no span of the test had a stall of a
+    given component, say): a multi-value variable then falls back to its "All" value, as
+    Grafana would show it. The workload variables (namespace, pod, service) always have
+    values: the daemon's node runs a pod and receives spans.
     """
     values: dict[str, str] = {}
     for var in board["templating"]["list"]:
@@ -300,7 +354,8 @@ def resolve_variables(prom: PrometheusServer, board: dict[str, Any], target: Met
         expr = substitute(f"group by ({m['label']}) ({m['selector']})", values)
         result = prom.query(expr)["result"]
         found = sorted(r["metric"][m["label"]] for r in result if m["label"] in r["metric"])
-        if not found and target.kind == "daemon" and var.get("includeAll"):
+        if not found and target.kind == "daemon" and var.get("includeAll") \
+                and var["name"] not in ("namespace", "pod", "service"):
             values[var["name"]] = var["allValue"]
             continue
         assert found, f"variable {var['name']}: {var['definition']} has no values"
@@ -332,23 +387,73 @@ def has_raw_data(prom: PrometheusServer, expr: str) -> bool:
 
 @pytest.fixture(scope="module")
 def prom(metrics_target: MetricsTarget) -> Iterator[PrometheusServer]:
-    with PrometheusServer([metrics_target.address], rule_files=[RULES]) as server:
+    with PrometheusServer([metrics_target.address], rule_files=[RULES],
+                          target_labels=OPERATOR_TARGET_LABELS) as server:
         # Enough scrapes for rate() over the 1m window to have two points.
         server.wait_for("count_over_time(isoscope_build_info[1m]) >= 3", timeout=30)
+        # ... and for the workload's own series (the daemon mirrors kernel totals periodically).
+        pods = "|".join(sorted(metrics_target.pods))
+        server.wait_for(f'count_over_time(isoscope_layer_stall_seconds_total{{workload_pod=~"{pods}"}}[1m]) >= 3',
+                        timeout=60)
         yield server
 
 
 def test_target_is_scraped(prom: PrometheusServer, metrics_target: MetricsTarget):
     targets = prom.targets_active()
     assert len(targets) == 1 and targets[0]["health"] == "up", targets
+    assert all(targets[0]["labels"].get(k) == v for k, v in OPERATOR_TARGET_LABELS.items()), targets[0]["labels"]
+
+
+def test_workload_labels_survive_operator_target_labels(prom: PrometheusServer, metrics_target: MetricsTarget):
+    """No isoscope label clashes with a target label: nothing is renamed ``exported_*``, the target
+    labels name the isoscope pod, and the workload labels name the workload."""
+    for name in (*OPERATOR_TARGET_LABELS, "instance"):
+        renamed = prom.query(f'count by (__name__) ({{__name__=~"isoscope_.+", exported_{name}=~".+"}})')["result"]
+        assert not renamed, f"isoscope series clash with target label {name!r}: {renamed}"
+    pods = "|".join(sorted(metrics_target.pods))
+    result = prom.query(f'isoscope_layer_stall_seconds_total{{workload_pod=~"{pods}"}}')["result"]
+    assert result
+    for series in result:
+        labels = series["metric"]
+        assert labels["namespace"] == OPERATOR_TARGET_LABELS["namespace"]
+        assert labels["pod"] == OPERATOR_TARGET_LABELS["pod"]
+        assert labels["workload_namespace"] in metrics_target.namespaces, labels
+        assert labels["workload_pod"] in metrics_target.pods, labels
+    services = "|".join(sorted(metrics_target.services))
+    result = prom.query(f'isoscope_span_overhead_ratio_count{{workload_service=~"{services}"}}')["result"]
+    assert result and all(r["metric"]["service"] == OPERATOR_TARGET_LABELS["service"] for r in result), result
+
+
+def target_other(target: MetricsTarget) -> str:
+    """Further workload label values the target may report besides its named workloads."""
+    return target.other_values if target.kind == "exporter" else r"(?!)"
+
+
+def assert_reads_the_workload(what: str, result: list[dict[str, Any]], target: MetricsTarget) -> None:
+    """Every workload label in a query result names a workload of the target, never the isoscope pod."""
+    expected = {"workload_namespace": target.namespaces, "workload_pod": target.pods,
+                SERVICE_LABEL: target.services}
+    for series in result:
+        labels = series.get("metric", {})
+        assert not [k for k in labels if k.startswith("exported_")], (what, labels)
+        for name, allowed in expected.items():
+            value = labels.get(name)
+            if value is None:
+                continue
+            assert value not in OPERATOR_TARGET_LABELS.values(), f"{what}: {name}={value} is the isoscope pod's"
+            # The daemon also measures the host's own cgroups; the exporter is fed known workloads only.
+            if target.kind == "exporter":
+                assert value in allowed or re.fullmatch(target.other_values, value), f"{what}: {name}={value}"
 
 
 @pytest.mark.parametrize("name,expr", rule_exprs(), ids=[n for n, _ in rule_exprs()])
-def test_rule_expression_parses_in_prometheus(prom: PrometheusServer, name: str, expr: str):
+def test_rule_expression_parses_in_prometheus(prom: PrometheusServer, metrics_target: MetricsTarget, name: str,
+                                              expr: str):
     try:
-        prom.query(expr)
+        result = prom.query(expr)["result"]
     except PromQLError as err:
         pytest.fail(f"{name}: {err}")
+    assert_reads_the_workload(name, result, metrics_target)
 
 
 def test_rules_load_and_evaluate_without_errors(prom: PrometheusServer):
@@ -363,6 +468,33 @@ def test_rules_load_and_evaluate_without_errors(prom: PrometheusServer):
             break
         assert time.monotonic() < deadline, rules
         time.sleep(0.5)
+
+
+def test_recorded_overhead_is_per_workload_service(prom: PrometheusServer, metrics_target: MetricsTarget):
+    """The recording rule the budget alert reads groups by the span's service, not the isoscope Service."""
+    result = prom.wait_for("isoscope:span_overhead_ratio:mean5m", timeout=20)
+    services = {r["metric"].get(SERVICE_LABEL) for r in result}
+    assert services & metrics_target.services, result
+    assert all("service" not in r["metric"] for r in result), result
+    assert_reads_the_workload("isoscope:span_overhead_ratio:mean5m", result, metrics_target)
+
+
+def test_dashboard_variables_pick_the_workload(prom: PrometheusServer, metrics_target: MetricsTarget):
+    """The namespace, pod and service pickers offer the workloads, not the isoscope pod."""
+    expected = {"namespace": metrics_target.namespaces, "pod": metrics_target.pods,
+                "service": metrics_target.services}
+    for path in DASHBOARDS:
+        board = load(path)
+        names = {v["name"] for v in board["templating"]["list"]}
+        if not names & set(expected):
+            continue
+        values = resolve_variables(prom, board, metrics_target)
+        for name, allowed in expected.items():
+            if name in values:
+                picked = values[name].replace("\\\\", "\\")
+                assert picked not in OPERATOR_TARGET_LABELS.values(), (path.name, name, values[name])
+                assert any(re.fullmatch(picked, v) for v in allowed) or re.fullmatch(
+                    target_other(metrics_target), picked.replace("\\", "")), (path.name, name, values[name])
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=[p.name for p in DASHBOARDS])
@@ -380,6 +512,7 @@ def test_every_panel_query_parses_and_returns_data(prom: PrometheusServer, metri
             continue
         if not result and (metrics_target.kind == "exporter" or has_raw_data(prom, expr)):
             empty.append(f"{q.panel}: {expr}")
+        assert_reads_the_workload(f"{path.name}: {q.panel}", result, metrics_target)
         if q.exemplar and metrics_target.kind == "exporter":
             now = time.time()
             series = prom.query_exemplars(expr, now - 600, now + 5)

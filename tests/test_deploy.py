@@ -24,6 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from isoscope import __version__
 from isoscope.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,6 +243,17 @@ def test_daemonset_scheduling_and_lifecycle(rel: str) -> None:
     assert "hostPort" not in ports["metrics"]
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    # BPF compilation (tens of seconds, minutes on a loaded node) is covered by the startup
+    # probe, which passes only once the probes are attached; liveness can then be tight.
+    startup = c["startupProbe"]
+    assert startup["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 180
+    live = c["livenessProbe"]
+    assert live.get("initialDelaySeconds", 0) <= 10
+    assert live["periodSeconds"] * live["failureThreshold"] + live.get("initialDelaySeconds", 0) <= 60
+    assert live["timeoutSeconds"] < live["periodSeconds"]
+    # Kubelet-injected service variables of a Service named isoscope… would be ISOSCOPE_* config keys.
+    assert pod["enableServiceLinks"] is False
     res = c["resources"]
     assert quantity(res["limits"]["memory"]) >= 300 * 2**20
     assert quantity(res["requests"]["cpu"]) == pytest.approx(0.1)
@@ -291,6 +303,7 @@ def test_configmap_is_a_valid_daemon_config(rel: str, tmp_path: Path) -> None:
     assert cfg.kernel.host_proc == "/host/proc"
     assert cfg.exporters.queue.persist_dir.startswith("/var/lib/isoscope/")
     assert cfg.metrics.listen.endswith(":9464")
+    assert cfg.metrics.debug_status is False
     if rel == "overlays/gke":
         assert cfg.kernel.headers_dir == "/opt/kernel-headers"
 
@@ -321,6 +334,59 @@ def test_metrics_service_selects_the_daemon(rel: str) -> None:
     labels = ds["spec"]["template"]["metadata"]["labels"]
     assert all(labels.get(k) == v for k, v in svc["spec"]["selector"].items())
     assert svc["spec"]["ports"] == [{"name": "metrics", "port": 9464, "targetPort": "metrics", "protocol": "TCP"}]
+
+
+@pytest.mark.parametrize("rel", RENDERINGS)
+def test_recommended_labels_carry_the_package_version(rel: str) -> None:
+    objs = render(rel)
+    for obj in objs:
+        labels = obj["metadata"].get("labels", {})
+        assert labels.get("app.kubernetes.io/version") == __version__, (obj["kind"], obj["metadata"]["name"])
+        assert labels.get("app.kubernetes.io/part-of") == "isoscope", obj["kind"]
+        assert labels.get("app.kubernetes.io/managed-by") == "kustomize", obj["kind"]
+    ds = one(objs, "DaemonSet")
+    template = ds["spec"]["template"]["metadata"]["labels"]
+    assert template["app.kubernetes.io/version"] == __version__
+    # The selector is immutable: a version in it would make every upgrade fail.
+    assert "app.kubernetes.io/version" not in ds["spec"]["selector"]["matchLabels"]
+    image = container(ds)["image"]
+    assert image.rsplit(":", 1) == ["ghcr.io/isoscope/isoscope", __version__], image
+
+
+def test_documented_image_tag_is_the_package_version() -> None:
+    doc = (ROOT / "docs" / "kubernetes.md").read_text()
+    tags = re.findall(r"isoscope/isoscope:(\S+?)[\s`]", doc) + re.findall(r"newTag: (\S+)", doc)
+    assert tags and set(tags) == {__version__}, tags
+
+
+@pytest.mark.parametrize("rel", RENDERINGS)
+def test_networkpolicy_limits_who_reaches_the_daemon(rel: str) -> None:
+    objs = render(rel)
+    policy = one(objs, "NetworkPolicy", "isoscope")
+    ds = one(objs, "DaemonSet")
+    pod_labels = ds["spec"]["template"]["metadata"]["labels"]
+    spec = policy["spec"]
+    assert all(pod_labels.get(k) == v for k, v in spec["podSelector"]["matchLabels"].items())
+    assert spec["policyTypes"] == ["Ingress"]  # egress: API server and forward targets stay reachable
+    by_port: dict[int, list[dict[str, Any]]] = {}
+    for rule in spec["ingress"]:
+        assert rule.get("from"), "a rule without 'from' admits everyone"
+        for port in rule["ports"]:
+            assert port["protocol"] == "TCP"
+            by_port.setdefault(port["port"], []).extend(rule["from"])
+    container_ports = {p["containerPort"] for p in container(ds)["ports"]}
+    assert set(by_port) == container_ports == {9464, 4317, 4318}
+    # Metrics: only the monitoring namespace, and no pod-level wildcard.
+    assert by_port[9464] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    # OTLP: pods of every namespace (each sends to its own node's daemon), nothing outside the cluster.
+    for port in (4317, 4318):
+        assert by_port[port] == [{"namespaceSelector": {}}]
+
+
+def test_configmap_keeps_debug_status_off() -> None:
+    cm = next(o for o in render("base") if o["kind"] == "ConfigMap")
+    doc = yaml.safe_load(cm["data"]["config.yaml"])
+    assert doc["metrics"]["debug_status"] is False
 
 
 def test_namespace_admits_the_daemon() -> None:
@@ -413,6 +479,9 @@ def test_servicemonitor_scrapes_the_metrics_service() -> None:
         assert ep["port"] in port_names and ep["path"] == "/metrics"
         assert set(ep) <= {"port", "path", "interval", "scrapeTimeout", "relabelings", "metricRelabelings",
                            "honorLabels", "scheme"}
+        # isoscope's workload labels do not clash with the Operator's target labels: the target
+        # labels must win, so they keep naming the isoscope pod that was scraped.
+        assert ep.get("honorLabels", False) is False
 
 
 def test_prometheusrule_embeds_the_rules_file() -> None:

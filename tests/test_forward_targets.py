@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -28,32 +27,17 @@ from isoscope.exporters.targets import (
 )
 from isoscope.model import ExportResult
 from tests.otlp_backend import BackendTls, OtlpBackend, make_payload, span_hex
+from tests.pki import make_pki
 
 TOKEN = "tok-9f8e7d6c5b4a-secret"
 OTHER_TOKEN = "tok-rotated-1a2b3c-secret"
 PROTOCOLS = ["grpc", "http/protobuf"]
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> dict[str, str]:
     """CA + server cert (SAN 127.0.0.1) + client cert signed by it, and an unrelated CA."""
-    d = tmp_path_factory.mktemp("pki")
-    for ca in ("ca", "other-ca"):
-        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                 "-keyout", f"{ca}.key", "-out", f"{ca}.pem", "-days", "2", "-subj", f"/CN=isoscope-{ca}", cwd=d)
-    (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
-    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
-    for who in ("server", "client"):
-        _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                 "-keyout", f"{who}.key", "-out", f"{who}.csr", "-subj", f"/CN={who}", cwd=d)
-        _openssl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-out", f"{who}.pem", "-days", "2", "-extfile", f"{who}.ext", cwd=d)
-    return {name: str(d / name) for name in (
-        "ca.pem", "other-ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture

@@ -69,10 +69,12 @@ def feed(exp: PrometheusExporter, stats: Stats) -> dict[str, float]:
     exp.add_kvm_exits("HLT", "L-1", "vm-a", 40, 0.2)
     exp.set_steal_seconds(0, 12.75)
     exp.set_steal_seconds(1, 3.5)
-    exp.set_log2_histogram("runqueue_latency_seconds", {"namespace": "shop", "pod": "cart-0", "container": "app"},
+    exp.set_log2_histogram("runqueue_latency_seconds",
+                           {"workload_namespace": "shop", "workload_pod": "cart-0", "workload_container": "app"},
                            {11: 50, 14: 7, 21: 2}, None)
     exp.set_log2_histogram("syscall_latency_seconds",
-                           {"class": "net", "namespace": "shop", "pod": "cart-0", "container": "app"},
+                           {"class": "net", "workload_namespace": "shop", "workload_pod": "cart-0",
+                            "workload_container": "app"},
                            {16: 10, 20: 1}, 0.0021)
     stats.inc("spans_received_total", ("grpc",), 2)
     stats.inc("spans_enriched_total", ("thread",), 2)
@@ -111,8 +113,8 @@ def test_text_scrape_passes_promtool_and_has_fed_values(served):
 
     text = body.decode()
     stall = samples(text, "isoscope_layer_stall_seconds_total")
-    key = lambda comp, layer: (("component", comp), ("container", "app"), ("layer", layer),  # noqa: E731
-                               ("namespace", "shop"), ("pod", "cart-0"))
+    key = lambda comp, layer: (("component", comp), ("layer", layer), ("workload_container", "app"),  # noqa: E731
+                               ("workload_namespace", "shop"), ("workload_pod", "cart-0"))
     assert stall[key("cpu_throttle", "L-3")] == pytest.approx(want["throttle_s"])
     assert stall[key("memory_reclaim", "L-3")] == pytest.approx(want["reclaim_s"])
 
@@ -124,11 +126,11 @@ def test_text_scrape_passes_promtool_and_has_fed_values(served):
 
     # Per-layer overhead ratio: 8.2 ms of L-3 in a 48 ms span, 0.15 ms of L-1 in 3 ms.
     ratio_sum = samples(text, "isoscope_span_overhead_ratio_sum")
-    assert ratio_sum[(("layer", "L-3"), ("service", "checkout"))] == pytest.approx(8.2 / 48)
-    assert ratio_sum[(("layer", "L-1"), ("service", "checkout"))] == pytest.approx(0.15 / 3)
+    assert ratio_sum[(("layer", "L-3"), ("workload_service", "checkout"))] == pytest.approx(8.2 / 48)
+    assert ratio_sum[(("layer", "L-1"), ("workload_service", "checkout"))] == pytest.approx(0.15 / 3)
     ratio_count = samples(text, "isoscope_span_overhead_ratio_count")
-    assert ratio_count[(("layer", "L-3"), ("service", "checkout"))] == 2  # zeros observed too
-    assert (("layer", "L-4"), ("service", "checkout")) not in ratio_count  # not on the stack
+    assert ratio_count[(("layer", "L-3"), ("workload_service", "checkout"))] == 2  # zeros observed too
+    assert (("layer", "L-4"), ("workload_service", "checkout")) not in ratio_count  # not on the stack
 
     throttle_buckets = {dict(k)["le"]: v for k, v in samples(text, "isoscope_span_layer_seconds_bucket").items()
                         if dict(k)["component"] == "cpu_throttle"}
@@ -181,7 +183,10 @@ def test_openmetrics_scrape_carries_trace_exemplars(served):
 def test_real_prometheus_ingests_metrics_and_exemplars(served):
     exp, stats, url, _ = served
     feed(exp, stats)
-    with PrometheusServer([url.removeprefix("http://")]) as prom:
+    # Scraped like the Prometheus Operator does: target labels namespace/pod/container/service.
+    target_labels = {"namespace": "isoscope", "pod": "isoscope-abcde", "container": "isoscope",
+                     "service": "isoscope-metrics", "endpoint": "metrics", "job": "isoscope-metrics"}
+    with PrometheusServer([url.removeprefix("http://")], target_labels=target_labels) as prom:
         prom.wait_for('isoscope_layer_stall_seconds_total{component="cpu_throttle"}')
         targets = prom.targets_active()
         assert [t["health"] for t in targets] == ["up"], targets
@@ -194,8 +199,15 @@ def test_real_prometheus_ingests_metrics_and_exemplars(served):
                 found |= {e["labels"]["trace_id"] for e in series["exemplars"]}
             time.sleep(0.3)
         assert found == {TRACE_A, TRACE_B}
-        result = prom.query('isoscope_span_overhead_ratio_sum{layer="L-3",service="checkout"}')["result"]
+        result = prom.query('isoscope_span_overhead_ratio_sum{layer="L-3",workload_service="checkout"}')["result"]
         assert float(result[0]["value"][1]) == pytest.approx(8.2 / 48)
+        assert result[0]["metric"]["service"] == "isoscope-metrics"
+        stall = prom.query('isoscope_layer_stall_seconds_total{component="cpu_throttle"}')["result"]
+        assert [(r["metric"]["workload_namespace"], r["metric"]["workload_pod"], r["metric"]["workload_container"],
+                 r["metric"]["namespace"], r["metric"]["pod"]) for r in stall] == \
+            [("shop", "cart-0", "app", "isoscope", "isoscope-abcde")]
+        for name in target_labels:
+            assert not prom.query(f'{{__name__=~"isoscope_.+", exported_{name}=~".+"}}')["result"], name
 
 
 def test_health_ready_and_status_endpoints(served):
@@ -256,7 +268,7 @@ def test_span_histogram_buckets_match_direct_count():
     assert buckets["+Inf"] == len(values_ns)
     total = samples(text, "isoscope_span_layer_seconds_sum")
     assert list(total.values())[0] == pytest.approx(sum(values_ns) / 1e9)
-    ratio = samples(text, "isoscope_span_overhead_ratio_sum")[(("layer", "L-3"), ("service", "svc"))]
+    ratio = samples(text, "isoscope_span_overhead_ratio_sum")[(("layer", "L-3"), ("workload_service", "svc"))]
     assert ratio == pytest.approx(0.25 * len(values_ns))
 
 
@@ -279,11 +291,12 @@ def test_counters_never_go_backwards_and_unknown_vocabulary_is_folded():
     exp.set_steal_seconds(3, 9.0)  # a stale read must not look like a counter reset
     exp.add_kvm_exits("HLT", "L-9", "vm", 1, 0.0)
     exp.set_log2_histogram("isoscope_syscall_latency_seconds",
-                           {"class": "weird", "namespace": "", "pod": "", "container": ""}, {10: 1}, None)
+                           {"class": "weird", "workload_namespace": "", "workload_pod": "", "workload_container": ""},
+                           {10: 1}, None)
     with pytest.raises(ValueError):
         exp.set_log2_histogram("steal_seconds_total", {}, {}, None)
     with pytest.raises(ValueError):
-        exp.set_log2_histogram("runqueue_latency_seconds", {"namespace": "x"}, {}, None)
+        exp.set_log2_histogram("runqueue_latency_seconds", {"workload_namespace": "x"}, {}, None)
     text = exp.render(False)[0].decode()
     assert samples(text, "isoscope_steal_seconds_total") == {(("cpu", "3"),): 10.0}
     assert samples(text, "isoscope_kvm_exits_total") == {(("layer", "other"), ("reason", "HLT"), ("vm", "vm")): 1}
@@ -318,9 +331,9 @@ def test_cardinality_cap_with_100k_services_keeps_series_and_memory_flat():
     assert len(counts) <= cap
     assert sum(counts.values()) == 100_000  # nothing lost, only folded
     regular = cap - exp.label_cap("isoscope_span_layer_seconds").reserve
-    other = counts[(("component", "cpu_throttle"), ("layer", "L-3"), ("service", "other"))]
+    other = counts[(("component", "cpu_throttle"), ("layer", "L-3"), ("workload_service", "other"))]
     assert other == 100_000 - regular
-    services = {dict(k)["service"] for k in counts}
+    services = {dict(k)["workload_service"] for k in counts}
     assert len(services) == regular + 1  # the regular ones + "other"
     overflow = samples(text, "isoscope_label_overflow_total")
     assert overflow[(("metric", "isoscope_span_layer_seconds"),)] == other
@@ -337,22 +350,22 @@ def test_cap_is_exact_for_workload_metrics_and_forget_frees_slots():
     text = exp.render(False)[0].decode()
     stall = samples(text, "isoscope_layer_stall_seconds_total")
     assert sum(stall.values()) == pytest.approx(0.2)  # 200 × 1 ms, none lost
-    pods = {dict(k)["pod"] for k in stall}
+    pods = {dict(k)["workload_pod"] for k in stall}
     assert "other" in pods and len(stall) == cap
 
     # The overflow keeps layer and component: the folded series still say what stalled.
-    assert stall[(("component", "cpu_throttle"), ("container", "other"), ("layer", "L-3"),
-                  ("namespace", "other"), ("pod", "other"))] > 0
+    assert stall[(("component", "cpu_throttle"), ("layer", "L-3"), ("workload_container", "other"),
+                  ("workload_namespace", "other"), ("workload_pod", "other"))] > 0
 
-    key_new = (("component", "runqueue"), ("container", "c"), ("layer", "L-3"),
-               ("namespace", "ns"), ("pod", "pod-new"))
+    key_new = (("component", "runqueue"), ("layer", "L-3"), ("workload_container", "c"),
+               ("workload_namespace", "ns"), ("workload_pod", "pod-new"))
     exp.add_stall_ns("runqueue", 5_000_000, "ns", "pod-new", "c")
     assert key_new not in samples(exp.render(False)[0].decode(), "isoscope_layer_stall_seconds_total")
     assert exp.forget_workload("ns", "pod-0", "c") == 1
     exp.add_stall_ns("runqueue", 5_000_000, "ns", "pod-new", "c")
     stall = samples(exp.render(False)[0].decode(), "isoscope_layer_stall_seconds_total")
     assert stall[key_new] == pytest.approx(0.005)
-    assert not any(dict(k)["pod"] == "pod-0" for k in stall)
+    assert not any(dict(k)["workload_pod"] == "pod-0" for k in stall)
     assert exp.series_count("isoscope_layer_stall_seconds") <= cap
 
 
@@ -467,18 +480,19 @@ def test_otlp_metrics_export_mirrors_the_metrics(otlp_receiver, protocol: str):
     assert res["service.name"] == "isoscope" and res["service.version"] == "9.9.9"
     assert res["k8s.node.name"] == "node-1"
 
-    stall_key = ("isoscope.layer_stall_seconds", (("component", "cpu_throttle"), ("container", "app"),
-                                                  ("layer", "L-3"), ("namespace", "shop"), ("pod", "cart-0")))
+    stall_key = ("isoscope.layer_stall_seconds", (("component", "cpu_throttle"), ("layer", "L-3"),
+                                                  ("workload_container", "app"), ("workload_namespace", "shop"),
+                                                  ("workload_pod", "cart-0")))
     kind, unit, dp = got[stall_key]
     assert kind == "sum" and unit == "s" and dp.as_double == pytest.approx(0.00375)
 
     kind, unit, dp = got[("isoscope.span_layer_seconds",
-                          (("component", "cpu_throttle"), ("layer", "L-3"), ("service", "checkout")))]
+                          (("component", "cpu_throttle"), ("layer", "L-3"), ("workload_service", "checkout")))]
     assert kind == "histogram" and unit == "s" and dp.count == 1 and dp.sum == pytest.approx(0.0073)
     assert list(dp.explicit_bounds) == list(DEFAULT_SPAN_BUCKETS)
     assert dp.bucket_counts[list(DEFAULT_SPAN_BUCKETS).index(0.01)] == 1  # (0.005, 0.01]
 
-    kind, _, dp = got[("isoscope.span_overhead_ratio", (("layer", "L-3"), ("service", "checkout")))]
+    kind, _, dp = got[("isoscope.span_overhead_ratio", (("layer", "L-3"), ("workload_service", "checkout")))]
     assert dp.count == 2 and dp.sum == pytest.approx(8.2 / 48)
     assert got[("isoscope.kvm_exits", (("layer", "L-0"), ("reason", "EPT_VIOLATION"), ("vm", "vm-a")))][2] \
         .as_double == 120
@@ -488,3 +502,30 @@ def test_otlp_metrics_export_mirrors_the_metrics(otlp_receiver, protocol: str):
     kind, _, dp = got[("isoscope.probe_attached", (("probe", "kvm"),))]
     assert kind == "gauge" and dp.as_double == 0
     assert got[("isoscope.queue_size", (("queue", "enrich"),))][2].as_double == 4
+
+
+def test_stats_counters_are_exported_with_their_labels():
+    stats = Stats()
+    exp = PrometheusExporter(stats)
+    stats.inc("identity_rejected_total", ("pod_mismatch",), 3)
+    stats.inc("child_spans_emitted_total", (), 5)
+    stats.inc("probe_setup_failures_total", ("kvm",))
+    text = exp.render(False)[0].decode()
+    assert samples(text, "isoscope_identity_rejected_total") == {(("reason", "pod_mismatch"),): 3}
+    assert samples(text, "isoscope_child_spans_emitted_total") == {(): 5}
+    assert samples(text, "isoscope_probe_setup_failures_total") == {(("probe", "kvm"),): 1}
+    assert "# HELP isoscope_identity_rejected_total Span identity claims refused because the proven sender " \
+           "does not back them." in text
+    assert "# HELP isoscope_child_spans_emitted_total Child spans emitted under enriched spans." in text
+
+
+def test_no_label_clashes_with_kubernetes_target_labels():
+    """Labels the Prometheus Operator sets on every target never appear among isoscope's own."""
+    from isoscope.metrics.prometheus import (KVM_EXIT_SECONDS, KVM_EXITS, LABEL_OVERFLOW, LAYER_STALL, RUNQUEUE,
+                                             SPAN_LAYER, SPAN_OVERHEAD, STATS_COUNTERS, STATS_GAUGES, STEAL, SYSCALL)
+    reserved = {"namespace", "pod", "container", "service", "endpoint", "job", "instance", "node"}
+    names = {label for spec in (LAYER_STALL, SPAN_LAYER, SPAN_OVERHEAD, KVM_EXITS, KVM_EXIT_SECONDS, STEAL,
+                                RUNQUEUE, SYSCALL, LABEL_OVERFLOW) for label in spec.labels}
+    names |= {label for table in (STATS_COUNTERS, STATS_GAUGES) for _, labels in table.values() for label in labels}
+    names |= set(PrometheusExporter(Stats()).build_labels)
+    assert not names & reserved, names & reserved

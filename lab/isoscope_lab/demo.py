@@ -2,12 +2,16 @@
 
 What it does, in under two minutes:
 
-1. starts ``isoscope run`` on its default listeners (free loopback ports if
-   those are taken), exporting to ``./isoscope-data/traces.jsonl``;
+1. starts ``isoscope run`` on its default configuration, its OTLP receivers
+   on the node's addresses at the default ports (where a DaemonSet's
+   ``hostPort`` answers; free ports if those are taken), exporting to
+   ``./isoscope-data/traces.jsonl``;
 2. builds ``frontend → checkout → payments``: each service in its own
-   network, PID, mount and UTS namespaces and cgroup, joined by veth pairs,
-   instrumented with the OpenTelemetry SDK; ``checkout`` gets a CFS quota of
-   20 % of one CPU;
+   network, PID, mount and UTS namespaces and a pod-like cgroup, joined by
+   veth pairs, instrumented with the OpenTelemetry SDK and exporting from its
+   own namespace to its node address (``frontend`` is an asyncio service,
+   ``checkout`` a pool of four worker threads); ``checkout`` gets a CFS quota
+   of 20 % of one CPU;
 3. sends requests for ``--duration`` seconds with a progress bar;
 4. stops the chain and the daemon (SIGTERM: it drains), then prints the
    per-hop × per-layer table of the slowest traces and writes
@@ -26,14 +30,15 @@ from typing import Sequence
 from isoscope_lab.faults import Fault
 from isoscope_lab.launcher import DaemonError, IsoscopeDaemon
 from isoscope_lab.net import port_in_use, split_hostport
-from isoscope_lab.scenario import Chain, HopSpec, LoadResult, daemon_for_lab, send_load
+from isoscope_lab.scenario import NODE_LISTEN, Chain, HopSpec, LoadResult, daemon_for_lab, node_endpoint, send_load
 from isoscope_lab.service import RUN_ATTR
 from isoscope_lab.topology import LabError
 from isoscope.report import ReportError, load_spans, make_console, report
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_LISTENERS = {"otlp_grpc": "127.0.0.1:4317", "otlp_http": "127.0.0.1:4318", "metrics": "127.0.0.1:9464"}
+_ANY = NODE_LISTEN.rsplit(":", 1)[0]
+DEFAULT_LISTENERS = {"otlp_grpc": f"{_ANY}:4317", "otlp_http": f"{_ANY}:4318", "metrics": "127.0.0.1:9464"}
 SERVICES = ("frontend", "checkout", "payments")
 
 
@@ -50,7 +55,7 @@ def _daemon(traces: str) -> IsoscopeDaemon:
     taken = [addr for addr in DEFAULT_LISTENERS.values() if port_in_use(*split_hostport(addr))]
     listen = DEFAULT_LISTENERS
     if taken:
-        logger.warning("default listener(s) %s in use; the demo daemon uses free loopback ports", ", ".join(taken))
+        logger.warning("default listener(s) %s in use; the demo daemon uses free ports", ", ".join(taken))
         listen = {}
     # The operator's ISOSCOPE_* settings (kernel headers, …) apply to the demo's daemon too.
     return daemon_for_lab(traces, listen=listen, inherit_env_overrides=True)
@@ -77,13 +82,15 @@ def run_demo(args: argparse.Namespace) -> int:
     _rotate(traces)
     t0 = time.monotonic()
     daemon = _daemon(traces)
-    hops = [HopSpec(), HopSpec([Fault("cpu_throttle", quota_pct=args.quota_pct)], work_ms=15), HopSpec()]
+    hops = [HopSpec(server="asyncio"),
+            HopSpec([Fault("cpu_throttle", quota_pct=args.quota_pct)], work_ms=15, server="pool", workers=4),
+            HopSpec()]
     try:
         with console.status("starting isoscope run (loading eBPF probes)…"):
             daemon.start()
         console.print(f"[green]✓[/] daemon ready in {time.monotonic() - t0:.1f} s "
                       f"(OTLP/HTTP {daemon.http_url}, metrics {daemon.metrics_url})")
-        with Chain(hops, otlp_endpoint=daemon.http_traces_url, names=SERVICES) as chain:
+        with Chain(hops, otlp_endpoint=node_endpoint(daemon), names=SERVICES) as chain:
             console.print(f"[green]✓[/] chain {' → '.join(SERVICES)} up: own net/pid/mount/uts namespaces, "
                           f"cgroups, veth pairs; fault: CFS quota {args.quota_pct} % of a CPU on "
                           f"[bold]checkout[/]")

@@ -1,16 +1,24 @@
 """Scenarios: a chain of lab services with faults, load, the daemon, and the scoring of its output.
 
 A :class:`Chain` builds, for every hop, a network namespace joined to the root
-namespace and to the next hop by veth pairs, a cgroup (v2 for a distinct
-kernel id, v1 ``cpu``/``memory`` for limits), and starts the hop's service in
-new PID, mount and UTS namespaces inside them. :func:`daemon_for_lab` sets up
-``isoscope run`` (:mod:`isoscope_lab.launcher`) to watch them. :func:`score`
-compares the daemon's verdict on every span with the span's own kernel truth.
+namespace and to the next hop by veth pairs, a cgroup laid out as a
+Kubernetes pod's container (``kubepods/besteffort/pod<uid>/<container id>``;
+v2 for a distinct kernel id, v1 ``cpu``/``memory`` for limits), and starts the
+hop's service in new PID, mount and UTS namespaces inside them.
+
+The lab takes the path spans take in a cluster: a service exports from its
+own network namespace to the node's address (the root-namespace end of its
+veth, as a pod reaches a DaemonSet's ``hostPort``), optionally through a relay
+(:mod:`isoscope_lab.relay`, a Collector agent's stand-in). :func:`daemon_for_lab`
+sets up ``isoscope run`` (:mod:`isoscope_lab.launcher`) on its default
+configuration, listening where a DaemonSet pod would. :func:`score` compares
+the daemon's verdict on every span with the span's own kernel truth.
 """
 
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import itertools
 import logging
 import os
@@ -28,14 +36,22 @@ from typing import Any, Callable, Iterable, Sequence
 from isoscope_lab import truth as T
 from isoscope_lab.faults import Environment, Fault, apply_environment
 from isoscope_lab.launcher import IsoscopeDaemon, deep_merge
-from isoscope_lab.service import RUN_ATTR
+from isoscope_lab.relay import COMM as RELAY_COMM
+from isoscope_lab.service import RUN_ATTR, SERVERS
 from isoscope_lab.topology import JANITOR, LAB_CGROUP_PARENT, LabCgroup, LabError, NetNs, VethLink, \
     free_subnet_base, lab_tag
 from isoscope.report import SpanRecord, load_spans
+from urllib.parse import urlsplit
 
 logger = logging.getLogger(__name__)
 
 SERVICE_PORT = 8080
+NODE = "{node}"
+"""Placeholder of an OTLP endpoint: replaced, per hop, by the node address the hop reaches (its veth's root end)."""
+RELAY_CGROUP = f"{LAB_CGROUP_PARENT}/relays"
+"""Parent cgroup of the lab's relays: the daemon trusts processes below it as relays (``identity.relays``)."""
+POD_PARENT = "kubepods/besteffort"
+"""Where hop cgroups live below the lab's parent, as a kubelet with the cgroupfs driver lays pods out."""
 _counter = itertools.count()
 
 
@@ -51,11 +67,22 @@ class HopSpec:
         faults: faults injected on this hop (several at once are allowed).
         work_ms: CPU time each request burns on this hop.
         cpus: CPUs the hop is pinned to (None: any).
+        server: how the service serves requests: ``threads`` (a thread per connection),
+            ``pool`` (``workers`` pool threads take turns) or ``asyncio`` (one event loop).
+        workers: pool threads when ``server == "pool"``.
+        thread_id: record ``thread.id`` on spans (False: ``process.pid`` is the finest claim).
     """
 
     faults: list[Fault] = field(default_factory=list)
     work_ms: float = 4.0
     cpus: set[int] | None = None
+    server: str = "threads"
+    workers: int = 4
+    thread_id: bool = True
+
+    def __post_init__(self) -> None:
+        if self.server not in SERVERS:
+            raise ValueError(f"unknown server {self.server!r}; expected one of {', '.join(SERVERS)}")
 
     @property
     def fault(self) -> Fault:
@@ -73,9 +100,23 @@ class RunningHop:
     cgroup: LabCgroup
     uplink: VethLink
     ip: str
+    pod_uid: str = ""
+    container_id: str = ""
     proc: subprocess.Popen[Any] | None = None
     envs: list[Environment] = field(default_factory=list)
     log_path: str = ""
+
+    @property
+    def node_ip(self) -> str:
+        """The node address this hop reaches: the root-namespace end of its veth."""
+        return self.uplink.a_ip
+
+
+def _is_loopback_url(url: str) -> bool:
+    try:
+        return ipaddress.ip_address((urlsplit(url).hostname or "").strip("[]")).is_loopback
+    except ValueError:
+        return (urlsplit(url).hostname or "") == "localhost"
 
 
 class Chain:
@@ -83,15 +124,23 @@ class Chain:
 
     Args:
         hops: the hop specifications, entry hop first.
-        otlp_endpoint: OTLP/HTTP traces URL the services export to (reached from the root namespace).
+        otlp_endpoint: OTLP/HTTP traces URL the services export to. A URL whose host is
+            :data:`NODE` (``"{node}"``) is the field path: each service exports from its own
+            network namespace to its node address (see :func:`node_endpoint`). A URL on the
+            host's loopback (a test backend) is reached by the exporter thread stepping into
+            the root network namespace. Any other URL is used as it is, from the service's
+            namespace.
         run_id: value of the ``lab.run`` resource attribute on every span (to find this run's spans).
         service_prefix: ``service.name`` of hop ``i`` is ``f"{service_prefix}{i}"``…
         names: … unless explicit names are given, one per hop.
+        relay: put an OTLP relay (:mod:`isoscope_lab.relay`, in the root network namespace and
+            its own cgroup below :data:`RELAY_CGROUP`) between the services and ``otlp_endpoint``;
+            it tags each request with the sending pod's ``k8s.pod.uid``.
     """
 
     def __init__(self, hops: Sequence[HopSpec], otlp_endpoint: str = "http://127.0.0.1:4318/v1/traces",
                  run_id: str | None = None, service_prefix: str = "hop",
-                 names: Sequence[str] | None = None) -> None:
+                 names: Sequence[str] | None = None, relay: bool = False) -> None:
         if not 1 <= len(hops) <= 8:
             raise ValueError("a chain has 1..8 hops")
         self.specs = list(hops)
@@ -105,6 +154,10 @@ class Chain:
         self.hops: list[RunningHop] = []
         self.links: list[VethLink] = []
         self.hog_cgroup: LabCgroup | None = None
+        self.relay = relay
+        self.relay_cgroup: LabCgroup | None = None
+        self.relay_proc: subprocess.Popen[Any] | None = None
+        self.relay_port = 0
         self.workdir = tempfile.mkdtemp(prefix=f"isoscope-lab-{self.tag}-", dir="/var/tmp")
         self._host_netns_fd = -1
         self._unregister = JANITOR.register(f"chain {self.tag}", self._teardown)
@@ -118,17 +171,23 @@ class Chain:
         """``service.name`` of hop ``i``."""
         return self.names[i] if self.names else f"{self.prefix}{i}"
 
+    def endpoint_of(self, hop: RunningHop) -> str:
+        """The OTLP endpoint hop ``hop`` exports to (the relay's when there is one)."""
+        if self.relay:
+            return f"http://{hop.node_ip}:{self.relay_port}/v1/traces"
+        return self.otlp_endpoint.replace(NODE, hop.node_ip)
+
     def start(self, ready_timeout_s: float = 30.0) -> Chain:
         """Build namespaces, links and cgroups, start every service, wait until all answer, apply faults."""
         n = len(self.specs)
         base = free_subnet_base(2 * n)
-        self._host_netns_fd = os.open("/proc/self/ns/net", os.O_RDONLY)
         self.hog_cgroup = LabCgroup(f"{LAB_CGROUP_PARENT}/{self.tag}-hogs")
         for i, spec in enumerate(self.specs):
             ns = NetNs.create(f"isl-{self.tag}-{i}")
             up = VethLink.create(f"il{self.tag}{i}r", f"il{self.tag}{i}n", None, ns, base + i)
-            cg = LabCgroup(f"{LAB_CGROUP_PARENT}/{self.tag}-{self.service_name(i)}")
-            self.hops.append(RunningHop(self.service_name(i), spec, ns, cg, up, up.b_ip))
+            pod_uid, cid = str(uuid.uuid4()), uuid.uuid4().hex + uuid.uuid4().hex
+            cg = LabCgroup(f"{LAB_CGROUP_PARENT}/{POD_PARENT}/pod{pod_uid}/{cid}")
+            self.hops.append(RunningHop(self.service_name(i), spec, ns, cg, up, up.b_ip, pod_uid, cid))
         # hop i reaches hop i+1 over its own veth pair: the request crosses two namespaces.
         down_ips: list[str] = []
         for i in range(n - 1):
@@ -136,6 +195,10 @@ class Chain:
                                    self.hops[i + 1].netns, base + n + i)
             self.links.append(link)
             down_ips.append(link.b_ip)
+        if self.relay:
+            self._start_relay(ready_timeout_s)
+        elif NODE not in self.otlp_endpoint and _is_loopback_url(self.otlp_endpoint):
+            self._host_netns_fd = os.open("/proc/self/ns/net", os.O_RDONLY)
         for i, hop in enumerate(self.hops):
             downstream = f"http://{down_ips[i]}:{SERVICE_PORT}" if i < n - 1 else ""
             self._launch(i, hop, downstream)
@@ -147,6 +210,23 @@ class Chain:
                 hop.envs.append(apply_environment(fault, hop.cgroup, self.hog_cgroup))
         return self
 
+    def _start_relay(self, timeout_s: float) -> None:
+        self.relay_cgroup = LabCgroup(f"{RELAY_CGROUP}/{self.tag}")
+        argv = [sys.executable, "-m", "isoscope_lab.relay", "--listen", "0.0.0.0:0",
+                "--forward", self.otlp_endpoint.replace(NODE, "127.0.0.1")]
+        for hop in self.hops:
+            argv += ["--pod", f"{hop.ip}={hop.pod_uid}"]
+        log = open(os.path.join(self.workdir, "relay.log"), "wb")
+        self.relay_proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+                                           cwd=self.workdir, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                                           preexec_fn=self.relay_cgroup.enter_fn())  # noqa: PLW1509
+        log.close()
+        assert self.relay_proc.stdout is not None
+        line = self.relay_proc.stdout.readline().decode(errors="replace").split()
+        if len(line) != 2 or line[0] != "listening":
+            raise LabError(f"relay did not start: {Path(self.workdir, 'relay.log').read_text(errors='replace')}")
+        self.relay_port = int(line[1])
+
     def _launch(self, i: int, hop: RunningHop, downstream: str) -> None:
         spec = hop.spec
         fault = spec.fault
@@ -156,9 +236,16 @@ class Chain:
                 "--name", hop.name, "--index", str(i), "--run-id", self.run_id,
                 "--listen", f"0.0.0.0:{SERVICE_PORT}", "--downstream", downstream,
                 "--fault", fault.to_json(), "--work-ms", str(spec.work_ms),
-                "--data-dir", os.path.join(self.workdir, hop.name), "--cpu-dir", hop.cgroup.cpu_dir, "--v2-dir", hop.cgroup.v2_path,
-                "--peer-ip", hop.uplink.a_ip, "--otlp-endpoint", self.otlp_endpoint,
-                "--host-netns-fd", str(self._host_netns_fd)]
+                "--data-dir", os.path.join(self.workdir, hop.name), "--cpu-dir", hop.cgroup.cpu_dir,
+                "--v2-dir", hop.cgroup.v2_path, "--peer-ip", hop.uplink.a_ip,
+                "--otlp-endpoint", self.endpoint_of(hop),
+                "--server", spec.server, "--workers", str(spec.workers)]
+        if not spec.thread_id:
+            argv.append("--no-thread-id")
+        pass_fds: tuple[int, ...] = ()
+        if self._host_netns_fd >= 0:
+            argv += ["--host-netns-fd", str(self._host_netns_fd)]
+            pass_fds = (self._host_netns_fd,)
         if spec.cpus:
             argv[argv.index("unshare"):argv.index("unshare")] = ["taskset", "-c", ",".join(map(str, sorted(spec.cpus)))]
         hop.log_path = os.path.join(self.workdir, f"{hop.name}.log")
@@ -166,7 +253,7 @@ class Chain:
         env.pop("OTEL_SDK_DISABLED", None)
         with open(hop.log_path, "wb") as log:
             hop.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                        cwd=self.workdir, env=env, pass_fds=(self._host_netns_fd,),
+                                        cwd=self.workdir, env=env, pass_fds=pass_fds,
                                         preexec_fn=hop.cgroup.enter_fn())  # noqa: PLW1509
 
     def _wait_ready(self, hop: RunningHop, deadline: float) -> None:
@@ -192,7 +279,7 @@ class Chain:
             return "(no log)"
 
     def stop(self) -> None:
-        """Stop services (they flush their spans), hogs, and remove namespaces, links and cgroups."""
+        """Stop services (they flush their spans), the relay, hogs, and remove namespaces, links and cgroups."""
         self._unregister()
 
     def _teardown(self) -> None:
@@ -220,6 +307,19 @@ class Chain:
             if hop.proc.poll() is None:
                 hop.proc.kill()
                 hop.proc.wait(timeout=5)
+        if self.relay_proc is not None:
+            # After the services: their last spans still go through it.
+            if self.relay_proc.poll() is None:
+                self.relay_proc.terminate()
+            try:
+                self.relay_proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.relay_proc.kill()
+                self.relay_proc.wait(timeout=5)
+            if self.relay_proc.stdout is not None:
+                self.relay_proc.stdout.close()
+        if self.relay_cgroup is not None:
+            self.relay_cgroup.remove()
         if self.hog_cgroup is not None:
             self.hog_cgroup.remove()
         for link in self.links:
@@ -231,13 +331,25 @@ class Chain:
             os.close(self._host_netns_fd)
             self._host_netns_fd = -1
         shutil.rmtree(self.workdir, ignore_errors=True)
-        parent = os.path.join(self.hops[0].cgroup.v2_root, LAB_CGROUP_PARENT) if self.hops else ""
-        for d in ([parent] + [os.path.join("/sys/fs/cgroup", c, LAB_CGROUP_PARENT) for c in ("cpu", "memory")]
-                  if parent else []):
-            try:
-                os.rmdir(d)
-            except OSError:
-                pass  # another lab still uses it, or it never existed
+        self._remove_shared_parents()
+
+    def _remove_shared_parents(self) -> None:
+        # The pod parents and the lab's parent are shared by this chain's hops (the
+        # first hop made them) and by concurrent labs: remove them once empty,
+        # deepest first; a parent still in use stays for its last user.
+        if not self.hops:
+            return
+        cg = self.hops[0].cgroup
+        roots = [cg.v2_root] if cg.v2_root else []
+        roots += [os.path.join(cg.v1_root, c) for c in cg.v1_paths]
+        rels = [f"{LAB_CGROUP_PARENT}/{POD_PARENT}", f"{LAB_CGROUP_PARENT}/kubepods", RELAY_CGROUP,
+                LAB_CGROUP_PARENT]
+        for root in roots:
+            for rel in rels:
+                try:
+                    os.rmdir(os.path.join(root, rel))
+                except OSError:
+                    pass  # another lab still uses it, or it never existed
 
     def __enter__(self) -> Chain:
         try:
@@ -306,20 +418,44 @@ def send_load(url: str, duration_s: float, *, pause_s: float = 0.0,
 # The daemon
 # ---------------------------------------------------------------------------
 
-def daemon_for_lab(traces_path: str | os.PathLike[str], **kwargs: Any) -> IsoscopeDaemon:
-    """An ``isoscope run`` launcher set up for the lab: file export to ``traces_path``, lab cgroups followed.
+NODE_LISTEN = "0.0.0.0:0"
+"""Where the lab's daemon takes spans: every address of the node, as a DaemonSet's ``hostPort`` does.
 
-    The lab's cgroups are followed from their creation (a service's first spans
-    arrive in a batch seconds after they happened, too late to start watching
-    then); following every task on the node would only add load to a shared
-    machine. ``kwargs`` go to :class:`~isoscope_lab.launcher.IsoscopeDaemon`
-    (``config`` is merged over the lab's; the working directory defaults to the
-    export's directory, where ``daemon.log`` then lands).
+The daemon starts before the chains whose veths give the node its addresses
+(one daemon serves many chains, each with addresses picked when it starts), so
+it cannot bind one of them; the lab's addresses live only on veths it made."""
+
+RELAY_POLICY = {"comms": [RELAY_COMM], "cgroup_prefixes": [f"/{RELAY_CGROUP}"]}
+"""``identity.relays`` trusting the lab's relays: their process name *and* their cgroup."""
+
+
+def daemon_for_lab(traces_path: str | os.PathLike[str], *, relays: bool = False, **kwargs: Any) -> IsoscopeDaemon:
+    """An ``isoscope run`` launcher for the lab: its default configuration, file export to ``traces_path``.
+
+    Nothing lab-specific is configured (no ``probes.watch_cgroups``, no
+    ``watch_all``): the daemon learns of a service when its spans arrive, from
+    the connection they arrive on, as it does in a cluster. The OTLP receivers
+    listen on :data:`NODE_LISTEN`, where the services reach them at their node
+    address; metrics stay on loopback.
+
+    Args:
+        traces_path: the file export.
+        relays: trust the lab's relays (:data:`RELAY_POLICY` as ``identity.relays``).
+        kwargs: go to :class:`~isoscope_lab.launcher.IsoscopeDaemon` (``config`` is merged
+            over the lab's, ``listen`` over :data:`NODE_LISTEN`; the working directory defaults
+            to the export's directory, where ``daemon.log`` then lands).
     """
     traces = Path(traces_path).absolute()
-    config = deep_merge({"probes": {"watch_cgroups": [f"/{LAB_CGROUP_PARENT}"]}}, kwargs.pop("config", None) or {})
+    config: dict[str, Any] = {"identity": {"relays": RELAY_POLICY}} if relays else {}
+    config = deep_merge(config, kwargs.pop("config", None) or {})
+    listen = {"otlp_http": NODE_LISTEN, "otlp_grpc": NODE_LISTEN, **(kwargs.pop("listen", None) or {})}
     kwargs.setdefault("workdir", traces.parent)
-    return IsoscopeDaemon(file_export=traces, config=config, **kwargs)
+    return IsoscopeDaemon(file_export=traces, config=config, listen=listen, **kwargs)
+
+
+def node_endpoint(daemon: IsoscopeDaemon) -> str:
+    """The daemon's OTLP/HTTP traces URL as a service reaches it: at its node address (:data:`NODE`)."""
+    return f"http://{NODE}:{daemon.http_port}/v1/traces"
 
 
 def wait_for_spans(path: str, run_id: str, expected: int, timeout_s: float = 20.0,
@@ -363,49 +499,75 @@ COMPONENT_OF_FAULT: dict[str, str] = {"cpu_throttle": "cpu_throttle", "cpu_conte
 
 @dataclass(slots=True)
 class HopScore:
-    """How the daemon did on one hop of one scenario.
+    """How the daemon did on one hop of one scenario; every span of the hop is scored.
+
+    A span's *expected verdict* comes from its own truth, by the product's rule:
+    the component the oracle says dominated when the oracle's stalls add up to
+    ≥ ``threshold`` of the span, no blame otherwise (:func:`expected_blame`).
 
     Attributes:
         service: the hop.
         fault: the fault kind on it (``none`` when clean).
-        spans: application spans of the hop found in the output.
+        spans: application spans of the hop found in the output (all of them are scored).
         enriched: of those, spans carrying the daemon's attributes.
-        eligible: faulted hop: spans whose injected stall (truth) is ≥ ``threshold`` of their duration
-            (all spans when the fault has no truth counter).
-        blamed_right: eligible spans whose ``isolation.blame`` is the component the span's own
-            truth says dominated (the injected one, unless a neighbour's stall was longer; a
-            component within the ns tolerance of the dominant one counts, see
-            :func:`blame_agrees_with_truth`).
-        within_tol: eligible spans whose component ns are within ±10 % or ±2 ms of the truth.
-        false_blame: clean hop: spans blamed although their own truth shows no stall ≥ threshold.
-        thread_scope: spans matched at thread precision.
-        truth_ms, measured_ms: mean truth / measured ns of the fault's component over eligible spans.
+        stalled: faulted hop: spans whose injected stall (truth) is ≥ ``threshold`` of their
+            duration (all spans when the fault has no truth counter) — the fault bit that often.
+        blamed_strict: spans whose ``isolation.blame`` is exactly the expected verdict.
+        blamed_right: spans whose verdict the oracle cannot tell from the expected one
+            (:func:`blame_agrees_with_truth`: a component within the ns tolerance of the
+            dominant one, or a span within the tolerance of the threshold either way).
+        within_tol: faulted hop: spans whose fault component ns are within ±10 % or ±2 ms
+            of the truth.
+        false_blame: spans blamed on a component that is not (tolerantly) right, whatever
+            their stall — on any hop; the clean hops' bar.
+        false_blame_strict: spans blamed on anything but exactly the expected verdict.
+        missed: spans not blamed although their truth says a component dominated.
+        thread_scope / process_scope: spans matched at thread / process precision.
+        truth_ms, measured_ms: mean truth / measured ns of the fault's component over all spans.
+        has_truth: False for a fault without a truth counter (``netns``).
     """
 
     service: str
     fault: str
     spans: int = 0
     enriched: int = 0
-    eligible: int = 0
+    stalled: int = 0
+    blamed_strict: int = 0
     blamed_right: int = 0
     within_tol: int = 0
     false_blame: int = 0
+    false_blame_strict: int = 0
+    missed: int = 0
     thread_scope: int = 0
+    process_scope: int = 0
     truth_ms: float = 0.0
     measured_ms: float = 0.0
     has_truth: bool = True
 
     @property
+    def eligible(self) -> int:
+        """Spans scored: all of them (kept for callers of the former, thresholded count)."""
+        return self.spans
+
+    @property
+    def blamed_strict_pct(self) -> float:
+        return 100.0 * self.blamed_strict / self.spans if self.spans else 0.0
+
+    @property
     def blamed_right_pct(self) -> float:
-        return 100.0 * self.blamed_right / self.eligible if self.eligible else 0.0
+        return 100.0 * self.blamed_right / self.spans if self.spans else 0.0
 
     @property
     def within_tol_pct(self) -> float:
-        return 100.0 * self.within_tol / self.eligible if self.eligible else 0.0
+        return 100.0 * self.within_tol / self.spans if self.spans else 0.0
 
     @property
     def false_blame_pct(self) -> float:
         return 100.0 * self.false_blame / self.spans if self.spans else 0.0
+
+    @property
+    def false_blame_strict_pct(self) -> float:
+        return 100.0 * self.false_blame_strict / self.spans if self.spans else 0.0
 
 
 def within_tolerance(measured_ns: int, truth_ns: int, rel: float = 0.10, abs_ns: int = 2_000_000) -> bool:
@@ -414,38 +576,62 @@ def within_tolerance(measured_ns: int, truth_ns: int, rel: float = 0.10, abs_ns:
     return diff <= abs_ns or diff <= rel * truth_ns
 
 
+def _truth_values(span: SpanRecord) -> dict[str, int]:
+    return {c: int(span.attrs.get(k, 0) or 0) for k, c in T.TRUTH_COMPONENT.items()}
+
+
 def _truth_stall(span: SpanRecord) -> int:
     """Largest isolation stall the span's own oracle recorded."""
-    return max(int(span.attrs.get(k, 0) or 0) for k in T.TRUTH_COMPONENT)
+    return max(_truth_values(span).values())
 
 
 def truth_dominant(span: SpanRecord) -> str:
     """The component the span's own oracle says held it back longest (e.g. ``cpu_throttle``)."""
-    key = max(T.TRUTH_COMPONENT, key=lambda k: int(span.attrs.get(k, 0) or 0))
-    return T.TRUTH_COMPONENT[key]
+    values = _truth_values(span)
+    return max(values, key=lambda c: values[c])
 
 
-def blame_agrees_with_truth(span: SpanRecord) -> bool:
-    """``isolation.blame`` names a component the span's oracle cannot tell apart from its dominant one.
+def expected_blame(span: SpanRecord, threshold: float = 0.2) -> str:
+    """The verdict the span's oracle calls for: its dominant component, or ``""`` below the threshold.
+
+    The product's rule applied to the truth: blame the largest isolation stall
+    when the isolation stalls add up to at least ``threshold`` of the span.
+    """
+    values = _truth_values(span)
+    if sum(values.values()) < threshold * (span.duration_ns or 1) or not any(values.values()):
+        return ""
+    return truth_dominant(span)
+
+
+def _blamed(span: SpanRecord) -> str:
+    blame = str(span.attrs.get("isolation.blame", "") or "")
+    return blame.split(".", 1)[-1] if blame else ""
+
+
+def blame_agrees_with_truth(span: SpanRecord, threshold: float = 0.2) -> bool:
+    """``isolation.blame`` is a verdict the span's oracle cannot tell apart from the expected one.
 
     Components overlap: a thread preempted while in memcg reclaim is counted by
     PSI (memory stall) and by schedstat (run delay) alike. When the oracle's
     value for the blamed component is within the ns tolerance of the dominant
-    one, the oracle cannot order them and either verdict is right.
+    one, the oracle cannot order them and either verdict is right. Likewise a
+    span whose truth is within the tolerance of the blame threshold may be
+    blamed or not.
     """
-    blame = str(span.attrs.get("isolation.blame", "") or "")
-    if not blame:
+    comp = _blamed(span)
+    values = _truth_values(span)
+    total = sum(values.values())
+    limit = int(threshold * (span.duration_ns or 1))
+    if not comp:
+        return total < limit or within_tolerance(total, limit)
+    if comp not in values or not (total >= limit or within_tolerance(total, limit)):
         return False
-    comp = blame.split(".", 1)[-1]
-    values = {c: int(span.attrs.get(k, 0) or 0) for k, c in T.TRUTH_COMPONENT.items()}
     dominant = max(values.values())
-    if comp not in values:
-        return False
     return values[comp] == dominant or within_tolerance(values[comp], dominant)
 
 
 def score(spans: Iterable[SpanRecord], threshold: float = 0.2) -> list[HopScore]:
-    """Score the daemon's verdicts against each span's ``test.truth.*`` oracle, per hop."""
+    """Score the daemon's verdicts against each span's ``test.truth.*`` oracle, per hop, every span."""
     by_hop: dict[str, HopScore] = {}
     sums: dict[str, list[int]] = {}
     for s in spans:
@@ -454,42 +640,36 @@ def score(spans: Iterable[SpanRecord], threshold: float = 0.2) -> list[HopScore]
         fault = str(s.attrs[T.FAULT])
         hs = by_hop.setdefault(s.service, HopScore(s.service, fault))
         hs.spans += 1
-        if s.enriched:
-            hs.enriched += 1
-        if s.attrs.get("isolation.scope") == "thread":
-            hs.thread_scope += 1
-        dur = s.duration_ns or 1
-        blame = str(s.attrs.get("isolation.blame", "") or "")
+        hs.enriched += int(s.enriched)
+        scope = s.attrs.get("isolation.scope")
+        hs.thread_scope += int(scope == "thread")
+        hs.process_scope += int(scope == "process")
+        blamed, expected = _blamed(s), expected_blame(s, threshold)
+        right = blame_agrees_with_truth(s, threshold)
+        hs.blamed_strict += int(blamed == expected)
+        hs.blamed_right += int(right)
+        hs.false_blame += int(bool(blamed) and not right)
+        hs.false_blame_strict += int(bool(blamed) and blamed != expected)
+        hs.missed += int(not blamed and bool(expected) and not right)
         if fault == "none":
-            if blame and _truth_stall(s) < threshold * dur:
-                hs.false_blame += 1
             continue
         truth_key = TRUTH_OF_FAULT.get(fault)
-        comp = COMPONENT_OF_FAULT[fault]
-        measured = s.component_ns().get(comp, 0)
+        measured = s.component_ns().get(COMPONENT_OF_FAULT[fault], 0)
+        acc = sums.setdefault(s.service, [0, 0])
+        acc[1] += measured
         if truth_key is None:
             hs.has_truth = False
-            hs.eligible += 1
-            hs.blamed_right += int(blame.endswith("." + comp))
-            acc = sums.setdefault(s.service, [0, 0])
-            acc[1] += measured
+            hs.stalled += 1
             continue
         truth_ns = int(s.attrs.get(truth_key, 0) or 0)
-        if truth_ns < threshold * dur:
-            continue
-        hs.eligible += 1
-        # On a shared machine a neighbour can hold a span back longer than the injected
-        # fault did: the right verdict is then what the span's own oracle says dominated.
-        hs.blamed_right += int(blame_agrees_with_truth(s))
+        hs.stalled += int(truth_ns >= threshold * (s.duration_ns or 1))
         hs.within_tol += int(within_tolerance(measured, truth_ns))
-        acc = sums.setdefault(s.service, [0, 0])
         acc[0] += truth_ns
-        acc[1] += measured
     for svc, (t_ns, m_ns) in sums.items():
         hs = by_hop[svc]
-        if hs.eligible:
-            hs.truth_ms = t_ns / hs.eligible / 1e6
-            hs.measured_ms = m_ns / hs.eligible / 1e6
+        if hs.spans:
+            hs.truth_ms = t_ns / hs.spans / 1e6
+            hs.measured_ms = m_ns / hs.spans / 1e6
     return sorted(by_hop.values(), key=lambda h: h.service)
 
 
@@ -499,25 +679,38 @@ def score(spans: Iterable[SpanRecord], threshold: float = 0.2) -> list[HopScore]
 
 @dataclass(slots=True)
 class Scenario:
-    """A named chain with faults, and how long to load it."""
+    """A named chain with faults, and how long to load it.
+
+    Attributes:
+        relay: the services export through an OTLP relay (the daemon must trust it:
+            :func:`daemon_for_lab` with ``relays=True``).
+    """
 
     name: str
     hops: list[HopSpec]
     load_s: float = 15.0
     description: str = ""
+    relay: bool = False
 
 
 def scenarios() -> dict[str, Scenario]:
-    """The lab's standard scenarios: each single fault on the middle hop, and two faults on two hops."""
+    """The lab's standard scenarios: each single fault on the middle hop, two faults on two hops, and paths.
+
+    The hops serve requests in the shapes the daemon meets in the field: a thread
+    per connection, a pool of worker threads taking turns, an asyncio loop.
+    """
     clean = HopSpec
+    throttled = HopSpec([Fault("cpu_throttle", quota_pct=20)], work_ms=15, server="pool", workers=4)
     return {s.name: s for s in [
-        Scenario("cpu_throttle", [clean(), HopSpec([Fault("cpu_throttle", quota_pct=20)], work_ms=15), clean()],
-                 description="CFS quota 20 % of a CPU on hop1"),
-        Scenario("cpu_contention", [clean(cpus={1}), HopSpec([Fault("cpu_contention", hogs=2, cpu=0)], work_ms=10),
+        Scenario("cpu_throttle", [clean(server="asyncio"), throttled, clean()],
+                 description="CFS quota 20 % of a CPU on hop1 (a pool of 4 workers); hop0 is an asyncio loop"),
+        Scenario("cpu_contention", [clean(cpus={1}, server="pool"),
+                                    HopSpec([Fault("cpu_contention", hogs=2, cpu=0)], work_ms=10, server="asyncio"),
                                     clean(cpus={1})],
-                 description="hop1 shares CPU 0 with two busy neighbours"),
-        Scenario("virtio_io", [clean(), HopSpec([Fault("virtio_io", io_reads=160)]), clean()],
-                 description="160 random 4 KiB O_DIRECT reads from the virtio disk per request on hop1"),
+                 description="hop1 (an asyncio loop) shares CPU 0 with two busy neighbours"),
+        Scenario("virtio_io", [clean(server="asyncio"),
+                               HopSpec([Fault("virtio_io", io_reads=160)], server="pool", workers=4), clean()],
+                 description="160 random 4 KiB O_DIRECT reads from the virtio disk per request on hop1 (a pool)"),
         # Pinned to one CPU because the oracle is the cgroup's PSI memory stall, which
         # adds up one thread's stall exactly only while that thread stays on one CPU
         # (see isoscope_lab.truth).
@@ -529,9 +722,17 @@ def scenarios() -> dict[str, Scenario]:
                  description="hop1 sends 2000 datagrams across its veth per request"),
         Scenario("steal", [clean(), HopSpec([Fault("steal")], work_ms=20), clean()],
                  description="hop1 burns 20 ms of CPU per request; steal is whatever the host takes"),
-        Scenario("mixed", [clean(), HopSpec([Fault("cpu_throttle", quota_pct=20)], work_ms=15),
+        Scenario("mixed", [clean(server="asyncio"), throttled,
                            HopSpec([Fault("virtio_io", io_reads=160)])],
-                 description="CFS quota on hop1 and virtio reads on hop2 of the same chain"),
+                 description="CFS quota on hop1 (a pool) and virtio reads on hop2 of the same chain"),
+        Scenario("no_thread_id", [HopSpec(thread_id=False, server="asyncio"),
+                                  HopSpec([Fault("cpu_throttle", quota_pct=20)], work_ms=15, thread_id=False),
+                                  HopSpec(thread_id=False)],
+                 description="CFS quota on hop1; no span carries thread.id, only process.pid as seen in its "
+                             "PID namespace"),
+        Scenario("relay", [clean(server="asyncio"), throttled, clean()], relay=True,
+                 description="CFS quota on hop1; spans reach the daemon through an OTLP relay that adds "
+                             "k8s.pod.uid"),
     ]}
 
 
@@ -546,9 +747,9 @@ class ScenarioRun:
 def run_scenario(scenario: Scenario, daemon: IsoscopeDaemon, *, threshold: float = 0.2,
                  load_s: float | None = None,
                  progress: Callable[[float, LoadResult], None] | None = None) -> ScenarioRun:
-    """Build the scenario's chain, load it, stop it, and score the daemon's output for this run."""
-    with Chain(scenario.hops, otlp_endpoint=daemon.http_traces_url,
-               service_prefix=f"{scenario.name}-hop") as chain:
+    """Build the scenario's chain on the field path, load it, stop it, and score the daemon's output for this run."""
+    with Chain(scenario.hops, otlp_endpoint=node_endpoint(daemon), service_prefix=f"{scenario.name}-hop",
+               relay=scenario.relay) as chain:
         load = send_load(chain.entry_url, load_s or scenario.load_s, progress=progress)
         run_id = chain.run_id
     spans = wait_for_spans(str(daemon.traces_path), run_id, expected=load.requests * len(scenario.hops))

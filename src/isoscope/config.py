@@ -10,11 +10,14 @@ Values from the environment are read as YAML scalars (``true``, ``5``,
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from isoscope.exporters.targets import ForwardTarget
 
 ENV_PREFIX = "ISOSCOPE_"
 ENV_CONFIG_FILE = "ISOSCOPE_CONFIG"
@@ -128,6 +131,9 @@ class FileExportConfig(_Section):
 
 class ExportersConfig(_Section):
     forward: list[str] = []
+    """``--forward`` URLs: grpc://, grpcs://, http://, https:// with default settings."""
+    targets: list[ForwardTarget] = []
+    """Forward targets with headers, TLS, compression, timeout (see isoscope.exporters.targets)."""
     file: FileExportConfig = FileExportConfig()
     queue: QueueConfig = QueueConfig()
 
@@ -140,6 +146,13 @@ class ExportersConfig(_Section):
                 raise ValueError(f"{url!r} must be grpc://host:port or http(s)://host:port")
         return urls
 
+    @model_validator(mode="after")
+    def _unique_names(self) -> "ExportersConfig":
+        names = [t.name for t in self.targets if t.name]
+        if len(names) != len(set(names)):
+            raise ValueError("exporters.targets: names must be unique")
+        return self
+
 
 class AttributionConfig(_Section):
     min_stall_ms: float = Field(1.0, ge=0)
@@ -147,6 +160,11 @@ class AttributionConfig(_Section):
     blame_threshold: float = Field(0.2, ge=0, le=1)
     hold_max_ms: float = Field(2000.0, ge=0, le=10000)
     hold_capacity_spans: int = Field(100_000, gt=0)
+    kubernetes_attributes: bool = False
+    """Add ``k8s.namespace.name``, ``k8s.pod.name``, ``k8s.pod.uid``, ``k8s.container.name``,
+    ``k8s.node.name`` and ``container.id`` to the resource of spans whose workload was resolved
+    (never overwriting what the sender set): a downstream processor matching by connection IP
+    would otherwise tag every span with the isoscope pod. On in the DaemonSet's configuration."""
     child_spans: Literal["blamed", "all", "off"] = "blamed"
     """Which spans get child spans for their stalls: only those whose overhead reaches
     ``blame_threshold`` (default), every span a layer held back, or none."""
@@ -193,6 +211,23 @@ class KvmConfig(_Section):
     """Exit-reason → component overrides, e.g. ``{"vmx:HLT": "vm_exit"}`` (see docs/kvm.md)."""
 
 
+class RelaysConfig(_Section):
+    """Trusted relays (e.g. an OpenTelemetry Collector agent): their spans may name the workload they
+    come from. Every non-empty criterion must hold; ``comms``/``exes`` are chosen by whoever starts a
+    process, so on a node with hostile tenants give ``cgroup_prefixes`` (set by the runtime)."""
+
+    comms: list[str] = []
+    exes: list[str] = []
+    cgroup_prefixes: list[str] = []
+
+
+class IdentityConfig(_Section):
+    trust_unproven_claims: bool = False
+    """Resolve a span whose sender could not be found (no socket owner) from its claims alone.
+    Off: such spans are forwarded unenriched, since anyone could claim anything."""
+    relays: RelaysConfig = RelaysConfig()
+
+
 class KubernetesConfig(_Section):
     enabled: bool = False
     node_name: str = ""
@@ -213,6 +248,7 @@ class Config(_Section):
     kernel: KernelConfig = KernelConfig()
     kubernetes: KubernetesConfig = KubernetesConfig()
     kvm: KvmConfig = KvmConfig()
+    identity: IdentityConfig = IdentityConfig()
     memory: MemoryConfig = MemoryConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
@@ -221,7 +257,7 @@ class Config(_Section):
         """The file export is on when no forward target is set, or when asked for explicitly."""
         if self.exporters.file.enabled is not None:
             return self.exporters.file.enabled
-        return not self.exporters.forward
+        return not (self.exporters.forward or self.exporters.targets)
 
 
 def _set_path(doc: dict[str, Any], path: list[str], value: Any, source: str) -> None:
@@ -234,10 +270,19 @@ def _set_path(doc: dict[str, Any], path: list[str], value: Any, source: str) -> 
     node[path[-1]] = value
 
 
+# Kubelet service links: every Service named ``isoscope…`` in the pod's namespace puts
+# ``ISOSCOPE…_SERVICE_HOST``, ``…_SERVICE_PORT[_NAME]`` and ``…_PORT[_N_PROTO[_ADDR|_PORT|_PROTO]]``
+# into the environment. They are not configuration: config keys have no such names, and a
+# Service name (a DNS label) never yields the double underscore that nests config keys.
+_SERVICE_LINK = re.compile(r"^ISOSCOPE[A-Z0-9_]*?_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?"
+                           r"|PORT(_\d+_(TCP|UDP|SCTP)(_(ADDR|PORT|PROTO))?)?)$")
+
+
 def _env_overrides(env: Mapping[str, str]) -> list[tuple[list[str], Any, str]]:
     out = []
     for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG_FILE:
+        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG_FILE or (
+                "__" not in name and _SERVICE_LINK.match(name)):
             continue
         path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
         if not path:

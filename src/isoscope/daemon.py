@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from isoscope import __version__
 from isoscope.config import Config, ConfigError
-from isoscope.exporters import ExportQueue, FileExporter, exporter_from_url
+from isoscope.exporters import ExportQueue, FileExporter, build_exporter, resolve_targets
 from isoscope.host import memguard
 from isoscope.host.stack import detect_host_stack
 from isoscope.host.steal import StealSampler
@@ -34,6 +34,7 @@ from isoscope.join.timeline import Timeline
 from isoscope.kernel import capabilities
 from isoscope.kernel.clock import MonoWallClock
 from isoscope.logs import setup_logging
+from isoscope.metadata.identity import RelayPolicy
 from isoscope.metadata.resolver import WorkloadResolver
 from isoscope.metrics.admin import AdminServer
 from isoscope.metrics.kernel import MIRRORED_COMPONENTS, KernelMetrics
@@ -101,7 +102,7 @@ class Daemon:
         # Where spans go.
         self.memory = memguard.MemoryGuard(
             (cfg.memory.limit_mb << 20) if cfg.memory.limit_mb else memguard.cgroup_memory_limit(),
-            cfg.memory.high_fraction)
+            cfg.memory.high_fraction, max_inflight_bytes=cfg.receivers.limits.max_inflight_bytes)
         self.queues = self._export_queues()
         persist = cfg.exporters.queue.persist_dir
         self.receipts = DiskSpool(os.path.join(persist, "receipt"),
@@ -114,8 +115,12 @@ class Daemon:
         # Who sent a span, and what the kernel saw.
         self.pods = self._pod_metadata()
         self.vms = VmRegistry(k.host_proc, k.host_sys)
-        self.resolver = WorkloadResolver(k.host_proc, k.host_sys, detect_host_stack(k.host_proc, k.host_sys),
-                                         self.pods, vms=self.vms, stats=self.stats)
+        ident = cfg.identity
+        self.resolver = WorkloadResolver(
+            k.host_proc, k.host_sys, detect_host_stack(k.host_proc, k.host_sys), self.pods, vms=self.vms,
+            stats=self.stats, trust_unproven=ident.trust_unproven_claims,
+            relays=RelayPolicy(comms=tuple(ident.relays.comms), exes=tuple(ident.relays.exes),
+                               cgroup_prefixes=tuple(ident.relays.cgroup_prefixes)))
         tl = cfg.timeline
         self.timeline = Timeline(tl.ttl_s, tl.max_threads, tl.max_stalls_per_thread, tl.max_records)
         self.steal = StealSampler(k.host_proc, interval_s=cfg.probes.steal_sample_ms / 1000) \
@@ -133,7 +138,8 @@ class Daemon:
             cfg=cfg.attribution, stats=self.stats, output=Fanout(self.queues), observer=self.metrics,
             on_workload=self._watch_workload if self.kernel else None,
             enrich_enabled=self.kernel.enriching if self.kernel else (lambda: False),
-            spool=self.receipts, memory_over=self.memory.over)
+            spool=self.receipts, memory_over=self.memory.over,
+            node_name=cfg.kubernetes.node_name or os.environ.get("NODE_NAME", ""))
         self.receivers = self._receivers()
         self.housekeeper = Housekeeper([self._evict, self._queue_gauges, self._kernel_chores])
 
@@ -142,15 +148,22 @@ class Daemon:
     def _export_queues(self) -> list[ExportQueue]:
         cfg = self.cfg
         qc = cfg.exporters.queue
+        try:
+            forward = resolve_targets(cfg.exporters.forward, cfg.exporters.targets, os.environ)
+        except ValueError as exc:
+            raise StartupError(f"exporters: {exc}") from None
         targets: list[tuple[str, SpanExporter]] = []
-        for i, url in enumerate(cfg.exporters.forward):
+        for i, target in enumerate(forward):
             try:
-                exp = exporter_from_url(url, name=None)
+                exp = build_exporter(target, max_connections=qc.workers)
             except ValueError as exc:
-                raise StartupError(f"exporters.forward: {exc}") from None
-            label = getattr(exp, "name", "otlp")
-            targets.append((f"{label}_{i}" if len(cfg.exporters.forward) > 1 else label, exp))
-        if cfg.file_export_enabled():
+                raise StartupError(f"exporters: {target.label()}: {exc}") from None
+            # Unnamed targets keep the old labels (otlp_grpc, otlp_http_1, ...).
+            targets.append((target.label() if target.name or len(forward) == 1 else f"{target.label()}_{i}", exp))
+        # The file export is on when nothing is forwarded (targets from OTEL_EXPORTER_OTLP_* count),
+        # or when asked for explicitly.
+        file_on = cfg.exporters.file.enabled if cfg.exporters.file.enabled is not None else not forward
+        if file_on:
             try:
                 targets.append(("file", FileExporter(cfg.exporters.file.path)))
             except OSError as exc:
@@ -212,18 +225,24 @@ class Daemon:
 
     def _receivers(self) -> list[tuple[str, Receiver]]:
         from isoscope.receivers.otlp import OtlpGrpcReceiver, OtlpHttpReceiver
+        from isoscope.receivers.otlp.limits import RequestLimits
         cfg = self.cfg.receivers
-        security = self._security()
-        proc = self.cfg.kernel.host_proc
+        lim = cfg.limits
+        limits = RequestLimits(max_spans_per_request=lim.max_spans_per_request,
+                               max_attributes_per_span=lim.max_attributes_per_span,
+                               max_events_per_span=lim.max_events_per_span,
+                               max_links_per_span=lim.max_links_per_span,
+                               max_total_attributes_per_request=lim.max_total_attributes_per_request)
+        # Both receivers share the limits and the daemon's memory guard (in-flight request bytes).
+        shared = dict(security=self._security(), proc_root=self.cfg.kernel.host_proc, limits=limits,
+                      memory=self.memory, large_request_bytes=lim.large_request_bytes)
         out: list[tuple[str, Receiver]] = []
         if cfg.otlp_grpc.enabled:
             out.append(("otlp_grpc", OtlpGrpcReceiver(self.pipeline, self.stats, cfg.otlp_grpc.listen,
-                                                      max_message_bytes=cfg.otlp_grpc.max_message_bytes,
-                                                      security=security, proc_root=proc)))
+                                                      max_message_bytes=cfg.otlp_grpc.max_message_bytes, **shared)))
         if cfg.otlp_http.enabled:
             out.append(("otlp_http", OtlpHttpReceiver(self.pipeline, self.stats, cfg.otlp_http.listen,
-                                                      max_body_bytes=cfg.otlp_http.max_body_bytes,
-                                                      security=security, proc_root=proc)))
+                                                      max_body_bytes=cfg.otlp_http.max_body_bytes, **shared)))
         return out
 
     def _security(self) -> ReceiverSecurity | None:
@@ -407,7 +426,7 @@ class Daemon:
         """
         old = self.cfg
         needs_restart = [section for section in ("receivers", "metrics", "exporters", "timeline", "kernel",
-                                                 "kubernetes")
+                                                 "kubernetes", "identity")
                          if getattr(old, section) != getattr(new, section)]
         if old.probes.model_dump(exclude={"watch_all"}) != new.probes.model_dump(exclude={"watch_all"}):
             needs_restart.append("probes")

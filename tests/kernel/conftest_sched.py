@@ -63,9 +63,17 @@ class SchedProbe:
 
     def task(self, tid: int) -> tuple[int, int]:
         """(runq_ns, throttle_ns) cumulative counters of a thread."""
-        t = self.bpf["tasks"]
-        v = t[t.Key(tid)]
+        v = self.entry(tid)
+        if v is None:
+            raise KeyError(tid)
         return int(v.runq_ns), int(v.throttle_ns)
+
+    def entry(self, tid: int) -> Any:
+        """The probe's per-thread state of ``tid`` (keyed by task_struct address in the kernel), or None."""
+        for v in self.bpf["tasks"].values():
+            if int(v.tid) == tid:
+                return v
+        return None
 
     def cgroup(self, cgid: int) -> tuple[int, int, int]:
         t = self.bpf["cgroup_totals"]

@@ -129,11 +129,10 @@ def test_exited_threads_leave_no_state(sched_probe: SchedProbe) -> None:
         procs = busy_procs(cg, 2, secs=0.3)
         tids = [p.pid for p in procs]
         time.sleep(0.1)
-        table = sched_probe.bpf["tasks"]
-        assert all(table.Key(t) in table for t in tids)
+        assert all(sched_probe.entry(t) is not None for t in tids)
         for p in procs:
             p.wait(timeout=5)
     finally:
         cg.remove()
     time.sleep(0.05)
-    assert not any(table.Key(t) in table for t in tids)
+    assert not any(sched_probe.entry(t) is not None for t in tids)

@@ -87,7 +87,8 @@ def _span_over_stall(wall: SteppableWall, timeline: Timeline, real_offset_ns: in
     # The sender's clock is the stepped one: wall = mono + real offset + step.
     span.start_time_unix_nano = m0 + real_offset_ns + wall.shift_ns
     span.end_time_unix_nano = span.start_time_unix_nano + 50_000_000
-    return TraceBatch(req, "grpc", 1), m0
+    # The sender is this process (as the receiver would have found from its socket).
+    return TraceBatch(req, "grpc", 1, peer_pid=pid), m0
 
 
 @pytest.mark.parametrize("step_s", [+2.0, -2.0, +3600.0])

@@ -17,7 +17,6 @@ OTLP/gRPC, and then checks:
 from __future__ import annotations
 
 import gzip
-import json
 import logging
 import os
 import threading
@@ -27,7 +26,6 @@ from typing import Any, Callable
 
 import grpc
 import pytest
-from google.rpc import status_pb2
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -168,10 +166,6 @@ def _attack(d: Any, cg: Any, backend: Any, attacker: Callable[[threading.Event],
     return merged
 
 
-def _status(body: bytes) -> status_pb2.Status:
-    return status_pb2.Status.FromString(body)
-
-
 # -- the attacks -------------------------------------------------------------------------
 
 
@@ -270,7 +264,7 @@ def _json_body(first_id: int, target_bytes: int) -> tuple[bytes, list[int]]:
 
 def test_concurrent_19mb_json_requests_are_admitted_within_the_memory_budget(limited_daemon, backend, tmp_path):
     # The file export runs too: its OTLP/JSON encoding of these requests must stream.
-    d, cg = limited_daemon("json", file_export=tmp_path / "traces.jsonl") if os.environ.get("DOS_FILE", "1") == "1" else limited_daemon("json")
+    d, cg = limited_daemon("json", file_export=tmp_path / "traces.jsonl")
     bodies = [_json_body(100_000_000 * (k + 1), 19 * MIB) for k in range(4)]
     acked: list[int] = []
     answers: list[int] = []
@@ -295,9 +289,18 @@ def test_concurrent_19mb_json_requests_are_admitted_within_the_memory_budget(lim
     _attack(d, cg, backend, attacker, attackers=4)
     logger.info("answers to the 19 MB JSON requests: %s", answers)
     assert acked, answers
-    assert wait_until(lambda: {span_hex(i) for i in acked} <= set(backend.span_ids()), 120)
-    # Each accepted request is one line of the file export, in the exact OTLP/JSON line format.
-    assert wait_until(lambda: sum(1 for _ in open(tmp_path / "traces.jsonl")) >= 1, 60)
-    with open(tmp_path / "traces.jsonl") as f:
-        for line in f:
-            json.loads(line)
+    # Delivery is checked in the file export: one ExportTraceServiceRequest per line. (A request
+    # this big is over the test backend's 4 MiB gRPC message limit; forwarding it is the OTLP
+    # exporter's business, and it counts what the backend refuses.)
+    want = {span_hex(i) for i in acked}
+
+    def exported() -> set[str]:
+        got: set[str] = set()
+        with open(tmp_path / "traces.jsonl") as f:
+            for line in f:
+                req = otlpjson.decode_request(line)
+                got.update(s.span_id.hex() for rs in req.resource_spans for ss in rs.scope_spans
+                           for s in ss.spans)
+        return got
+
+    assert wait_until(lambda: want <= exported(), 120, interval_s=2.0), "acknowledged bulk spans lost"

@@ -1,8 +1,10 @@
-"""Fixtures of the scenario tests: one ``isoscope run`` daemon for the whole session.
+"""Fixtures of the scenario tests: one ``isoscope run`` daemon for the whole session, on its default configuration.
 
-The daemon follows the lab's cgroups (:func:`isoscope_lab.daemon_for_lab`) and
-exports to a file in the session's temporary directory; each scenario finds its own spans by the
-``lab.run`` resource attribute its services carry.
+The daemon (:func:`isoscope_lab.daemon_for_lab`) is configured as it ships: it
+follows nothing in advance and learns of each service from the connection its
+spans arrive on, from the service's own network namespace at the node address.
+It exports to a file in the session's temporary directory; each scenario finds
+its own spans by the ``lab.run`` resource attribute its services carry.
 """
 
 from __future__ import annotations
@@ -18,12 +20,16 @@ from isoscope_lab import IsoscopeDaemon, daemon_available, daemon_for_lab
 logger = logging.getLogger(__name__)
 
 
-@pytest.fixture(scope="session")
-def lab_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IsoscopeDaemon]:
-    """A running daemon on free loopback ports, stopped (drained) at the end of the session."""
+def _need_daemon() -> None:
     if not daemon_available():
         pytest.fail("isoscope.cli is not importable: the scenario tests need `python -m isoscope.cli run`",
                     pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def lab_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IsoscopeDaemon]:
+    """A running daemon on its default configuration, stopped (drained) at the end of the session."""
+    _need_daemon()
     out: Path = tmp_path_factory.mktemp("isoscope-lab")
     with daemon_for_lab(out / "traces.jsonl") as daemon:
         yield daemon

@@ -1,28 +1,39 @@
 """Each injected fault is blamed on the right layer and hop, with the span's own kernel truth as oracle.
 
-What must hold, per single fault on the middle hop of a three-hop chain:
+The spans take the field path: each service exports from its own network
+namespace to its node address, the daemon runs on its default configuration
+(nothing followed in advance), hops serve from a thread per connection, a pool
+of worker threads or an asyncio loop. What must hold, per single fault on the
+middle hop of a three-hop chain, over *every* span of the hop:
 
-* of the faulted hop's spans whose injected stall (truth) is ≥ 20 % of their
-  duration, ≥ 95 % carry ``isolation.blame`` = the component the truth says
-  dominated, and ≥ 95 % have that component's ns within ±10 % (or ±2 ms) of
-  the truth;
-* on the clean hops, ≤ 5 % of spans are blamed although their own truth
-  shows no stall ≥ 20 % of their duration.
+* ≥ 95 % carry the verdict the span's own truth calls for
+  (:func:`isoscope_lab.expected_blame`: the dominant component once the
+  truth's stalls reach 20 % of the span, no blame below; a verdict the oracle
+  cannot tell from it — within ±10 % / ±2 ms — counts as right), and ≥ 95 % have
+  the fault's component ns within ±10 % (or ±2 ms) of the truth;
+* the fault stalled at least 20 spans by ≥ 20 % (else the scenario proved nothing);
+* on the clean hops, ≤ 5 % of spans carry a wrong blame, whatever their stall.
 
-Mixed faults on two hops of one chain are each blamed on their own hop.
-These tests run real namespaces, cgroups, services and the daemon with its
-eBPF probes: they need root (marked ``kernel``).
+The strict score (the blame is exactly the expected verdict) is logged beside
+the tolerant one and reported by ``bench/accuracy.py``.
+
+Mixed faults on two hops of one chain are each blamed on their own hop; spans
+without ``thread.id`` are joined at process scope; spans relayed by an agent
+are joined with the pods they name. These tests run real namespaces, cgroups,
+services and the daemon with its eBPF probes: they need root (marked ``kernel``).
 """
 
 from __future__ import annotations
 
 import io
 import logging
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 from rich.console import Console
 
-from isoscope_lab import HopScore, IsoscopeDaemon, ScenarioRun, run_scenario, scenarios
+from isoscope_lab import DaemonError, HopScore, IsoscopeDaemon, ScenarioRun, daemon_for_lab, run_scenario, scenarios
 from isoscope_lab.scenario import score
 from isoscope_lab import truth as T
 from isoscope.report import build_traces, report
@@ -39,7 +50,7 @@ THRESHOLD = 0.2
 def _run(name: str, daemon: IsoscopeDaemon) -> ScenarioRun:
     run = run_scenario(scenarios()[name], daemon, threshold=THRESHOLD, load_s=LOAD_S)
     for h in run.scores:
-        logger.info("%s: %s", name, h)
+        logger.info("%s: %s (strict %.1f %%, tolerant %.1f %%)", name, h, h.blamed_strict_pct, h.blamed_right_pct)
     assert run.load.requests >= 30, f"{name}: only {run.load.requests} requests went through the chain"
     assert run.load.errors == 0, f"{name}: {run.load.errors} failed requests"
     hops = len(run.scenario.hops)
@@ -55,21 +66,25 @@ def _hop(run: ScenarioRun, fault: str) -> HopScore:
 
 
 def _assert_enriched(run: ScenarioRun) -> None:
+    by_service = {f"{run.scenario.name}-hop{i}": spec for i, spec in enumerate(run.scenario.hops)}
     for h in run.scores:
         assert h.enriched == h.spans, f"{h.service}: {h.spans - h.enriched} spans not enriched"
-        assert h.thread_scope >= 0.95 * h.spans, f"{h.service}: only {h.thread_scope}/{h.spans} at thread scope"
-
-
+        if by_service[h.service].thread_id:
+            assert h.thread_scope >= 0.95 * h.spans, f"{h.service}: only {h.thread_scope}/{h.spans} at thread scope"
+        else:
+            assert h.process_scope >= 0.95 * h.spans, (
+                f"{h.service}: only {h.process_scope}/{h.spans} at process scope (no thread.id sent)")
 
 
 def _assert_faulted(h: HopScore, *, with_ns: bool = True) -> None:
-    assert h.eligible >= MIN_ELIGIBLE, (
-        f"{h.service}: the fault stalled only {h.eligible} of {h.spans} spans by ≥ {THRESHOLD:.0%}")
+    assert h.stalled >= MIN_ELIGIBLE, (
+        f"{h.service}: the fault stalled only {h.stalled} of {h.spans} spans by ≥ {THRESHOLD:.0%}")
     assert h.blamed_right_pct >= 95.0, (
-        f"{h.service}: blamed right on {h.blamed_right}/{h.eligible} spans ({h.blamed_right_pct:.1f} %)")
+        f"{h.service}: verdict right on {h.blamed_right}/{h.spans} spans ({h.blamed_right_pct:.1f} %; "
+        f"strict {h.blamed_strict_pct:.1f} %; wrong blame {h.false_blame}, missed {h.missed})")
     if with_ns:
         assert h.within_tol_pct >= 95.0, (
-            f"{h.service}: within ±10 %/±2 ms of the truth on {h.within_tol}/{h.eligible} spans "
+            f"{h.service}: within ±10 %/±2 ms of the truth on {h.within_tol}/{h.spans} spans "
             f"(mean truth {h.truth_ms:.2f} ms, measured {h.measured_ms:.2f} ms)")
 
 
@@ -77,7 +92,8 @@ def _assert_clean(run: ScenarioRun) -> None:
     for h in run.scores:
         if h.fault == "none":
             assert h.false_blame_pct <= 5.0, (
-                f"{h.service}: blamed without a stall on {h.false_blame}/{h.spans} spans")
+                f"{h.service}: wrong blame on {h.false_blame}/{h.spans} spans "
+                f"(strict: {h.false_blame_strict})")
 
 
 @pytest.mark.parametrize("fault", ["cpu_throttle", "cpu_contention", "memory_reclaim", "virtio_io"])
@@ -115,8 +131,7 @@ def test_steal_is_attributed_only_as_far_as_the_host_steals(lab_daemon: Isoscope
     run = _run("steal", lab_daemon)
     _assert_enriched(run)
     h = _hop(run, "steal")
-    if h.eligible:
-        assert h.blamed_right_pct >= 95.0, f"{h.service}: {h}"
+    assert h.blamed_right_pct >= 95.0, f"{h.service}: {h}"
     spans = [s for s in run.spans if s.service == h.service]
     measured = sum(int(s.attrs.get("isolation.l1.steal.ns", 0) or 0) for s in spans)
     truth = sum(int(s.attrs.get("test.truth.steal_ns", 0) or 0) for s in spans)
@@ -160,3 +175,43 @@ def test_report_names_the_throttled_hop_as_culprit(lab_daemon: IsoscopeDaemon) -
     # Scoring the same spans again gives the same verdict (pure function of the file).
     assert [(h.service, h.blamed_right) for h in score(run.spans)] == \
         [(h.service, h.blamed_right) for h in run.scores]
+
+
+def test_spans_without_thread_id_are_joined_at_process_scope(lab_daemon: IsoscopeDaemon) -> None:
+    # The SDK reports process.pid from inside the service's PID namespace (1): the daemon
+    # translates it through the proven sender's namespace and joins the whole process.
+    run = _run("no_thread_id", lab_daemon)
+    _assert_enriched(run)
+    _assert_faulted(_hop(run, "cpu_throttle"))
+    _assert_clean(run)
+
+
+RELAY_XFAIL = ("identity.relays.{comms,exes,cgroup_prefixes} is not a configuration key yet: the daemon "
+               "cannot be told to trust the relay")
+
+
+@pytest.fixture(scope="module")
+def relay_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IsoscopeDaemon]:
+    """A daemon on its default configuration plus ``identity.relays`` trusting the lab's relays."""
+    out: Path = tmp_path_factory.mktemp("isoscope-relay")
+    daemon = daemon_for_lab(out / "traces.jsonl", relays=True)
+    try:
+        daemon.start()
+    except DaemonError as exc:
+        daemon.close()
+        if "identity" in str(exc):
+            pytest.xfail(f"{RELAY_XFAIL}: {str(exc).splitlines()[-1] if str(exc) else exc}")
+        raise
+    with daemon:
+        yield daemon
+
+
+@pytest.mark.xfail(strict=False, reason=RELAY_XFAIL)
+def test_relayed_spans_are_joined_with_the_pods_they_name(relay_daemon: IsoscopeDaemon) -> None:
+    # Every span arrives from the relay's socket; the relay adds k8s.pod.uid (as a
+    # Collector's k8sattributes processor does) and the daemon trusts it by name and
+    # cgroup, so the spans are joined with the pods and threads they name.
+    run = _run("relay", relay_daemon)
+    _assert_enriched(run)
+    _assert_faulted(_hop(run, "cpu_throttle"))
+    _assert_clean(run)

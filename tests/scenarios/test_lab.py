@@ -1,4 +1,4 @@
-"""The lab itself: real namespaces, cgroups, trace propagation, per-span truth, and cleanup.
+"""The lab itself: real namespaces, cgroups, trace propagation, per-span truth, serving shapes, the relay, cleanup.
 
 These run without the daemon (spans go to a recording OTLP backend), so the
 lab can be trusted before it is used to judge the daemon.
@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from isoscope.host.cgroupfs import read_proc_cgroups
+from isoscope.host.cgroupfs import parse_cgroup_path, read_proc_cgroups
 from isoscope_lab import Chain, Fault, HopSpec, LabError, send_load
 from isoscope_lab import truth as T
 from isoscope_lab.truth import read_cpu_stat
@@ -51,7 +51,10 @@ def test_chain_services_are_isolated_traced_and_carry_their_truth() -> None:
                 assert len(seen) == 3, f"{kind} namespaces not distinct: {seen}"
             cgroups = [read_proc_cgroups(p) for p in pids]
             assert cgroups[0][""] != cgroups[1][""], "hops share a v2 cgroup"
-            assert all(c[""].endswith(f"lab-hop{i}") for i, c in enumerate(cgroups))
+            for hop, c in zip(chain.hops, cgroups):
+                # Laid out as a pod's container: the daemon reads the same identity from it.
+                ident = parse_cgroup_path(c[""])
+                assert (ident.pod_uid, ident.container_id) == (hop.pod_uid, hop.container_id), c[""]
             hostname = subprocess.run(["nsenter", "-t", str(pids[1]), "-u", "hostname"], capture_output=True,
                                       text=True, check=True).stdout.strip()
             assert hostname == "lab-hop1"
@@ -116,3 +119,35 @@ def test_a_hop_that_cannot_start_leaves_nothing_behind() -> None:
 def test_unknown_fault_kind_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown fault kind"):
         Fault("bogus")
+
+
+def _threads(spans: list, service: str) -> set[int]:
+    return {s.attrs["thread.id"] for s in spans if s.service == service}
+
+
+def test_field_path_through_the_relay_with_pool_asyncio_and_no_thread_id() -> None:
+    # The services export from their own network namespaces to their node address,
+    # where the relay listens; it tags each request with the sender's pod by its source
+    # address and forwards to the backend.
+    hops = [HopSpec(server="asyncio"), HopSpec(server="pool", workers=4), HopSpec(thread_id=False)]
+    with OtlpBackend(grpc_enabled=False) as backend:
+        chain = Chain(hops, otlp_endpoint=backend.http_url + "/v1/traces", service_prefix="relay-hop", relay=True)
+        with chain:
+            assert chain.relay_proc is not None
+            assert open(f"/proc/{chain.relay_proc.pid}/comm").read().strip() == "isoscope-relay"
+            assert read_proc_cgroups(chain.relay_proc.pid)[""] == chain.relay_cgroup.path
+            endpoints = [chain.endpoint_of(h) for h in chain.hops]
+            load = send_load(chain.entry_url, 3.0)
+            pods = {h.name: h.pod_uid for h in chain.hops}
+        assert load.requests > 5 and load.errors == 0
+        assert backend.wait_for_spans(3 * load.requests, timeout_s=15)
+        spans = parse_lines([encode_request(r) for r in backend.requests])
+    for hop, url in zip(chain.hops, endpoints):
+        assert url == f"http://{hop.node_ip}:{chain.relay_port}/v1/traces"
+    assert len(build_traces(spans)) == load.requests
+    for s in spans:
+        assert s.resource["k8s.pod.uid"] == pods[s.service], "the relay tagged the wrong pod"
+        assert s.resource["process.pid"] == 1
+    assert len(_threads(spans, "relay-hop0")) == 1, "an asyncio service handles every request on its loop thread"
+    assert len(_threads(spans, "relay-hop1")) == 4, "the pool's four workers take turns"
+    assert all("thread.id" not in s.attrs for s in spans if s.service == "relay-hop2")

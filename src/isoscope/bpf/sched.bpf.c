@@ -84,6 +84,8 @@ struct iso_sched_task {
 	__u64 throttle_ns;   /* cumulative throttled wait */
 	__u64 waits;         /* waits completed */
 	__u64 watch_checked; /* when `watched` was last decided (0 = never) */
+	__u32 tid;
+	__u32 _pad;
 	__u32 tgid;
 	__s32 wait_cpu;
 	__u32 wait_flags;    /* ISO_SCHED_F_* of the current wait */
@@ -128,7 +130,11 @@ BPF_HASH(watched_tgids, __u32, __u8, ISO_MAX_WATCHED_TGIDS);
 BPF_HASH(watched_cgroups, __u64, __u8, ISO_MAX_WATCHED_CGROUPS);
 BPF_ARRAY(watch_all, __u32, 1);
 
-BPF_HASH(tasks, __u32, struct iso_sched_task, ISO_MAX_TASKS);
+/* Keyed by the task_struct address the tracepoints hand over: no read of the
+ * pid is needed to find a thread's state (the tid is kept in the value). A
+ * recycled address is re-initialised at wake_up_new_task, before the new task
+ * first runs; entries are deleted at exit. */
+BPF_HASH(tasks, __u64, struct iso_sched_task, ISO_MAX_TASKS);
 BPF_TABLE("lru_hash", __u64, struct iso_sched_cgroup, cgroup_totals, ISO_MAX_CGROUPS);
 BPF_TABLE("lru_hash", struct iso_hist_key, __u64, runq_hist, ISO_MAX_CGROUPS * 8);
 BPF_ARRAY(cpu_idle, struct iso_cpu_idle, ISO_MAX_CPUS);
@@ -191,25 +197,26 @@ static inline __attribute__((always_inline)) void wait_begin_st(struct iso_sched
 }
 
 /* A new per-task entry (NULL when the map is full, counted in task_map_full). */
-static inline __attribute__((always_inline)) struct iso_sched_task *task_new(__u32 tid, __u32 tgid, __u64 cgid,
-									     __s32 wait_cpu)
+static inline __attribute__((always_inline)) struct iso_sched_task *task_new(__u64 key, __u32 tid, __u32 tgid,
+									     __u64 cgid, __s32 wait_cpu)
 {
 	struct iso_sched_task init = {};
+	init.tid = tid;
 	init.tgid = tgid;
 	init.cgroup_id = cgid;
 	init.wait_cpu = wait_cpu;
-	if (tasks.update(&tid, &init) != 0) {
+	if (tasks.update(&key, &init) != 0) {
 		int zero = 0;
 		__u64 *full = task_map_full.lookup(&zero);
 		if (full)
 			(*full)++;
 		return 0;
 	}
-	return tasks.lookup(&tid);
+	return tasks.lookup(&key);
 }
 
 static inline __attribute__((always_inline)) void emit_part(__u32 component, __u64 start, __u64 end,
-							  struct iso_sched_task *st, __u32 tid, __s32 cpu,
+							  struct iso_sched_task *st, __s32 cpu,
 							  __u32 method, __u64 wait)
 {
 	struct iso_stall_event *e = events.ringbuf_reserve(sizeof(*e));
@@ -223,17 +230,17 @@ static inline __attribute__((always_inline)) void emit_part(__u32 component, __u
 	e->end_ns = end;
 	e->cgroup_id = st->cgroup_id;
 	e->pid = st->tgid;
-	e->tid = tid;
+	e->tid = st->tid;
 	e->cpu = cpu;
 	e->detail = method;
 	e->detail2 = wait;
 	events.ringbuf_submit(e, 0);
 }
 
-/* `tid` is switched in on `cpu` at `now`: close its wait, if any. */
-static inline __attribute__((always_inline)) void wait_end(__u32 tid, __s32 cpu, __u64 now)
+/* The task at `key` is switched in on `cpu` at `now`: close its wait, if any. */
+static inline __attribute__((always_inline)) void wait_end(__u64 key, __s32 cpu, __u64 now)
 {
-	struct iso_sched_task *st = tasks.lookup(&tid);
+	struct iso_sched_task *st = tasks.lookup(&key);
 	if (!st)
 		return;
 	st->run_start = now;
@@ -298,17 +305,16 @@ static inline __attribute__((always_inline)) void wait_end(__u32 tid, __s32 cpu,
 	if (wait < ISO_MIN_STALL_NS && !is_watched(st->tgid, cgid))
 		return;
 	if (thr)
-		emit_part(ISO_C_CPU_THROTTLE, start, start + thr, st, tid, cpu, method, wait);
+		emit_part(ISO_C_CPU_THROTTLE, start, start + thr, st, cpu, method, wait);
 	if (runq)
-		emit_part(ISO_C_RUNQUEUE, start + thr, now, st, tid, cpu, method, wait);
+		emit_part(ISO_C_RUNQUEUE, start + thr, now, st, cpu, method, wait);
 }
 
 static inline __attribute__((always_inline)) int on_wakeup(const void *p, int is_new)
 {
-	__u32 tid = 0;
-	if (read_u32(p, ISO_OFF_TASK_PID, &tid) != 0 || tid == 0)
-		return 0;
-	struct iso_sched_task *st = tasks.lookup(&tid);
+	__u64 key = (__u64)p;
+	/* A new task's address may be a dead task's: never trust an entry there. */
+	struct iso_sched_task *st = is_new ? 0 : tasks.lookup(&key);
 	if (st) {
 		/* Woken while still on a CPU (it had not slept yet), or already queued
 		 * (a second wake-up keeps the first start): no wait starts. Checked
@@ -316,11 +322,13 @@ static inline __attribute__((always_inline)) int on_wakeup(const void *p, int is
 		if (st->run_start || st->wait_start)
 			return 0;
 	} else {
-		__u32 tgid = 0;
+		__u32 tid = 0, tgid = 0;
+		if (read_u32(p, ISO_OFF_TASK_PID, &tid) != 0 || tid == 0)
+			return 0;
 		read_u32(p, ISO_OFF_TASK_TGID, &tgid);
 		/* A new task has never been current; it starts in its parent's cgroup,
 		 * and wake_up_new_task runs in the parent's context. */
-		st = task_new(tid, tgid, is_new ? bpf_get_current_cgroup_id() : 0, 0);
+		st = task_new(key, tid, tgid, is_new ? bpf_get_current_cgroup_id() : 0, 0);
 		if (!st)
 			return 0;
 	}
@@ -355,11 +363,14 @@ RAW_TRACEPOINT_PROBE(sched_switch)
 	__u64 pid_tgid = bpf_get_current_pid_tgid();   /* current is still prev here */
 	__u32 prev_tid = (__u32)pid_tgid;
 	__u32 prev_tgid = pid_tgid >> 32;
+#if ISO_SCHED_IDLE_METHOD
 	__u32 next_tid = 0;
 	read_u32(next, ISO_OFF_TASK_PID, &next_tid);
+#endif
 
 	/* Per-CPU idle clock (idle method only): touched on switches to and from the idle task. */
-	if (ISO_SCHED_IDLE_METHOD && (prev_tid == 0 || next_tid == 0)) {
+#if ISO_SCHED_IDLE_METHOD
+	if (prev_tid == 0 || next_tid == 0) {
 		__u32 key = (__u32)cpu;
 		struct iso_cpu_idle *ci = cpu_idle.lookup(&key);
 		if (ci) {
@@ -368,10 +379,12 @@ RAW_TRACEPOINT_PROBE(sched_switch)
 			ci->since = next_tid == 0 ? now : 0;
 		}
 	}
+#endif
 
 	if (prev_tid != 0) {
 		__u64 cgid;
-		struct iso_sched_task *st = tasks.lookup(&prev_tid);
+		__u64 prev_key = (__u64)prev;
+		struct iso_sched_task *st = tasks.lookup(&prev_key);
 		if (st) {
 			if (now - st->watch_checked > ISO_SCHED_WATCH_RECHECK_NS) {
 				cgid = bpf_get_current_cgroup_id();
@@ -380,6 +393,7 @@ RAW_TRACEPOINT_PROBE(sched_switch)
 				st->watch_checked = now;
 			}
 			cgid = st->cgroup_id;
+			st->tid = prev_tid;     /* a thread that execs as a non-leader takes the leader's pid */
 			st->tgid = prev_tgid;
 			if (st->run_start && now > st->run_start && st->watched) {
 				struct iso_run_event *r = events.ringbuf_reserve(sizeof(*r));
@@ -400,7 +414,7 @@ RAW_TRACEPOINT_PROBE(sched_switch)
 			if (prev_state & ISO_TASK_DEAD) {
 				/* Last switch of an exiting task: it may have been woken after
 				 * sched_process_exit (sleeping in the exit path), recreating state. */
-				tasks.delete(&prev_tid);
+				tasks.delete(&prev_key);
 				st = 0;
 			}
 		} else {
@@ -415,7 +429,7 @@ RAW_TRACEPOINT_PROBE(sched_switch)
 				flags |= ISO_SCHED_F_THROTTLED;
 #endif
 			if (!st)
-				st = task_new(prev_tid, prev_tgid, cgid, cpu);
+				st = task_new(prev_key, prev_tid, prev_tgid, cgid, cpu);
 			if (st)
 				wait_begin_st(st, cpu, flags, now);
 		} else if (st) {
@@ -423,11 +437,11 @@ RAW_TRACEPOINT_PROBE(sched_switch)
 		} else if (!(prev_state & ISO_TASK_DEAD)) {
 			/* Learn identity of a sleeping task so its first wait is attributed.
 			 * (Not for the final switch of an exiting task: its entry is gone.) */
-			task_new(prev_tid, prev_tgid, cgid, -1);
+			task_new(prev_key, prev_tid, prev_tgid, cgid, -1);
 		}
 	}
-	if (next_tid != 0)
-		wait_end(next_tid, cpu, now);
+	/* The idle task never has an entry (no wake-up targets it, and prev_tid 0 creates none). */
+	wait_end((__u64)next, cpu, now);
 	return 0;
 }
 
@@ -444,7 +458,8 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
 	__u64 *c = btf_check.lookup(&idx);
 	if (c)
 		__sync_fetch_and_add(c, 1);
-	tasks.delete(&tid);
+	__u64 key = (__u64)p;
+	tasks.delete(&key);
 	return 0;
 }
 
@@ -453,10 +468,8 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
  * once per moved task. Its cached cgroup id and watched decision are stale now. */
 RAW_TRACEPOINT_PROBE(cgroup_attach_task)
 {
-	__u32 tid = 0;
-	if (read_u32((const void *)ctx->args[2], ISO_OFF_TASK_PID, &tid) != 0 || tid == 0)
-		return 0;
-	struct iso_sched_task *st = tasks.lookup(&tid);
+	__u64 key = ctx->args[2];
+	struct iso_sched_task *st = tasks.lookup(&key);
 	if (st)
 		st->watch_checked = 0;
 	return 0;

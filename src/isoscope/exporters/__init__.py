@@ -17,10 +17,11 @@ from isoscope.exporters.memory import InMemoryExporter
 from isoscope.exporters.otlp_grpc import OtlpGrpcExporter
 from isoscope.exporters.otlp_http import OtlpHttpExporter
 from isoscope.exporters.queue import ExportQueue
+from isoscope.exporters.targets import ForwardTarget, build_exporter, resolve_targets, target_from_url, targets_from_env
 
 __all__ = [
-    "ExportQueue", "FileExporter", "InMemoryExporter", "OtlpGrpcExporter", "OtlpHttpExporter",
-    "exporter_from_url",
+    "ExportQueue", "FileExporter", "ForwardTarget", "InMemoryExporter", "OtlpGrpcExporter", "OtlpHttpExporter",
+    "build_exporter", "exporter_from_url", "resolve_targets", "target_from_url", "targets_from_env",
 ]
 
 
@@ -44,23 +45,13 @@ def exporter_from_url(url: str, *, timeout_s: float = 10.0, headers: Mapping[str
         ValueError: unknown scheme or missing host/port.
     """
     parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme == "file":
+    if parts.scheme.lower() == "file":
         if not parts.path:
             raise ValueError(f"{url!r}: file URL needs a path")
         return FileExporter(parts.path, name=name or "file")
-    if scheme not in ("grpc", "grpcs", "http", "https"):
-        raise ValueError(f"{url!r}: scheme must be grpc://, grpcs://, http://, https:// or file://")
-    if not parts.hostname or parts.port is None:
-        raise ValueError(f"{url!r}: needs host:port")
-    if scheme in ("grpc", "grpcs"):
-        root = None
-        if ca_certs:
-            with open(ca_certs, "rb") as f:
-                root = f.read()
-        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-        return OtlpGrpcExporter(f"{host}:{parts.port}", timeout_s=timeout_s, insecure=scheme == "grpc",
-                                headers=headers, compression=compression, root_certificates=root,
-                                name=name or "otlp_grpc")
-    return OtlpHttpExporter(url, timeout_s=timeout_s, headers=headers, compression=compression,
-                            ca_certs=ca_certs, name=name or "otlp_http")
+    # The URL rules live in one place: a URL is a forward target with default settings.
+    target = target_from_url(url, name=name)
+    fields = target.model_dump(exclude={"headers", "tls"})
+    fields.update(timeout_s=timeout_s, compression=compression or "none", headers=dict(headers or {}),
+                  tls={"ca_file": ca_certs} if ca_certs else {})
+    return build_exporter(ForwardTarget(**fields))

@@ -4,10 +4,19 @@ Scope semantics:
     * thread scope: the stalls of the thread that served the span. Stalls of a
       thread that serves several concurrent requests count for each of them:
       an event-loop stall delays every request on that loop.
-    * process / container scope: the request was served by one thread we do
-      not know, so the breakdown is that of the process's (or container's)
-      thread that was held back the most inside the window — the worst case a
-      single thread of that workload went through, bounded by the window.
+    * process / container scope: the request was served by one thread we were
+      not told, so the breakdown is that of the thread of the process (or of the
+      container's / pod's cgroups) that most plausibly served it
+      (:func:`select_thread`). The thread that opened and ended the span read
+      the clock at both edges, so it was on a CPU at both: a pool worker that
+      was blocked in a futex or waiting for a CPU at an edge did not serve it,
+      however long another request held it back. An event loop is the one thread
+      on a CPU at the edges of every request it serves, so its stalls count for
+      each of them, as at thread scope. Where several threads are equally
+      plausible and their breakdowns differ, the most held back of them is
+      reported and ``coverage`` is scaled down by the share of them that agree
+      with it; where the timeline has seen no thread of the scope near the
+      window, the breakdown is empty and ``coverage`` is 0.
 
 The ``kernel`` baseline (blocked in syscalls for ordinary I/O) excludes the
 parts of those syscalls that a layer already explains (a virtio request or a
@@ -20,10 +29,10 @@ from __future__ import annotations
 import logging
 from typing import Iterable, Protocol
 
-from isoscope.join.timeline import PRECEDENCE, RANK_OF, RANKED, resolve
+from isoscope.join.timeline import EDGE_UNKNOWN, PRECEDENCE, RANK_OF, RANKED, resolve
 from isoscope.model import COMPONENT_LAYER, KERNEL, Breakdown, RunSegment, Stall, Workload
 
-__all__ = ["PRECEDENCE", "Attributor", "StallSource", "StealSource", "thread_breakdown"]
+__all__ = ["PRECEDENCE", "Attributor", "StallSource", "StealSource", "select_thread", "thread_breakdown"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +79,48 @@ def _overhead(component_ns: dict[str, int]) -> int:
     return sum(ns for comp, ns in component_ns.items() if COMPONENT_LAYER[comp] != KERNEL)
 
 
+AGREE_FRACTION = 0.02
+"""Two candidate threads' breakdowns agree when their layer time differs by at most this share of
+the window (or :data:`AGREE_MIN_NS`): the span gets the same answer whichever served it."""
+AGREE_MIN_NS = 100_000
+
+
+def _disagreement(a: dict[str, int], b: dict[str, int]) -> int:
+    """Layer ns on which two breakdowns differ (the kernel baseline is no overhead)."""
+    return sum(abs(a.get(c, 0) - b.get(c, 0)) for c in set(a) | set(b) if COMPONENT_LAYER[c] != KERNEL)
+
+
+def select_thread(evidence: dict[int, tuple[dict[str, int], int, int]],
+                  duration_ns: int) -> tuple[int, dict[str, int], float]:
+    """The thread that most plausibly served a span, among a process's (or container's) threads.
+
+    Args:
+        evidence: per thread seen near the window, its per-component stall ns in
+            the window and its ``EDGE_*`` state at the window's start and end
+            (:meth:`isoscope.join.timeline.Timeline.evidence_many`).
+        duration_ns: the window's length.
+
+    Returns:
+        ``(tid, component_ns, confidence)``: the thread (0 when none was seen),
+        its breakdown, and how sure the choice is (0..1). Threads are ranked by
+        their state at the two edges (on a CPU at an edge is what the serving
+        thread was; off a CPU rules a thread out there). Among the best ranked,
+        the most held back is chosen (the conservative answer when the data
+        cannot tell them apart), and the confidence is the share of them whose
+        breakdown agrees with it.
+    """
+    if not evidence:
+        return 0, {}, 0.0
+    best = max(s + e for _, s, e in evidence.values())
+    tied = [(tid, comp) for tid, (comp, s, e) in evidence.items() if s + e == best]
+    tid, comp = max(tied, key=lambda tc: (_overhead(tc[1]), -tc[0]))
+    if len(tied) == 1:
+        return tid, comp, 1.0
+    tol = max(int(duration_ns * AGREE_FRACTION), AGREE_MIN_NS)
+    agree = sum(1 for _, c in tied if _disagreement(c, comp) <= tol)
+    return tid, comp, agree / len(tied)
+
+
 class Attributor:
     """Computes breakdowns from the timeline (and the steal sampler when present).
 
@@ -104,38 +155,14 @@ class Attributor:
         Returns:
             Per window, the breakdown and the thread it describes (0 when none):
             at thread scope the span's thread, at process or container scope the
-            workload's thread held back the most inside the window. Fetch that
+            thread :func:`select_thread` found to have served it. Fetch that
             thread's stalls with :meth:`stalls` only when they are needed.
         """
-        tid = workload.tid if workload.scope == "thread" else 0
-        pid = workload.pid if workload.scope in ("thread", "process") else 0
-        cgroup_id = workload.cgroup_id
-        window_many = getattr(self.timeline, "window_many", None)
-        out: list[tuple[Breakdown, int]] = []
-        if window_many is not None:
-            per_window = window_many(windows, tid=tid, pid=pid, cgroup_id=cgroup_id)
-            for (start, end), per_thread in zip(windows, per_window):
-                best: dict[str, int] | None = None
-                best_tid = 0
-                best_ns = -1
-                for t, comp in per_thread.items():
-                    ns = _overhead(comp)
-                    if ns > best_ns:
-                        best, best_tid, best_ns = comp, t, ns
-                bd = Breakdown(component_ns=best if best is not None else {}, duration_ns=max(0, end - start))
-                out.append((bd, best_tid if best is not None else workload.tid))
+        if workload.scope == "thread":
+            out = self._join_thread(workload, windows)
+            confidence = [1.0] * len(out)
         else:
-            # A stall source without resolved timelines: join its raw stalls.
-            for start, end in windows:
-                best_bd: Breakdown | None = None
-                best_tid = 0
-                for t, stalls in self.timeline.query(start, end, tid=tid, pid=pid, cgroup_id=cgroup_id).items():
-                    bd = thread_breakdown(stalls, start, end)
-                    if best_bd is None or bd.overhead_ns() > best_bd.overhead_ns():
-                        best_bd, best_tid = bd, t
-                if best_bd is None:
-                    best_bd, best_tid = Breakdown(duration_ns=max(0, end - start)), workload.tid
-                out.append((best_bd, best_tid))
+            out, confidence = self._join_scope(workload, windows)
         if self.steal is not None:
             for (start, end), (bd, t) in zip(windows, out):
                 if not t:
@@ -151,9 +178,51 @@ class Attributor:
         else:
             covs = [self.timeline.coverage(start, end, drained_until, tid=t)
                     for (start, end), (_, t) in zip(windows, out)]
-        for (bd, _), cov in zip(out, covs):
-            bd.coverage = cov
+        for (bd, _), cov, conf in zip(out, covs, confidence):
+            bd.coverage = cov * conf
         return out
+
+    def _join_thread(self, workload: Workload, windows: list[tuple[int, int]]) -> list[tuple[Breakdown, int]]:
+        tid = workload.tid
+        window_many = getattr(self.timeline, "window_many", None)
+        if window_many is not None:
+            per_window = window_many(windows, tid=tid)
+            return [(Breakdown(component_ns=per_thread.get(tid, {}), duration_ns=max(0, end - start)), tid)
+                    for (start, end), per_thread in zip(windows, per_window)]
+        # A stall source without resolved timelines: join its raw stalls.
+        return [(thread_breakdown(self.timeline.query(start, end, tid=tid).get(tid, []), start, end), tid)
+                for start, end in windows]
+
+    def _join_scope(self, workload: Workload,
+                    windows: list[tuple[int, int]]) -> tuple[list[tuple[Breakdown, int]], list[float]]:
+        """Process / container scope: per window the thread that served it (see :func:`select_thread`)."""
+        pid = workload.pid if workload.scope == "process" else 0
+        cgroup_ids = tuple(workload.cgroup_ids) or ((workload.cgroup_id,) if workload.cgroup_id else ())
+        evidence_many = getattr(self.timeline, "evidence_many", None)
+        if evidence_many is not None:
+            per_window = evidence_many(windows, pid=pid, cgroup_ids=cgroup_ids)
+        else:
+            per_window = [self._evidence_from_stalls(start, end, pid, cgroup_ids) for start, end in windows]
+        out: list[tuple[Breakdown, int]] = []
+        confidence: list[float] = []
+        for (start, end), evidence in zip(windows, per_window):
+            tid, comp, conf = select_thread(evidence, max(0, end - start))
+            out.append((Breakdown(component_ns=dict(comp), duration_ns=max(0, end - start)), tid))
+            confidence.append(conf)
+        return out, confidence
+
+    def _evidence_from_stalls(self, start: int, end: int, pid: int,
+                              cgroup_ids: tuple[int, ...]) -> dict[int, tuple[dict[str, int], int, int]]:
+        # A stall source that only answers raw queries: no edge evidence, every thread with
+        # stalls in the window is equally plausible.
+        found: dict[int, list[Stall]] = {}
+        if pid:
+            found = self.timeline.query(start, end, pid=pid)
+        else:
+            for cg in cgroup_ids:
+                found.update(self.timeline.query(start, end, cgroup_id=cg))
+        return {t: (thread_breakdown(stalls, start, end).component_ns, EDGE_UNKNOWN, EDGE_UNKNOWN)
+                for t, stalls in found.items() if stalls}
 
     def stalls(self, tid: int, start: int, end: int) -> list[Stall]:
         """The stalls of thread ``tid`` overlapping ``[start, end]`` (for child spans).

@@ -61,6 +61,27 @@ RANK_OF: dict[str, int] = {c: (SYSCALL_RANK if COMPONENT_LAYER[c] == KERNEL else
 _RANK_OF_CODE = array("B", [RANK_OF[c] for c in COMPONENTS])
 _SYSCALL_CODES = frozenset(i for i, c in enumerate(COMPONENTS) if COMPONENT_LAYER[c] == KERNEL)
 
+# What a thread was doing at one instant, as far as its records say (see
+# :meth:`Timeline.evidence_many`). A thread that read the clock at that instant
+# (the thread that opened or ended a span) was on a CPU then.
+EDGE_OFF = 0
+"""Not on a CPU: blocked in a syscall, waiting for a CPU or throttled all around the instant,
+or (a watched thread) between two recorded on-CPU segments neither of which holds it."""
+EDGE_UNKNOWN = 1
+"""Nothing recorded says either way."""
+EDGE_NEAR = 2
+"""An on-CPU segment comes within the tolerance of the instant."""
+EDGE_ON = 3
+"""An on-CPU segment holds the instant itself."""
+
+EDGE_TOL_NS = 50_000
+"""How far from a span edge an on-CPU segment still counts: span times are wall-clock, converted
+with an offset re-measured every second, so an edge may be off by some microseconds."""
+
+# Ranks during which a thread cannot be running its own code: blocked in a syscall, runnable
+# but not running (contention, throttling), reclaiming memory in the kernel.
+_OFF_CPU_RANKS = frozenset(RANK_OF[c] for c in ("syscall", "runqueue", "cpu_throttle", "memory_reclaim"))
+
 
 def _merge_sorted(ivs: list[tuple[int, int]]) -> list[list[int]]:
     """Union of intervals sorted by start; touching intervals become one."""
@@ -605,6 +626,84 @@ class Timeline:
                     if got is not None:
                         out[n][t] = got
         return out
+
+    def evidence_many(self, windows: list[tuple[int, int]], *, pid: int = 0, cgroup_ids: Iterable[int] = (),
+                      tol_ns: int = EDGE_TOL_NS) -> list[dict[int, tuple[dict[str, int], int, int]]]:
+        """What each thread of a process (or of a set of cgroups) did in each window, to tell which served it.
+
+        For every thread with a record (stall or on-CPU segment) within
+        ``tol_ns`` of the window: its per-component stall ns inside the window
+        (as :meth:`window_ns`) and its state at the window's start and end
+        (``EDGE_ON``, ``EDGE_NEAR``, ``EDGE_UNKNOWN`` or ``EDGE_OFF``). A thread
+        with no record near the window is left out: the timeline has not seen
+        it there. O(log n) per thread and window.
+
+        Args:
+            windows: ``(start, end)`` CLOCK_MONOTONIC ns.
+            pid: the process (wins over ``cgroup_ids``).
+            cgroup_ids: cgroups whose threads are candidates (a container, or a pod's containers).
+            tol_ns: how far from an edge an on-CPU segment still counts (:data:`EDGE_TOL_NS`).
+        """
+        out: list[dict[int, tuple[dict[str, int], int, int]]] = [{} for _ in windows]
+        with self._lock:
+            if pid:
+                tids: Iterable[int] = tuple(self._by_pid.get(pid, ()))
+            else:
+                seen: set[int] = set()
+                for cg in cgroup_ids:
+                    if cg:
+                        seen.update(self._by_cgroup.get(cg, ()))
+                tids = sorted(seen)
+            for t in tids:
+                log = self._threads.get(t)
+                if log is None:
+                    continue
+                for n, (start, end) in enumerate(windows):
+                    if not self._seen_near(log, start - tol_ns, end + tol_ns):
+                        continue
+                    comp = self._thread_window(log, start, end) or {}
+                    out[n][t] = (comp, self._edge_state(log, start, tol_ns), self._edge_state(log, end, tol_ns))
+        return out
+
+    @staticmethod
+    def _seen_near(log: _ThreadLog, lo: int, hi: int) -> bool:
+        res = log.resolved
+        i = bisect.bisect_right(res.ends, lo)
+        if i < len(res.starts) and res.starts[i] < hi:
+            return True
+        runs = log.runs
+        if runs is not None and len(runs):
+            i = bisect.bisect_right(runs.ends, lo)
+            if i < len(runs) and runs.starts[i] < hi:
+                return True
+        # A raw stall not (yet) in the resolved segments cannot exist: every stall is resolved on arrival.
+        return False
+
+    @staticmethod
+    def _edge_state(log: _ThreadLog, x: int, tol: int) -> int:
+        """The thread's state at instant ``x`` (``EDGE_*``), from its on-CPU segments and resolved stalls."""
+        lo, hi = x - tol, x + tol
+        runs = log.runs
+        if runs is not None and len(runs):
+            # A thread's on-CPU segments are disjoint, so sorted by end they are sorted by start too.
+            i = bisect.bisect_right(runs.ends, lo)  # first segment ending after lo
+            if i < len(runs) and runs.starts[i] <= hi:
+                return EDGE_ON if runs.starts[i] <= x < runs.ends[i] else EDGE_NEAR
+            if i < len(runs):
+                # It ran after the instant and no segment holds the instant: a segment holding it
+                # would have ended (and been reported) before the later one began.
+                return EDGE_OFF
+        res = log.resolved
+        j = bisect.bisect_right(res.ends, lo)
+        n = len(res.starts)
+        if j < n and res.starts[j] <= lo:
+            pos = lo
+            while j < n and res.starts[j] <= pos and res.ranks[j] in _OFF_CPU_RANKS:
+                pos = res.ends[j]
+                if pos >= hi:
+                    return EDGE_OFF
+                j += 1
+        return EDGE_UNKNOWN
 
     @staticmethod
     def _thread_window(log: _ThreadLog, start: int, end: int) -> dict[str, int] | None:

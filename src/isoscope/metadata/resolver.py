@@ -211,7 +211,8 @@ class WorkloadResolver:
 
     def _process_workload(self, info: ProcessInfo, tid_claim: int) -> Workload:
         wl = Workload(scope="process", pid=info.pid, cgroup_id=info.cgroup_id, cgroup_path=info.cgroup_path,
-                      namespace=info.namespace, pod=info.pod, container=info.container, stack=info.stack)
+                      namespace=info.namespace, pod=info.pod, container=info.container, stack=info.stack,
+                      cgroup_ids=(info.cgroup_id,) if info.cgroup_id else ())
         if tid_claim:
             tid = self.ns.thread_of(info.pid, tid_claim)
             if tid:
@@ -350,8 +351,10 @@ class WorkloadResolver:
                                container_id=match.container_id, pod_uid=match.pod_uid or info_c.pod_uid,
                                qos_class=info_c.qos_class, cgroup_path=path)
         ns, pod, container = self._pod_labels(stack)
+        # The join looks at every cgroup holding the workload's threads (a pod's containers),
+        # never at the pod-level cgroup alone, which holds none.
         return Workload(scope="container", cgroup_id=cgid, cgroup_path=path, namespace=ns, pod=pod,
-                        container=container, stack=stack)
+                        container=container, stack=stack, cgroup_ids=tuple(match.cgroup_ids))
 
     def scope_cgroups(self, wl: Workload) -> tuple[int, ...]:
         """Every cgroup v2 id holding the threads of a container-scope workload (its own id otherwise).

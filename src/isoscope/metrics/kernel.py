@@ -15,6 +15,8 @@ import logging
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
+from isoscope.metrics.prometheus import WORKLOAD_LABELS
+
 logger = logging.getLogger(__name__)
 
 Labels = tuple[str, str, str]
@@ -105,10 +107,10 @@ class KernelMetrics:
             key = (SYSCALL_CLASS_NAMES.get(int(k.class_id), "other"), *labels) if by_class else labels
             merged[key][int(k.slot)] += int(v.value) if hasattr(v, "value") else int(v)
         for key, slots in merged.items():
+            workload = key[1:] if by_class else key
+            labels = dict(zip(WORKLOAD_LABELS, workload))
             if by_class:
-                labels = {"class": key[0], "namespace": key[1], "pod": key[2], "container": key[3]}
-            else:
-                labels = {"namespace": key[0], "pod": key[1], "container": key[2]}
+                labels["class"] = key[0]
             self._sink.set_log2_histogram(metric, labels, dict(slots), None)
 
 

@@ -55,6 +55,10 @@ class OtlpMetricsExporter:
     Exemplars are not sent over OTLP.
 
     Metric names use dots (``isoscope.span_layer_seconds``); see :func:`otlp_metric_name`.
+    Attribute names are the Prometheus label names (``workload_namespace``, ``workload_pod``,
+    ``workload_container``, ``workload_service``, ``layer`` …), so a backend that converts
+    OTLP to Prometheus series ends up with the same labels a scrape gives, and the
+    dashboards and alert rules work on either path.
     Needs the ``opentelemetry-exporter-otlp`` package.
 
     Args:

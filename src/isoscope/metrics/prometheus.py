@@ -1,4 +1,4 @@
-"""Prometheus exporter: the ``isoscope_*`` metrics of DESIGN §4.
+"""Prometheus exporter: the ``isoscope_*`` metrics of docs/architecture.md §4.
 
 The exporter keeps its own metric state (plain dicts under one lock) and turns
 it into metric families at scrape time through a custom collector registered in
@@ -108,7 +108,19 @@ class MetricSpec:
     free: frozenset[str] = frozenset()
 
 
-_WORKLOAD = ("namespace", "pod", "container")
+WORKLOAD_LABELS: tuple[str, str, str] = ("workload_namespace", "workload_pod", "workload_container")
+"""Label names of the measured workload (Kubernetes namespace, pod, container).
+
+Prefixed because ``namespace``, ``pod``, ``container``, ``service``, ``endpoint``,
+``job`` and ``instance`` are the target labels the Prometheus Operator (and most
+Kubernetes service discovery configs) attach to every scraped series: without
+``honorLabels`` Prometheus would rename ours to ``exported_*`` and a query on
+``pod`` would read isoscope's own pod instead of the workload's."""
+
+SERVICE_LABEL = "workload_service"
+"""Label name of the span's ``service.name`` (prefixed for the same reason)."""
+
+_WORKLOAD = WORKLOAD_LABELS
 
 LAYER_STALL = MetricSpec(
     PREFIX + "layer_stall_seconds", "counter",
@@ -117,11 +129,11 @@ LAYER_STALL = MetricSpec(
 SPAN_LAYER = MetricSpec(
     PREFIX + "span_layer_seconds", "histogram",
     "Stall time per span and component (observed for spans that had any), with trace-id exemplars.",
-    ("service", "layer", "component"), frozenset({"service"}))
+    (SERVICE_LABEL, "layer", "component"), frozenset({SERVICE_LABEL}))
 SPAN_OVERHEAD = MetricSpec(
     PREFIX + "span_overhead_ratio", "histogram",
     "Share of a span's duration stolen by one isolation layer (observed for every span, zeros included).",
-    ("service", "layer"), frozenset({"service"}))
+    (SERVICE_LABEL, "layer"), frozenset({SERVICE_LABEL}))
 KVM_EXITS = MetricSpec(
     PREFIX + "kvm_exits", "counter", "KVM exits seen on this host, by exit reason and VM.",
     ("reason", "layer", "vm"), frozenset({"reason", "vm"}))
@@ -162,6 +174,10 @@ STATS_COUNTERS: Mapping[str, tuple[str, tuple[str, ...]]] = {
     "config_reloads_total": ("Configuration reloads applied (SIGHUP).", ()),
     "config_reload_failures_total": ("Configuration reloads refused (the running configuration was kept).", ()),
     "kubernetes_api_errors_total": ("Kubernetes API errors by operation.", ("operation",)),
+    "identity_rejected_total": ("Span identity claims refused because the proven sender does not back them.",
+                                ("reason",)),
+    "child_spans_emitted_total": ("Child spans emitted under enriched spans.", ()),
+    "probe_setup_failures_total": ("Probe setup failures (the probe stays detached), by probe.", ("probe",)),
 }
 """Self-telemetry counters read from :class:`Stats` (names as stages write them)."""
 
@@ -503,8 +519,8 @@ class PrometheusExporter:
 
         Args:
             metric: ``runqueue_latency_seconds`` or ``syscall_latency_seconds`` (prefix optional).
-            labels: all label values of that metric (``namespace``, ``pod``, ``container`` and,
-                for syscalls, ``class``).
+            labels: all label values of that metric (``workload_namespace``, ``workload_pod``,
+                ``workload_container`` and, for syscalls, ``class``).
             slot_counts: slot ``k`` → number of values in ``[2^k, 2^(k+1))`` ns, since start.
             sum_seconds: exact sum of the values if the kernel keeps it; ``None`` omits ``_sum``
                 and ``_count`` (the ``+Inf`` bucket still counts).
@@ -666,5 +682,5 @@ class _Collector:
 __all__ = [
     "PrometheusExporter", "MetricSink", "CardinalityCap", "MetricSpec", "log2_to_cumulative",
     "DEFAULT_SPAN_BUCKETS", "DEFAULT_RATIO_BUCKETS", "DEFAULT_LOG2_LE_EXPONENTS",
-    "LOG2_HISTOGRAMS", "STATS_COUNTERS", "STATS_GAUGES", "OTHER",
+    "LOG2_HISTOGRAMS", "STATS_COUNTERS", "STATS_GAUGES", "OTHER", "WORKLOAD_LABELS", "SERVICE_LABEL",
 ]

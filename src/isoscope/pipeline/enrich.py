@@ -13,10 +13,13 @@ from typing import Any, Callable
 from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
+from isoscope import __version__
 from isoscope.model import COMPONENT_LAYER, KERNEL, LAYERS, Breakdown, Stall, Workload, component_key, layer_key
 
 SCOPE_NAME = "isoscope"
-SCOPE_VERSION = "0.1.0"
+SCOPE_VERSION = __version__
+DETAIL_PREFIX = "isolation."
+"""Prefix of a child span's details (``isolation.cpu``, ``isolation.kvm.exit_reason``, ``isolation.cgroup.path`` …)."""
 _LAYER_NS_KEYS = {layer: f"isolation.{layer_key(layer)}.ns" for layer in LAYERS}
 _COMPONENT_NS_KEYS = {c: f"isolation.{layer_key(COMPONENT_LAYER[c])}.{c}.ns" for c in COMPONENT_LAYER
                       if COMPONENT_LAYER[c] != KERNEL}
@@ -61,7 +64,7 @@ def workload_attributes(wl: Workload) -> list[KeyValue]:
 
 def contract_attributes(bd: Breakdown, wl: Workload, blame_threshold: float,
                         workload_attrs: list[KeyValue] | None = None) -> list[KeyValue]:
-    """The ``isolation.*`` attributes of DESIGN §4 for one span.
+    """The ``isolation.*`` attributes of docs/architecture.md §4 for one span.
 
     Args:
         bd: the span's breakdown.
@@ -256,7 +259,7 @@ def child_spans(parent: Span, bd: Breakdown, wl: Workload, to_unix: Callable[[in
                 min_stall_ns: int, max_children: int, window: tuple[int, int],
                 id_source: Callable[[int], bytes] = os.urandom,
                 cgroup_path: str = "") -> list[Span]:
-    """Child spans for the stalls of a breakdown (DESIGN §4): one per stall ≥ ``min_stall_ns``.
+    """Child spans for the stalls of a breakdown (docs/architecture.md §4): one per stall ≥ ``min_stall_ns``.
 
     Args:
         parent: the enriched span.
@@ -279,26 +282,51 @@ def child_spans(parent: Span, bd: Breakdown, wl: Workload, to_unix: Callable[[in
         child = Span(trace_id=parent.trace_id, span_id=id_source(8), parent_span_id=parent.span_id,
                      name=f"isolation {layer} {stall.component}", kind=Span.SPAN_KIND_INTERNAL,
                      start_time_unix_nano=to_unix(a), end_time_unix_nano=to_unix(b))
+        # Every attribute isoscope writes on a child span is under `isolation.` (thread.id is the
+        # semantic-convention key), so nothing collides with what a backend or processor adds.
         attrs = [_kv_str("isolation.layer", layer), _kv_str("isolation.component", stall.component),
                  _kv_int("isolation.stall.ns", b - a), _kv_int("thread.id", stall.tid)]
         if stall.cpu >= 0:
-            attrs.append(_kv_int("cpu", stall.cpu))
+            attrs.append(_kv_int(DETAIL_PREFIX + "cpu", stall.cpu))
         if merged > 1:
             attrs.append(_kv_int("isolation.merged_count", merged))
         for k, v in (stall.details or {}).items():
             if isinstance(v, bool) or not isinstance(v, (int, float, str)):
                 continue
             if isinstance(v, str):
-                attrs.append(_kv_str(k, v))
+                attrs.append(_kv_str(DETAIL_PREFIX + k, v))
             elif isinstance(v, int):
-                attrs.append(_kv_int(k, v))
+                attrs.append(_kv_int(DETAIL_PREFIX + k, v))
             else:
-                attrs.append(_kv_double(k, v))
+                attrs.append(_kv_double(DETAIL_PREFIX + k, v))
         if cgroup_path:
-            attrs.append(_kv_str("cgroup.path", cgroup_path))
+            attrs.append(_kv_str(DETAIL_PREFIX + "cgroup.path", cgroup_path))
         child.attributes.extend(attrs)
         out.append(child)
     return out
+
+
+def kubernetes_attributes(wl: Workload, node_name: str = "") -> list[KeyValue]:
+    """The ``k8s.*`` / ``container.id`` resource attributes a resolved workload proves.
+
+    A downstream ``k8sattributes`` processor matching by connection IP would see only
+    isoscope's own pod; these name the sending workload instead.
+    """
+    stack = wl.stack
+    pairs = [("k8s.namespace.name", wl.namespace), ("k8s.pod.name", wl.pod),
+             ("k8s.pod.uid", stack.pod_uid if stack else ""),
+             ("k8s.container.name", wl.container),
+             ("container.id", stack.container_id if stack else ""),
+             ("k8s.node.name", node_name if stack and stack.pod_uid else "")]
+    return [_kv_str(k, v) for k, v in pairs if v]
+
+
+def add_resource_attributes(resource: Any, attrs: list[KeyValue]) -> int:
+    """Add attributes to a resource, never overwriting one the sender set; returns how many were added."""
+    have = {kv.key for kv in resource.attributes}
+    new = [kv for kv in attrs if kv.key not in have]
+    resource.attributes.extend(new)
+    return len(new)
 
 
 def isoscope_scope(rs: ResourceSpans, cache: dict[int, Any]) -> ScopeSpans:

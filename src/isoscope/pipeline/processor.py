@@ -24,8 +24,9 @@ from typing import Any, Callable, Protocol
 from isoscope.join.attribution import Attributor
 from isoscope.kernel.clock import MonoWallClock
 from isoscope.config import AttributionConfig
-from isoscope.pipeline.enrich import (add_attributes, child_spans, contract_attributes, contract_attributes_wire,
-                                      isoscope_scope, workload_attributes, workload_attributes_wire)
+from isoscope.pipeline.enrich import (add_attributes, add_resource_attributes, child_spans, contract_attributes,
+                                      contract_attributes_wire, isoscope_scope, kubernetes_attributes,
+                                      workload_attributes, workload_attributes_wire)
 from isoscope.metadata.resolver import WorkloadResolver, resource_identity
 from isoscope.model import Backpressure, Breakdown, Stats, TraceBatch, Workload
 
@@ -109,6 +110,7 @@ class EnrichPipeline:
         enrich_enabled: when it returns False, batches pass through without holding.
         spool: optional write-ahead spool.
         memory_over: returns True while the daemon is too close to its memory limit.
+        node_name: this node's name, for ``k8s.node.name`` when ``cfg.kubernetes_attributes`` is on.
     """
 
     def __init__(self, *, resolver: WorkloadResolver, attributor: Attributor, clock: MonoWallClock,
@@ -116,7 +118,7 @@ class EnrichPipeline:
                  output: Callable[[TraceBatch], None], observer: SpanObserver | None = None,
                  on_workload: Callable[[Workload], None] | None = None,
                  enrich_enabled: Callable[[], bool] = lambda: True, spool: Spool | None = None,
-                 memory_over: Callable[[], bool] = lambda: False) -> None:
+                 memory_over: Callable[[], bool] = lambda: False, node_name: str = "") -> None:
         self.resolver = resolver
         self.attributor = attributor
         self.clock = clock
@@ -129,6 +131,7 @@ class EnrichPipeline:
         self._enrich_enabled = enrich_enabled
         self._spool = spool
         self._memory_over = memory_over
+        self._node_name = node_name
         self._queue: deque[_Held] = deque()
         self._held_spans = 0
         self._cond = threading.Condition()
@@ -320,6 +323,8 @@ class EnrichPipeline:
         enriched: dict[str, int] = {}
         emitted = 0
         for rs, service, pending in order:
+            if self.cfg.kubernetes_attributes and pending:
+                self._label_resource(rs, pending)
             children: list[Any] = []
             for p in pending:
                 bd = p.bd
@@ -359,6 +364,17 @@ class EnrichPipeline:
         if emitted:
             self.stats.inc("child_spans_emitted_total", (), emitted)
         return sum(enriched.values())
+
+    def _label_resource(self, rs: Any, pending: list[_Pending]) -> None:
+        """``k8s.*`` attributes on a resource whose spans all resolved to one container or pod."""
+        first = pending[0].wl
+        key = (first.namespace, first.pod, first.container, first.stack.pod_uid if first.stack else "",
+               first.stack.container_id if first.stack else "")
+        if not any(key) or any((p.wl.namespace, p.wl.pod, p.wl.container,
+                                p.wl.stack.pod_uid if p.wl.stack else "",
+                                p.wl.stack.container_id if p.wl.stack else "") != key for p in pending[1:]):
+            return
+        add_resource_attributes(rs.resource, kubernetes_attributes(first, self._node_name))
 
     @staticmethod
     def _wants_children(bd: Breakdown, mode: str, blame_threshold: float) -> bool:

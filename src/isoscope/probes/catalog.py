@@ -7,6 +7,7 @@ precision where the kernel allows them.
 
 from __future__ import annotations
 
+from isoscope.probes import hooks
 from isoscope.probes.spec import ProbeSpec, fentry, kprobe, perf_event, raw_tp, tp
 
 
@@ -47,6 +48,7 @@ SYSCALLS = ProbeSpec(
     features=("bpf", "raw_tracepoint", "ringbuf", "btf"),
     fallback="no kernel.syscall baseline",
     ringbuf_pages=1024,
+    setup=hooks.setup_syscalls,
 )
 
 VMSCAN = ProbeSpec(
@@ -69,6 +71,7 @@ BLOCK = ProbeSpec(
     attach=(tp("block:block_rq_issue"), tp("block:block_rq_complete"), tp("block:block_io_start", required=False)),
     features=("bpf", "tracepoint", "ringbuf"),
     fallback="no virtio_io attribution",
+    setup=hooks.setup_block,
 )
 
 LIFECYCLE = ProbeSpec(
@@ -93,6 +96,7 @@ NETNS = ProbeSpec(
     features=("bpf", "tracepoint", "ringbuf"),
     required=False,
     fallback="no netns crossing attribution",
+    setup=hooks.VethTable,
 )
 
 KVM = ProbeSpec(
@@ -106,6 +110,7 @@ KVM = ProbeSpec(
     features=("bpf", "tracepoint", "ringbuf"),
     required=False,
     fallback="no host-side VM-exit attribution (only matters on nodes that run VMs)",
+    setup=hooks.KvmRuntime,
 )
 
 SANDBOX_SAMPLE_NS = 1_000_000
@@ -122,6 +127,7 @@ SANDBOX = ProbeSpec(
     fallback="WASM and gVisor workloads are detected, but their sandbox time is not measured",
     cflags=(f"-DISO_SBX_SAMPLE_NS={SANDBOX_SAMPLE_NS}ull",),
     method="perf event sampling",
+    setup=hooks.SandboxRuntime,  # closes the perf events while no sandbox runtime is watched
 )
 
 CFS_THROTTLE_FENTRY = ProbeSpec(

@@ -17,7 +17,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 
 from isoscope.model import Backpressure, Stats, TraceBatch, TraceConsumer
-from isoscope.metadata.peer import PeerResolver, format_addr, is_loopback
+from isoscope.metadata.peer import PeerResolver, format_addr
 from isoscope.receivers.otlp.limits import RequestLimits, RequestOverLimit
 from isoscope.receivers.otlp.validate import validate_request
 
@@ -104,7 +104,9 @@ class Ingestor:
                                received_mono_ns=time.monotonic_ns())
             if peer is not None:
                 batch.peer_addr = format_addr(peer.ip, peer.port)
-                if self._peers is not None and is_loopback(peer.ip):
+                # Loopback or not: the peer resolver finds the socket in the sender's own network
+                # namespace (a pod reaching a hostPort arrives from its pod IP).
+                if self._peers is not None:
                     batch.peer_pid = self._peers.resolve(peer.ip, peer.port, peer.local_port)
             try:
                 self._consumer.consume(batch)
