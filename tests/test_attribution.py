@@ -1,4 +1,4 @@
-"""The join and the enrichment written onto spans (DESIGN §4 output contract)."""
+"""The join and the enrichment written onto spans (docs/architecture.md §4 output contract)."""
 
 from __future__ import annotations
 

@@ -127,6 +127,11 @@ class FileExportConfig(_Section):
     enabled: bool | None = None
     """None: on when no forward target is configured (the embedded default)."""
     path: str = "./isoscope-data/traces.jsonl"
+    max_bytes: int | None = Field(100 * 1024 * 1024, gt=0)
+    """Rotate the file before it grows past this (None: never); the file export is on by default,
+    so it must not fill the disk it writes to."""
+    keep: int = Field(3, ge=0)
+    """Rotated files kept (``path.1`` newest … ``path.N``)."""
 
 
 class ExportersConfig(_Section):
@@ -136,6 +141,9 @@ class ExportersConfig(_Section):
     """Forward targets with headers, TLS, compression, timeout (see isoscope.exporters.targets)."""
     file: FileExportConfig = FileExportConfig()
     queue: QueueConfig = QueueConfig()
+    max_request_bytes: int = Field(3 * 1024 * 1024, ge=64 * 1024)
+    """Larger batches are forwarded as several requests of at most this size (a gRPC backend
+    refuses messages over 4 MiB by default, and for good)."""
 
     @field_validator("forward")
     @classmethod

@@ -104,6 +104,7 @@ class Daemon:
             (cfg.memory.limit_mb << 20) if cfg.memory.limit_mb else memguard.cgroup_memory_limit(),
             cfg.memory.high_fraction, max_inflight_bytes=cfg.receivers.limits.max_inflight_bytes)
         self.queues = self._export_queues()
+        self.fanout = Fanout(self.queues, cfg.exporters.max_request_bytes)
         persist = cfg.exporters.queue.persist_dir
         self.receipts = DiskSpool(os.path.join(persist, "receipt"),
                                   on_quarantine=lambda name, why: self.stats.inc("queue_files_quarantined_total",
@@ -135,7 +136,7 @@ class Daemon:
         self.pipeline = EnrichPipeline(
             resolver=self.resolver, attributor=Attributor(self.timeline, self.steal), clock=self.clock,
             drained_until=self.kernel.drained_until if self.kernel else (lambda: 0),
-            cfg=cfg.attribution, stats=self.stats, output=Fanout(self.queues), observer=self.metrics,
+            cfg=cfg.attribution, stats=self.stats, output=self.fanout, observer=self.metrics,
             on_workload=self._watch_workload if self.kernel else None,
             enrich_enabled=self.kernel.enriching if self.kernel else (lambda: False),
             spool=self.receipts, memory_over=self.memory.over,
@@ -165,7 +166,8 @@ class Daemon:
         file_on = cfg.exporters.file.enabled if cfg.exporters.file.enabled is not None else not forward
         if file_on:
             try:
-                targets.append(("file", FileExporter(cfg.exporters.file.path)))
+                fc = cfg.exporters.file
+                targets.append(("file", FileExporter(fc.path, max_bytes=fc.max_bytes, rotate=fc.keep)))
             except OSError as exc:
                 raise StartupError(f"exporters.file.path: cannot write {cfg.exporters.file.path}: "
                                    f"{exc.strerror}") from None
@@ -372,10 +374,9 @@ class Daemon:
         if self.receipts is None:
             return
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-        fan = Fanout(self.queues)
         for entry in self.receipts.load():
             req = ExportTraceServiceRequest.FromString(entry.payload)
-            fan(TraceBatch(req, "replay", entry.span_count))
+            self.fanout(TraceBatch(req, "replay", entry.span_count))
             self.stats.inc("enrichment_failures_total", ("restart",), entry.span_count)
             self.receipts.remove(entry.key)
 

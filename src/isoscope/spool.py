@@ -5,9 +5,16 @@ the export queue (batches accepted but not yet delivered) and the daemon's
 write-ahead log of received requests. It is a leaf module (standard library
 only) so both can use it without depending on each other.
 
-A frame is ``magic, span_count, payload length`` (little endian), the payload,
+A frame is ``magic, item count, payload length`` (little endian), the payload,
 then a CRC32 over the header fields and payload: a truncated or damaged file can
 never validate, and such files are quarantined rather than retried.
+
+Each batch carries a *signal* tag (``traces``, ``metrics``, ``logs``: what the
+payload is a serialized request of). A trace batch is written in the original
+``ISQ1`` frame, which has no tag, so files written before tags existed read as
+traces and trace files stay readable by older versions; any other signal uses
+the ``ISQ2`` frame, whose header adds the tag (length-prefixed ASCII) and whose
+CRC covers it too.
 """
 
 from __future__ import annotations
@@ -23,56 +30,110 @@ from typing import Callable, NamedTuple
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DiskSpool", "QUARANTINE_DIR", "SpoolCorrupt", "SpoolEntry", "decode_frame", "encode_frame"]
+__all__ = ["DEFAULT_SIGNAL", "DiskSpool", "QUARANTINE_DIR", "SpoolCorrupt", "SpoolEntry", "decode_frame",
+           "decode_tagged_frame", "encode_frame"]
 
 _MAGIC = b"ISQ1"
 # magic, span_count, payload length; the CRC32 trailer follows the payload so a
 # truncated file (crash mid-copy, full disk) can never validate.
 _HEADER = struct.Struct("<4sIQ")
+# The tagged frame: magic, item count, payload length, tag length; the tag follows.
+_MAGIC_TAGGED = b"ISQ2"
+_HEADER_TAGGED = struct.Struct("<4sIQB")
 _TRAILER = struct.Struct("<I")
+DEFAULT_SIGNAL = "traces"
+"""The signal of an untagged (``ISQ1``) frame."""
 _SUFFIX = ".batch"
 _NAME_RE = re.compile(r"^(\d{16})\.batch$")
 QUARANTINE_DIR = "quarantine"
 
 
 class SpoolEntry(NamedTuple):
-    """One batch read back from a :class:`DiskSpool`."""
+    """One batch read back from a :class:`DiskSpool`.
+
+    Attributes:
+        key: the file name, for :meth:`DiskSpool.remove`.
+        payload: the serialized request.
+        span_count: items in it (spans, data points or log records).
+        signal: what the payload is (``traces`` for frames written without a tag).
+    """
 
     key: str
     payload: bytes
     span_count: int
+    signal: str = DEFAULT_SIGNAL
 
 
 class SpoolCorrupt(ValueError):
     """A spool file failed validation (bad magic, length or checksum)."""
 
 
-def encode_frame(payload: bytes, span_count: int) -> bytes:
-    """The on-disk bytes of one batch: header, payload, CRC32 of header fields + payload."""
-    header = _HEADER.pack(_MAGIC, span_count, len(payload))
+def encode_frame(payload: bytes, span_count: int, signal: str = DEFAULT_SIGNAL) -> bytes:
+    """The on-disk bytes of one batch: header, payload, CRC32 of header fields + payload.
+
+    Args:
+        payload: the serialized request.
+        span_count: items in it.
+        signal: the payload's signal; ``traces`` writes the untagged frame.
+
+    Raises:
+        ValueError: the tag is not 1-255 ASCII characters.
+    """
+    if signal == DEFAULT_SIGNAL:
+        header = _HEADER.pack(_MAGIC, span_count, len(payload))
+    else:
+        tag = signal.encode("ascii")
+        if not 0 < len(tag) < 256:
+            raise ValueError(f"signal tag {signal!r} must be 1-255 ASCII characters")
+        header = _HEADER_TAGGED.pack(_MAGIC_TAGGED, span_count, len(payload), len(tag)) + tag
     crc = zlib.crc32(payload, zlib.crc32(header))
     return header + payload + _TRAILER.pack(crc)
 
 
-def decode_frame(data: bytes) -> tuple[bytes, int]:
-    """Validate and split one file's bytes into ``(payload, span_count)``.
+def decode_tagged_frame(data: bytes) -> tuple[bytes, int, str]:
+    """Validate and split one file's bytes into ``(payload, span_count, signal)``.
 
     Raises:
         SpoolCorrupt: the bytes are not exactly one intact frame.
     """
     if len(data) < _HEADER.size + _TRAILER.size:
         raise SpoolCorrupt(f"truncated: {len(data)} bytes is shorter than the frame overhead")
-    magic, span_count, length = _HEADER.unpack_from(data)
-    if magic != _MAGIC:
+    magic = data[:4]
+    if magic == _MAGIC:
+        _, span_count, length = _HEADER.unpack_from(data)
+        header_size = _HEADER.size
+        signal = DEFAULT_SIGNAL
+    elif magic == _MAGIC_TAGGED:
+        if len(data) < _HEADER_TAGGED.size + _TRAILER.size:
+            raise SpoolCorrupt(f"truncated: {len(data)} bytes is shorter than the frame overhead")
+        _, span_count, length, tag_len = _HEADER_TAGGED.unpack_from(data)
+        header_size = _HEADER_TAGGED.size + tag_len
+        if tag_len == 0 or len(data) < header_size:
+            raise SpoolCorrupt(f"bad signal tag length {tag_len}")
+        try:
+            signal = data[_HEADER_TAGGED.size:header_size].decode("ascii")
+        except UnicodeDecodeError:
+            raise SpoolCorrupt("signal tag is not ASCII") from None
+    else:
         raise SpoolCorrupt(f"bad magic {magic!r}")
-    expected = _HEADER.size + length + _TRAILER.size
+    expected = header_size + length + _TRAILER.size
     if len(data) != expected:
         raise SpoolCorrupt(f"length mismatch: header says {expected} bytes, file has {len(data)}")
-    payload = data[_HEADER.size:_HEADER.size + length]
-    (crc,) = _TRAILER.unpack_from(data, _HEADER.size + length)
-    actual = zlib.crc32(payload, zlib.crc32(data[:_HEADER.size]))
+    payload = data[header_size:header_size + length]
+    (crc,) = _TRAILER.unpack_from(data, header_size + length)
+    actual = zlib.crc32(payload, zlib.crc32(data[:header_size]))
     if crc != actual:
         raise SpoolCorrupt(f"checksum mismatch: stored {crc:#010x}, computed {actual:#010x}")
+    return payload, span_count, signal
+
+
+def decode_frame(data: bytes) -> tuple[bytes, int]:
+    """Validate and split one file's bytes into ``(payload, span_count)`` (the signal is not returned).
+
+    Raises:
+        SpoolCorrupt: the bytes are not exactly one intact frame.
+    """
+    payload, span_count, _ = decode_tagged_frame(data)
     return payload, span_count
 
 
@@ -114,8 +175,8 @@ class DiskSpool:
             if m:
                 self._next_seq = max(self._next_seq, int(m.group(1)) + 1)
 
-    def put(self, payload: bytes, span_count: int) -> str:
-        """Durably store one batch.
+    def put(self, payload: bytes, span_count: int, signal: str = DEFAULT_SIGNAL) -> str:
+        """Durably store one batch of ``signal`` (see :func:`encode_frame`).
 
         Returns:
             The key to pass to :meth:`remove` once the batch is dealt with.
@@ -129,7 +190,7 @@ class DiskSpool:
         key = f"{seq:016d}{_SUFFIX}"
         final = os.path.join(self.directory, key)
         tmp = final + ".tmp"
-        frame = encode_frame(payload, span_count)
+        frame = encode_frame(payload, span_count, signal)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
@@ -176,11 +237,11 @@ class DiskSpool:
                 self._quarantine(key, f"unreadable: {exc}")
                 continue
             try:
-                payload, span_count = decode_frame(data)
+                payload, span_count, signal = decode_tagged_frame(data)
             except SpoolCorrupt as exc:
                 self._quarantine(key, str(exc))
                 continue
-            entries.append(SpoolEntry(key, payload, span_count))
+            entries.append(SpoolEntry(key, payload, span_count, signal))
         return entries
 
     def _quarantine(self, key: str, reason: str) -> None:

@@ -15,7 +15,7 @@ import pytest
 from isoscope_lab.launcher import IsoscopeDaemon
 from tests.otlp_backend import BackendTls, OtlpBackend, make_payload, span_hex
 from tests.pki import make_pki
-from tests.reliability.clients import GrpcClient
+from tests.reliability.clients import GrpcClient, wait_until
 
 TOKEN = "e2e-forwarding-token-5c1d"
 
@@ -74,3 +74,23 @@ def test_otel_exporter_environment_alone_delivers(mtls_backend, pki, protocol):
     with IsoscopeDaemon(probes=False, env=env) as d:
         _send_and_expect(d, mtls_backend, [0x61, 0x62])
         assert TOKEN not in d.log_text(), "the bearer token was logged"
+
+
+def test_file_export_is_capped_and_rotated(tmp_path):
+    """The default file export (on when nothing is forwarded) never grows past `exporters.file.max_bytes`."""
+    path = tmp_path / "traces.jsonl"
+    cap = 64 * 1024
+    cfg = {"exporters": {"file": {"path": str(path), "max_bytes": cap, "keep": 1}}}
+    with IsoscopeDaemon(probes=False, config=cfg) as d:
+        client = GrpcClient(d.grpc_endpoint)
+        try:
+            for i in range(40):  # ≈ 40 × 5 KB of OTLP/JSON
+                code, details, _ = client.export(make_payload(range(1000 + 20 * i, 1020 + 20 * i)))
+                assert code.name == "OK", details
+        finally:
+            client.close()
+        rotated = tmp_path / "traces.jsonl.1"
+        assert wait_until(lambda: rotated.exists() and path.stat().st_size > 0, timeout_s=30), d.log_tail()
+    assert not (tmp_path / "traces.jsonl.2").exists(), "keep: 1 keeps one rotated file"
+    for f in (path, rotated):
+        assert f.stat().st_size <= cap + 64 * 1024, f"{f} is {f.stat().st_size} bytes"  # cap + one request line

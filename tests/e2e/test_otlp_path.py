@@ -61,7 +61,7 @@ CONTRACT_KEYS = (
     "isolation.l0.ns", "isolation.l1.ns", "isolation.l2.ns", "isolation.l3.ns", "isolation.l4.ns",
     "isolation.kernel.ns", "isolation.overhead.ratio", "isolation.coverage",
 )
-"""DESIGN §4 attributes every enriched span carries (blame and per-component keys only when non-zero)."""
+"""docs/architecture.md §4 attributes every enriched span carries (blame and per-component keys only when non-zero)."""
 
 
 def within_tolerance(measured: int, truth: int) -> bool:

@@ -7,6 +7,10 @@ replayed into any OTLP/HTTP JSON receiver, or inspected with ``jq``.
 A line is written span by span as it is encoded: the Python object form of a
 whole request takes tens of times its size, so it is never built; the
 exporter's peak memory is the decoded request plus one span.
+
+The file holds traces only: the exporter declares ``signals = {"traces"}``, so
+the export queue counts metrics and logs batches as dropped
+(``signals_dropped_total{reason="no_target"}``) instead of handing them here.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import IO
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from isoscope.exporters.signals import TRACES
 from isoscope.model import ExportOutcome, ExportResult
 from isoscope.otlpjson import iter_request_json
 
@@ -39,6 +44,9 @@ class FileExporter:
         name: exporter label value in ``spans_exported_total{exporter}``.
     """
 
+    signals: frozenset[str] = frozenset({TRACES})
+    """Signals this exporter writes: traces only."""
+
     def __init__(self, path: str | os.PathLike[str], *, max_bytes: int | None = None,
                  rotate: int = 3, fsync: bool = False, name: str = "file") -> None:
         self.path = os.fspath(path)
@@ -50,8 +58,13 @@ class FileExporter:
         self._file: IO[bytes] | None = None
         self._size = 0
 
-    def export(self, payload: bytes, span_count: int) -> ExportOutcome:
-        """Decode, encode as OTLP/JSON and append one line (streamed, span by span)."""
+    def export(self, payload: bytes, span_count: int, signal: str = TRACES) -> ExportOutcome:
+        """Decode, encode as OTLP/JSON and append one line (streamed, span by span).
+
+        A batch of another signal is refused (not retried): the file holds traces only.
+        """
+        if signal != TRACES:
+            return ExportOutcome(ExportResult.FAILED, None, f"{self.name} writes traces only, not {signal}")
         try:
             request = ExportTraceServiceRequest.FromString(payload)
         except DecodeError as exc:

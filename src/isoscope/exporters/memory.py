@@ -2,7 +2,9 @@
 
 Meant for tests of anything upstream of an exporter (pipeline, daemon, the
 retry queue): the outcomes can be scripted, attempts are timed, and only
-accepted requests count as received, as with a real backend.
+accepted requests count as received, as with a real backend. Traces are
+decoded into :meth:`InMemoryExporter.requests`; metrics and logs payloads are
+kept as they came (:meth:`InMemoryExporter.payloads`).
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from typing import Any, Callable, Iterable
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from isoscope.exporters.signals import SIGNALS, TRACES, spec
 from isoscope.model import ExportOutcome, ExportResult, iter_spans
 
 logger = logging.getLogger(__name__)
 
-OutcomeFn = Callable[[ExportTraceServiceRequest, int], ExportOutcome]
+OutcomeFn = Callable[[Any, int], ExportOutcome]
+"""Decides an attempt from the parsed request (of the batch's signal) and its item count."""
 
 
 class InMemoryExporter:
@@ -33,6 +37,8 @@ class InMemoryExporter:
     from the function given to :meth:`set_default` (SUCCESS if none).
     """
 
+    signals: frozenset[str] = frozenset(SIGNALS)
+
     def __init__(self, name: str = "memory", *, delay_s: float = 0.0) -> None:
         self.name = name
         self.delay_s = delay_s
@@ -40,6 +46,7 @@ class InMemoryExporter:
         self._script: deque[ExportOutcome] = deque()
         self._default: OutcomeFn | None = None
         self._requests: list[ExportTraceServiceRequest] = []
+        self._payloads: dict[str, list[bytes]] = {s: [] for s in SIGNALS}
         self._attempts: list[tuple[float, int, ExportResult]] = []
         self.shut_down = False
 
@@ -53,11 +60,11 @@ class InMemoryExporter:
         with self._cond:
             self._default = fn
 
-    def export(self, payload: bytes, span_count: int) -> ExportOutcome:
+    def export(self, payload: bytes, span_count: int, signal: str = TRACES) -> ExportOutcome:
         """Decode the payload, pick the outcome, record the request if accepted."""
         if self.delay_s:
             time.sleep(self.delay_s)
-        request = ExportTraceServiceRequest.FromString(payload)
+        request = spec(signal).request_type.FromString(payload)
         with self._cond:
             if self._script:
                 outcome = self._script.popleft()
@@ -67,7 +74,9 @@ class InMemoryExporter:
                 outcome = ExportOutcome(ExportResult.SUCCESS)
             self._attempts.append((time.monotonic(), span_count, outcome.result))
             if outcome.result is ExportResult.SUCCESS:
-                self._requests.append(request)
+                self._payloads[signal].append(payload)
+                if signal == TRACES:
+                    self._requests.append(request)
             self._cond.notify_all()
         return outcome
 
@@ -78,6 +87,11 @@ class InMemoryExporter:
         """Accepted requests, in arrival order."""
         with self._cond:
             return list(self._requests)
+
+    def payloads(self, signal: str = TRACES) -> list[bytes]:
+        """Accepted payloads of ``signal``, byte for byte, in arrival order."""
+        with self._cond:
+            return list(self._payloads[signal])
 
     def spans(self) -> list[Any]:
         """Every span of every accepted request."""

@@ -1,7 +1,9 @@
-"""OTLP/gRPC trace exporter: one ``TraceService/Export`` call per attempt.
+"""OTLP/gRPC exporter: one ``{Trace,Metrics,Logs}Service/Export`` call per attempt.
 
-The payload is already a serialized ``ExportTraceServiceRequest``, so it is
-sent as is through an identity serializer (no decode/re-encode per batch).
+The payload is already a serialized export request of the batch's signal, so
+it is sent as is through an identity serializer (no decode/re-encode per
+batch) to that signal's service: traces to ``TraceService``, metrics to
+``MetricsService``, logs to ``LogsService``.
 Status codes are mapped as the OTLP specification (opentelemetry-proto
 ``docs/specification.md``, "OTLP/gRPC Response" / "Failures") requires:
 
@@ -10,7 +12,8 @@ Status codes are mapped as the OTLP specification (opentelemetry-proto
   ``google.rpc.RetryInfo`` (recovery is possible);
 * everything else is not retryable;
 * a ``RetryInfo.retry_delay`` becomes ``ExportOutcome.retry_after_s``;
-* ``partial_success.rejected_spans > 0`` is a success that drops those spans.
+* ``partial_success.rejected_spans`` (``rejected_data_points``,
+  ``rejected_log_records``) ``> 0`` is a success that drops those items.
 """
 
 from __future__ import annotations
@@ -21,8 +24,7 @@ from typing import Callable, Mapping, Union
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
-
+from isoscope.exporters.signals import SIGNALS, TRACES, rejected_of, spec
 from isoscope.model import ExportOutcome, ExportResult
 
 logger = logging.getLogger(__name__)
@@ -30,7 +32,7 @@ logger = logging.getLogger(__name__)
 Headers = Union[Mapping[str, str], Callable[[], Mapping[str, str]]]
 """Fixed headers, or a callable returning the current ones (values read from rotated files)."""
 
-EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+EXPORT_METHOD = spec(TRACES).grpc_method
 
 RETRYABLE_CODES: frozenset[grpc.StatusCode] = frozenset({
     grpc.StatusCode.CANCELLED,
@@ -83,7 +85,7 @@ def outcome_for_error(error: grpc.RpcError) -> ExportOutcome:
 
 
 class OtlpGrpcExporter:
-    """Sends serialized trace requests to an OTLP/gRPC endpoint.
+    """Sends serialized export requests (traces, metrics, logs) to an OTLP/gRPC endpoint.
 
     Args:
         endpoint: ``host:port`` (a ``grpc://`` prefix is accepted and stripped).
@@ -98,18 +100,23 @@ class OtlpGrpcExporter:
         reconnect_backoff_max_s: cap of the channel's reconnect backoff; kept
             short so a backend that comes back is used within seconds.
         name: exporter label value in ``spans_exported_total{exporter}``.
+        signals: the signals this endpoint takes (all three unless the target
+            was configured for traces only).
     """
 
     def __init__(self, endpoint: str, *, timeout_s: float = 10.0, insecure: bool = True,
                  headers: Headers | None = None, compression: str | None = None,
                  root_certificates: bytes | None = None, certificate_chain: bytes | None = None,
                  private_key: bytes | None = None, reconnect_backoff_max_s: float = 2.0,
-                 name: str = "otlp_grpc") -> None:
+                 name: str = "otlp_grpc", signals: tuple[str, ...] | frozenset[str] = SIGNALS) -> None:
         for prefix in ("grpc://", "grpcs://"):
             if endpoint.startswith(prefix):
                 endpoint = endpoint[len(prefix):]
         self.endpoint = endpoint.rstrip("/")
         self.name = name
+        for signal in signals:
+            spec(signal)  # raises for an unknown one
+        self.signals: frozenset[str] = frozenset(signals)
         self.timeout_s = timeout_s
         self._headers_fn = headers if callable(headers) else None
         self._metadata = _metadata(headers) if not callable(headers) else ()
@@ -129,36 +136,49 @@ class OtlpGrpcExporter:
         else:
             creds = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
             self._channel = grpc.secure_channel(self.endpoint, creds, options=options)
-        self._call = self._channel.unary_unary(
-            EXPORT_METHOD,
-            request_serializer=_identity,
-            response_deserializer=ExportTraceServiceResponse.FromString,
-        )
+        # One callable per signal on the same channel (and connection).
+        self._calls = {
+            signal: self._channel.unary_unary(
+                spec(signal).grpc_method,
+                request_serializer=_identity,
+                response_deserializer=spec(signal).response_type.FromString,
+            )
+            for signal in self.signals
+        }
         self._closed = False
 
-    def export(self, payload: bytes, span_count: int) -> ExportOutcome:
-        """One ``Export`` call; see the module docstring for the outcome mapping."""
+    def export(self, payload: bytes, span_count: int, signal: str = TRACES) -> ExportOutcome:
+        """One ``Export`` call of ``signal``'s service; see the module docstring for the outcome mapping.
+
+        Args:
+            payload: a serialized export request of ``signal``.
+            span_count: the items in it (for logs).
+            signal: ``traces``, ``metrics`` or ``logs``.
+        """
+        call = self._calls.get(signal)
+        if call is None:
+            return ExportOutcome(ExportResult.FAILED, None, f"{self.name} does not export {signal}")
         if self._closed:
             return ExportOutcome(ExportResult.RETRYABLE, None, "exporter is shut down")
         try:
             metadata = _metadata(self._headers_fn()) if self._headers_fn is not None else self._metadata
-            response = self._call(payload, timeout=self.timeout_s, metadata=metadata,
-                                  compression=self._compression)
+            response = call(payload, timeout=self.timeout_s, metadata=metadata,
+                            compression=self._compression)
         except grpc.RpcError as exc:
             outcome = outcome_for_error(exc)
-            logger.debug("%s: export of %d spans to %s: %s", self.name, span_count, self.endpoint,
-                         outcome.message)
+            logger.debug("%s: export of %d %ss to %s: %s", self.name, span_count, spec(signal).item,
+                         self.endpoint, outcome.message)
             return outcome
         except ValueError as exc:
             # grpcio raises ValueError when the channel was closed under us.
             return ExportOutcome(ExportResult.RETRYABLE, None, f"channel closed: {exc}")
-        partial = response.partial_success
-        if partial.rejected_spans > 0:
+        rejected, message = rejected_of(response, signal)
+        if rejected > 0:
             return ExportOutcome(ExportResult.SUCCESS, None,
-                                 f"backend rejected {partial.rejected_spans} spans: {partial.error_message}",
-                                 rejected_spans=int(partial.rejected_spans))
-        if partial.error_message:
-            logger.warning("%s: backend warning: %s", self.name, partial.error_message)
+                                 f"backend rejected {rejected} {spec(signal).item}s: {message}",
+                                 rejected_spans=rejected)
+        if message:
+            logger.warning("%s: backend warning: %s", self.name, message)
         return ExportOutcome(ExportResult.SUCCESS, None, "")
 
     def shutdown(self) -> None:

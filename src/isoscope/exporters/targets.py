@@ -28,6 +28,14 @@ path (not twice: a URL already ending in ``/v1/traces`` is kept), while
 ``traces_endpoint`` is used exactly as written (the OpenTelemetry
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` rule). Set one of the two.
 
+Signals: isoscope also passes metrics and logs through unchanged. A target
+configured with ``endpoint`` receives all three (OTLP/HTTP: ``/v1/metrics`` and
+``/v1/logs`` under the same base path; gRPC: the ``MetricsService`` and
+``LogsService`` of the same server). A target configured with only
+``traces_endpoint`` (or from ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) is a
+traces-only destination: metrics and logs are not sent to it and are counted
+as dropped there (``signals_dropped_total{reason="no_target"}``).
+
 Secrets: header values are :class:`pydantic.SecretStr`; ``repr``, ``str``,
 ``model_dump`` (hence ``--print-config``) and every log line show ``***``
 instead, and validation errors never echo them. Key files are read only when
@@ -47,6 +55,7 @@ from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_serializer, model_validator
 
+from isoscope.exporters.signals import SIGNALS, TRACES, spec
 from isoscope.model import SpanExporter
 
 logger = logging.getLogger(__name__)
@@ -244,8 +253,23 @@ class ForwardTarget(_Model):
 
     # -- resolution ------------------------------------------------------------------
 
-    def destination(self) -> Destination:
-        """Protocol, TLS and address this target resolves to.
+    def signals(self) -> tuple[str, ...]:
+        """The signals this target receives: all with ``endpoint``, traces only with ``traces_endpoint``."""
+        return SIGNALS if self.traces_endpoint is None else (TRACES,)
+
+    def signal_destination(self, signal: str) -> Destination | None:
+        """Where ``signal`` goes (OTLP/HTTP: the signal's own path), or None if this target does not take it.
+
+        Raises:
+            ValueError: the endpoint and the other settings do not fit together, or an unknown signal.
+        """
+        spec(signal)
+        if signal not in self.signals():
+            return None
+        return self.destination(signal)
+
+    def destination(self, signal: str = TRACES) -> Destination:
+        """Protocol, TLS and address this target resolves to (for ``signal``: its OTLP/HTTP path).
 
         Raises:
             ValueError: the endpoint and the other settings do not fit together.
@@ -292,8 +316,8 @@ class ForwardTarget(_Model):
         path = parts.path
         if full:
             path = path or "/"
-        elif not path.rstrip("/").endswith(TRACES_PATH):
-            path = path.rstrip("/") + TRACES_PATH
+        else:
+            path = _signal_path(path, signal)
         query = f"?{parts.query}" if parts.query else ""
         return Destination("http/protobuf", secure, f"{scheme}://{netloc}{path}{query}")
 
@@ -323,6 +347,16 @@ class ForwardTarget(_Model):
             where = "(invalid endpoint)"
         headers = ", ".join(f"{k}={MASK}" for k in self.headers)
         return f"{self.label()}: {where}" + (f" headers[{headers}]" if headers else "")
+
+
+def _signal_path(path: str, signal: str) -> str:
+    """A base path plus ``signal``'s OTLP/HTTP path; a base already ending in a signal path has it replaced."""
+    base = path.rstrip("/")
+    for other in SIGNALS:
+        if base.endswith(spec(other).http_path):
+            base = base[:-len(spec(other).http_path)]
+            break
+    return base + spec(signal).http_path
 
 
 # ---------------------------------------------------------------------------
@@ -402,6 +436,10 @@ def targets_from_env(environ: Mapping[str, str]) -> list[ForwardTarget]:
     ``CLIENT_CERTIFICATE`` and ``CLIENT_KEY`` are PEM files; ``INSECURE`` applies
     to a scheme-less gRPC endpoint only. An invalid optional value is ignored
     with a warning, as the specification asks.
+
+    ``TRACES_ENDPOINT`` makes a traces-only target: metrics and logs received
+    by isoscope are then not forwarded (counted as dropped, ``no_target``);
+    ``ENDPOINT`` alone forwards all three signals.
 
     Unlike an SDK there is no ``localhost`` default endpoint: the daemon itself
     listens there, and forwarding to itself would loop. ``OTEL_TRACES_EXPORTER``
@@ -627,7 +665,7 @@ def build_exporter(target: ForwardTarget, *, max_connections: int = 4) -> SpanEx
         exporter: SpanExporter = OtlpGrpcExporter(
             dest.address, timeout_s=target.timeout_s, insecure=not dest.secure, headers=header_arg,
             compression=compression, root_certificates=root, certificate_chain=chain, private_key=key,
-            name=name)
+            name=name, signals=target.signals())
     else:
         for path, what in ((tls.ca_file, "tls.ca_file"), (tls.cert_file, "tls.cert_file"),
                            (tls.key_file, "tls.key_file")):
@@ -636,10 +674,17 @@ def build_exporter(target: ForwardTarget, *, max_connections: int = 4) -> SpanEx
         if tls.insecure_skip_verify:
             logger.warning("%s: TLS certificate of %s is NOT verified (tls.insecure_skip_verify)",
                            name, dest.address)
+        urls = {}
+        for signal in SIGNALS:
+            where = target.signal_destination(signal)
+            urls[signal] = where.address if where is not None else None
         exporter = OtlpHttpExporter(
             dest.address, timeout_s=target.timeout_s, headers=header_arg, compression=compression,
             ca_certs=tls.ca_file, cert_file=tls.cert_file, key_file=tls.key_file,
             insecure_skip_verify=tls.insecure_skip_verify, append_traces_path=False,
-            name=name, max_connections=max_connections)
-    logger.info("forwarding to %s", target)
+            name=name, max_connections=max_connections, signal_urls=urls)
+    if target.traces_endpoint is not None:
+        logger.info("forwarding to %s (traces only: a traces_endpoint takes no metrics or logs)", target)
+    else:
+        logger.info("forwarding to %s", target)
     return exporter

@@ -1,6 +1,6 @@
 """Who sent a span, and who a kernel record belongs to.
 
-Resolution for spans, finest first (DESIGN §4 ``isolation.scope``):
+Resolution for spans, finest first (docs/architecture.md §4 ``isolation.scope``):
 ``thread.id`` (OS tid) → ``process.pid`` → ``container.id`` / ``k8s.pod.uid``
 → the sending connection's owner. Every claim is checked against the identity
 the connection proves (the process owning the client socket, found in the

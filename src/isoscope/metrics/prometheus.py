@@ -58,7 +58,7 @@ DEFAULT_SPAN_BUCKETS: tuple[float, ...] = (
 DEFAULT_RATIO_BUCKETS: tuple[float, ...] = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
 )
-"""Buckets of ``isoscope_span_overhead_ratio``; they include the DESIGN §1 budget edges
+"""Buckets of ``isoscope_span_overhead_ratio``; they include the docs/architecture.md §1 budget edges
 (1 %, 3 %, 5 %, 15 %) so a budget comparison never falls inside a bucket."""
 
 DEFAULT_LOG2_LE_EXPONENTS: tuple[int, ...] = tuple(range(10, 35, 2))
