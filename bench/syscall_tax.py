@@ -106,8 +106,9 @@ def load_average() -> str:
 
 
 def syscall_histogram_count(daemon: Any) -> float:
-    """Syscalls the daemon has counted in ``isoscope_syscall_latency_seconds`` (all labels)."""
-    return daemon.metric("isoscope_syscall_latency_seconds_count")
+    """Syscalls the daemon has counted in ``isoscope_syscall_latency_seconds`` (the ``+Inf`` buckets, all labels)."""
+    return sum(value for name, labels, value in daemon.samples()
+               if name == "isoscope_syscall_latency_seconds_bucket" and labels.get("le") in ("+Inf", "inf"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""A real OTLP trace backend on loopback for tests: gRPC and HTTP, recording, programmable.
+"""A real OTLP backend on loopback for tests: gRPC and HTTP, traces, metrics and logs, recording, programmable.
 
 Usage::
 
@@ -24,6 +24,12 @@ Usage::
     make_payload([1, 2, 3])                      # serialized request whose span ids are 1, 2, 3
     span_hex(1)                                  # "0000000000000001", the hex form recorded
 
+    # Metrics and logs (gRPC MetricsService/LogsService, HTTP /v1/metrics and /v1/logs, binary protobuf):
+    backend.wait_for_items("metrics", 10, timeout_s=5)   # data points accepted (log records for "logs")
+    backend.payloads("logs")                     # accepted request bodies, byte for byte (decompressed)
+    backend.messages("metrics")                  # the same, parsed (ExportMetricsServiceRequest)
+    backend.item_count("logs")                   # log records accepted so far
+
 Failures (each has a gRPC and an HTTP rendering, so one plan serves both protocols):
 
 =================================  ==================================  ======================
@@ -38,7 +44,9 @@ Failures (each has a gRPC and an HTTP rendering, so one plan serves both protoco
 
 ``Failure.*(retry_after_s, http_date=True)`` sends ``Retry-After`` as an HTTP-date.
 A request answered with a failure is recorded in ``attempts`` only; its spans are
-not "received". A partial success records the request as received. With
+not "received". A partial success records the request as received. The failure
+plan applies to every signal; a partial success of metrics or logs reports
+rejected data points / log records. With
 ``bearer_token`` set, a request without ``Authorization: Bearer <token>`` is
 answered ``Failure.unauthenticated()`` (recorded in ``attempts``), before the plan.
 """
@@ -63,6 +71,14 @@ from google.protobuf import duration_pb2
 from google.protobuf.any_pb2 import Any as AnyProto
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
+    ExportLogsServiceRequest,
+    ExportLogsServiceResponse,
+)
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
+)
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -73,6 +89,27 @@ from isoscope.model import iter_spans
 from isoscope.otlpjson import decode_request, encode_response
 
 logger = logging.getLogger(__name__)
+
+# Metrics and logs: (gRPC service, HTTP path, request type, response type, partial-success field).
+_OTHER_SIGNALS: dict[str, tuple[str, str, Any, Any, str]] = {
+    "metrics": ("opentelemetry.proto.collector.metrics.v1.MetricsService", "/v1/metrics",
+                ExportMetricsServiceRequest, ExportMetricsServiceResponse, "rejected_data_points"),
+    "logs": ("opentelemetry.proto.collector.logs.v1.LogsService", "/v1/logs",
+             ExportLogsServiceRequest, ExportLogsServiceResponse, "rejected_log_records"),
+}
+_PATHS = {"/v1/traces": "traces", **{v[1]: k for k, v in _OTHER_SIGNALS.items()}}
+
+
+def count_items(signal: str, request: Any) -> int:
+    """Spans, metric data points or log records in a parsed request."""
+    if signal == "metrics":
+        return sum(len(getattr(m, m.WhichOneof("data")).data_points)
+                   for rm in request.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+                   if m.WhichOneof("data"))
+    if signal == "logs":
+        return sum(len(sl.log_records) for rl in request.resource_logs for sl in rl.scope_logs)
+    return sum(1 for _ in iter_spans(request))
+
 
 @dataclass(frozen=True)
 class Failure:
@@ -133,6 +170,8 @@ class Attempt:
         span_ids: hex span ids in the request.
         failure: the failure it was answered with, None if accepted.
         headers: gRPC metadata / HTTP headers (lower-case keys).
+        signal: ``traces``, ``metrics`` or ``logs``.
+        items: spans, data points or log records in the request.
     """
 
     protocol: str
@@ -140,6 +179,8 @@ class Attempt:
     span_ids: list[str]
     failure: Failure | None
     headers: dict[str, str] = field(default_factory=dict)
+    signal: str = "traces"
+    items: int = 0
 
 
 @dataclass(frozen=True)
@@ -175,11 +216,11 @@ class BackendTls:
 
 
 class OtlpBackend:
-    """Recording OTLP/gRPC + OTLP/HTTP trace backend on loopback.
+    """Recording OTLP/gRPC + OTLP/HTTP backend (traces, metrics, logs) on loopback.
 
     Args:
-        grpc_enabled: run the gRPC TraceService server.
-        http_enabled: run the HTTP ``/v1/traces`` server.
+        grpc_enabled: run the gRPC server (TraceService, MetricsService, LogsService).
+        http_enabled: run the HTTP server (``/v1/traces``, ``/v1/metrics``, ``/v1/logs``).
         delay_s: time every request takes before it is answered (a slow backend).
         start: listen right away (otherwise call :meth:`start`).
         tls: serve both protocols over TLS (mTLS when it names a client CA).
@@ -200,6 +241,8 @@ class OtlpBackend:
         self.attempts: list[Attempt] = []
         self.requests: list[ExportTraceServiceRequest] = []
         self._accepted_ids: list[str] = []
+        # Accepted metrics / logs requests: (raw body, parsed, item count).
+        self._signal_accepted: dict[str, list[tuple[bytes, Any, int]]] = {s: [] for s in _OTHER_SIGNALS}
         self.grpc_port = 0
         self.http_port = 0
         self._grpc_server: grpc.Server | None = None
@@ -229,6 +272,7 @@ class OtlpBackend:
         if self._grpc_enabled and self._grpc_server is None:
             server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
             trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Servicer(self), server)
+            server.add_generic_rpc_handlers(tuple(_raw_handler(self, signal) for signal in _OTHER_SIGNALS))
             address = f"127.0.0.1:{self.grpc_port}"
             port = (server.add_secure_port(address, self.tls.grpc_credentials()) if self.tls
                     else server.add_insecure_port(address))
@@ -317,8 +361,8 @@ class OtlpBackend:
 
     # -- recording ------------------------------------------------------------
 
-    def _handle(self, protocol: str, request: ExportTraceServiceRequest,
-                headers: dict[str, str]) -> Failure | None:
+    def _handle(self, protocol: str, request: Any, headers: dict[str, str], signal: str = "traces",
+                raw: bytes = b"") -> Failure | None:
         """Decide and record one request; returns the failure to answer with, if any."""
         if self.delay_s:
             time.sleep(self.delay_s)
@@ -326,14 +370,44 @@ class OtlpBackend:
             failure: Failure | None = Failure.unauthenticated()
         else:
             failure = self._next_failure()
-        ids = [span.span_id.hex() for span in iter_spans(request)]
+        ids = [span.span_id.hex() for span in iter_spans(request)] if signal == "traces" else []
+        items = count_items(signal, request)
         with self._cond:
-            self.attempts.append(Attempt(protocol, time.monotonic(), ids, failure, headers))
+            self.attempts.append(Attempt(protocol, time.monotonic(), ids, failure, headers, signal, items))
             if failure is None or failure.is_partial:
-                self.requests.append(request)
-                self._accepted_ids.extend(ids)
+                if signal == "traces":
+                    self.requests.append(request)
+                    self._accepted_ids.extend(ids)
+                else:
+                    self._signal_accepted[signal].append((raw, request, items))
             self._cond.notify_all()
         return failure
+
+    def payloads(self, signal: str) -> list[bytes]:
+        """Accepted ``metrics`` / ``logs`` request bodies, byte for byte (decompressed), in arrival order."""
+        with self._cond:
+            return [raw for raw, _, _ in self._signal_accepted[signal]]
+
+    def messages(self, signal: str) -> list[Any]:
+        """Accepted ``metrics`` / ``logs`` requests, parsed, in arrival order."""
+        with self._cond:
+            return [msg for _, msg, _ in self._signal_accepted[signal]]
+
+    def item_count(self, signal: str) -> int:
+        """Data points (``metrics``) or log records (``logs``) accepted so far, duplicates included."""
+        with self._cond:
+            return sum(n for _, _, n in self._signal_accepted[signal])
+
+    def wait_for_items(self, signal: str, count: int, timeout_s: float) -> bool:
+        """Block until at least ``count`` data points / log records of ``signal`` were accepted."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while sum(n for _, _, n in self._signal_accepted[signal]) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return True
 
     def span_ids(self) -> list[str]:
         """Hex span ids of accepted spans in arrival order (duplicates kept)."""
@@ -421,10 +495,13 @@ def make_payload(span_ids: Iterable[int], **kwargs: Any) -> bytes:
     return make_request(span_ids, **kwargs).SerializeToString()
 
 
-def _response_for(failure: Failure | None) -> ExportTraceServiceResponse:
-    response = ExportTraceServiceResponse()
+def _response_for(failure: Failure | None, signal: str = "traces") -> Any:
+    if signal == "traces":
+        response, field_name = ExportTraceServiceResponse(), "rejected_spans"
+    else:
+        response, field_name = _OTHER_SIGNALS[signal][3](), _OTHER_SIGNALS[signal][4]
     if failure is not None and failure.is_partial:
-        response.partial_success.rejected_spans = failure.partial_rejected
+        setattr(response.partial_success, field_name, failure.partial_rejected)
         response.partial_success.error_message = failure.message
     return response
 
@@ -451,6 +528,26 @@ class _Servicer(trace_service_pb2_grpc.TraceServiceServicer):
         if failure is not None and not failure.is_partial:
             context.abort_with_status(rpc_status.to_status(_status_proto(failure, failure.grpc_code.value[0])))
         return _response_for(failure)
+
+
+def _raw_handler(backend: OtlpBackend, signal: str) -> grpc.GenericRpcHandler:
+    """The ``Export`` method of a metrics / logs service, keeping the request's bytes as received."""
+    service, _, request_type, _, _ = _OTHER_SIGNALS[signal]
+
+    def export(raw: bytes, context: grpc.ServicerContext) -> Any:
+        try:
+            request = request_type.FromString(raw)
+        except Exception as exc:  # noqa: BLE001 - DecodeError: INVALID_ARGUMENT, as a collector answers
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot decode: {exc}")
+        headers = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+        failure = backend._handle("grpc", request, headers, signal, raw)
+        if failure is not None and not failure.is_partial:
+            context.abort_with_status(rpc_status.to_status(_status_proto(failure, failure.grpc_code.value[0])))
+        return _response_for(failure, signal)
+
+    handler = grpc.unary_unary_rpc_method_handler(
+        export, request_deserializer=None, response_serializer=lambda m: m.SerializeToString())
+    return grpc.method_handlers_generic_handler(service, {"Export": handler})
 
 
 class _HttpServer(ThreadingHTTPServer):
@@ -545,7 +642,8 @@ class _HttpHandler(BaseHTTPRequestHandler):
     def _post(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length)
-        if self.path.split("?")[0] != "/v1/traces":
+        signal = _PATHS.get(self.path.split("?")[0])
+        if signal is None:
             self._reply(404, b"not found", "text/plain")
             return
         if self.headers.get("Content-Encoding", "").lower() == "gzip":
@@ -555,15 +653,21 @@ class _HttpHandler(BaseHTTPRequestHandler):
                 self._reply(400, b"bad gzip body", "text/plain")
                 return
         is_json = "json" in self.headers.get("Content-Type", "")
+        if is_json and signal != "traces":
+            self._reply(415, b"this backend takes metrics and logs as binary protobuf only", "text/plain")
+            return
         try:
-            request = decode_request(body) if is_json else ExportTraceServiceRequest.FromString(body)
+            if signal != "traces":
+                request = _OTHER_SIGNALS[signal][2].FromString(body)
+            else:
+                request = decode_request(body) if is_json else ExportTraceServiceRequest.FromString(body)
         except Exception as exc:  # noqa: BLE001 - OtlpJsonError, DecodeError …: any is a 400
             self._reply(400, str(exc).encode(), "text/plain")
             return
         headers = {k.lower(): v for k, v in self.headers.items()}
-        failure = self.server.backend._handle("http", request, headers)
+        failure = self.server.backend._handle("http", request, headers, signal, body)
         if failure is None or failure.is_partial:
-            response = _response_for(failure)
+            response = _response_for(failure, signal)
             if is_json:
                 self._reply(200, encode_response(response).encode(), "application/json")
             else:

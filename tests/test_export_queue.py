@@ -14,7 +14,7 @@ import pytest
 
 from isoscope.model import ExportOutcome, ExportResult, Stats
 from isoscope.exporters import ExportQueue, InMemoryExporter, OtlpGrpcExporter, OtlpHttpExporter
-from isoscope.spool import DiskSpool, SpoolCorrupt, decode_frame, encode_frame
+from isoscope.spool import DiskSpool, SpoolCorrupt, decode_frame, decode_tagged_frame, encode_frame
 from tests.otlp_backend import Failure, OtlpBackend, make_payload, span_hex
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,6 +55,35 @@ def test_frame_roundtrip_and_damage_detection():
     tampered[4] ^= 0x01
     with pytest.raises(SpoolCorrupt):
         decode_frame(bytes(tampered))
+
+
+def test_tagged_frames_roundtrip_and_untagged_frames_read_as_traces(tmp_path):
+    import struct
+    import zlib
+    # An ISQ1 frame as written before signals existed, built by hand from the documented layout.
+    header = struct.pack("<4sIQ", b"ISQ1", 3, 5)
+    legacy = header + b"abcde" + struct.pack("<I", zlib.crc32(b"abcde", zlib.crc32(header)))
+    assert decode_tagged_frame(legacy) == (b"abcde", 3, "traces")
+    assert encode_frame(b"abcde", 3) == legacy  # traces are still written untagged
+    assert encode_frame(b"abcde", 3, "traces") == legacy
+    tagged = encode_frame(b"points", 9, "metrics")
+    assert tagged[:4] == b"ISQ2"
+    assert decode_tagged_frame(tagged) == (b"points", 9, "metrics")
+    assert decode_frame(tagged) == (b"points", 9)
+    # The tag is covered by the checksum: flipping a byte of it never validates.
+    tag_at = struct.calcsize("<4sIQB")
+    flipped = bytearray(tagged)
+    flipped[tag_at] ^= 0x20
+    for damaged in (bytes(flipped), tagged[:-1], tagged[:tag_at + 2], tagged[:4] + b"\xff" + tagged[5:]):
+        with pytest.raises(SpoolCorrupt):
+            decode_tagged_frame(damaged)
+    with pytest.raises(ValueError):
+        encode_frame(b"x", 1, "")
+    (tmp_path / "0000000000000001.batch").write_bytes(legacy)
+    spool = DiskSpool(tmp_path)
+    spool.put(b"records", 4, "logs")
+    assert [(e.payload, e.span_count, e.signal) for e in spool.load()] == [
+        (b"abcde", 3, "traces"), (b"records", 4, "logs")]
 
 
 def test_spool_put_load_remove_and_reopen(tmp_path):

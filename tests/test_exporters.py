@@ -18,7 +18,7 @@ from isoscope.exporters import (
     OtlpHttpExporter,
     exporter_from_url,
 )
-from isoscope.exporters.otlp_http import parse_retry_after, traces_url
+from isoscope.exporters.otlp_http import parse_retry_after, signal_url, traces_url
 from tests.otlp_backend import Failure, OtlpBackend, make_payload, make_request, span_hex
 
 
@@ -276,3 +276,46 @@ def test_exporter_from_url(backend, tmp_path):
         g.shutdown()
         h.shutdown()
         f.shutdown()
+
+
+# ---------------------------------------------------------------------------
+# Signals: each goes to its own path / service
+# ---------------------------------------------------------------------------
+
+def test_signal_urls_under_a_base_endpoint():
+    assert signal_url("http://c:4318", "metrics") == "http://c:4318/v1/metrics"
+    assert signal_url("http://c:4318/otlp/", "logs") == "http://c:4318/otlp/v1/logs"
+    # A base written with a signal path has it replaced, never doubled.
+    assert signal_url("http://c:4318/v1/traces", "logs") == "http://c:4318/v1/logs"
+    assert traces_url("http://c:4318/v1/traces") == "http://c:4318/v1/traces"
+    exp = OtlpHttpExporter("http://c:4318/base")
+    assert exp.urls == {"traces": "http://c:4318/base/v1/traces", "metrics": "http://c:4318/base/v1/metrics",
+                        "logs": "http://c:4318/base/v1/logs"}
+    exact = OtlpHttpExporter("http://c:4318/ingest/spans", append_traces_path=False)
+    assert exact.signals == frozenset({"traces"}) and exact.url == "http://c:4318/ingest/spans"
+    out = exact.export(b"", 1, signal="logs")
+    assert out.result is ExportResult.FAILED and "does not export logs" in out.message
+
+
+def test_grpc_exporter_calls_each_signals_service():
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+    metrics = ExportMetricsServiceRequest()
+    metrics.resource_metrics.add().scope_metrics.add().metrics.add(name="m").sum.data_points.add(as_int=1)
+    logs = ExportLogsServiceRequest()
+    logs.resource_logs.add().scope_logs.add().log_records.add().body.string_value = "hi"
+    with OtlpBackend(http_enabled=False) as backend:
+        exp = OtlpGrpcExporter(backend.grpc_endpoint)
+        try:
+            assert exp.export(metrics.SerializeToString(), 1, signal="metrics").result is ExportResult.SUCCESS
+            assert exp.export(logs.SerializeToString(), 1, signal="logs").result is ExportResult.SUCCESS
+            assert exp.export(make_payload([3]), 1).result is ExportResult.SUCCESS
+        finally:
+            exp.shutdown()
+        assert backend.messages("metrics") == [metrics] and backend.messages("logs") == [logs]
+        assert backend.span_ids() == [span_hex(3)]
+    traces_only = OtlpGrpcExporter("127.0.0.1:1", signals=("traces",))
+    try:
+        assert traces_only.export(b"", 1, signal="metrics").result is ExportResult.FAILED
+    finally:
+        traces_only.shutdown()

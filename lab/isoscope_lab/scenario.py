@@ -32,6 +32,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
+from urllib.parse import urlsplit
 
 from isoscope_lab import truth as T
 from isoscope_lab.faults import Environment, Fault, apply_environment
@@ -41,7 +42,6 @@ from isoscope_lab.service import RUN_ATTR, SERVERS
 from isoscope_lab.topology import JANITOR, LAB_CGROUP_PARENT, LabCgroup, LabError, NetNs, VethLink, \
     free_subnet_base, lab_tag
 from isoscope.report import SpanRecord, load_spans
-from urllib.parse import urlsplit
 
 logger = logging.getLogger(__name__)
 

@@ -82,6 +82,10 @@ class ReceiverLimitsConfig(_Section):
     """A span with more links is dropped (partial success)."""
     max_total_attributes_per_request: int = Field(1_000_000, gt=0)
     """Attributes (span, event, link, resource, scope) of one request; more refuses it whole."""
+    max_data_points_per_request: int = Field(200_000, gt=0)
+    """Metric data points of one metrics request (forwarded unchanged); more refuses it whole."""
+    max_log_records_per_request: int = Field(50_000, gt=0)
+    """Log records of one logs request (forwarded unchanged); more refuses it whole."""
     max_inflight_bytes: int | None = Field(None, gt=0)
     """Estimated memory of all requests being decoded and processed at once; past it, requests are
     answered HTTP 429 / gRPC RESOURCE_EXHAUSTED with a retry delay. None: 40% of the memory limit

@@ -234,10 +234,14 @@ class Daemon:
                                max_attributes_per_span=lim.max_attributes_per_span,
                                max_events_per_span=lim.max_events_per_span,
                                max_links_per_span=lim.max_links_per_span,
-                               max_total_attributes_per_request=lim.max_total_attributes_per_request)
-        # Both receivers share the limits and the daemon's memory guard (in-flight request bytes).
+                               max_total_attributes_per_request=lim.max_total_attributes_per_request,
+                               max_data_points_per_request=lim.max_data_points_per_request,
+                               max_log_records_per_request=lim.max_log_records_per_request)
+        # Both receivers share the limits and the daemon's memory guard (in-flight request bytes);
+        # metrics and logs go straight to the export queues, unchanged.
         shared = dict(security=self._security(), proc_root=self.cfg.kernel.host_proc, limits=limits,
-                      memory=self.memory, large_request_bytes=lim.large_request_bytes)
+                      memory=self.memory, large_request_bytes=lim.large_request_bytes,
+                      forward_signal=self.fanout.forward)
         out: list[tuple[str, Receiver]] = []
         if cfg.otlp_grpc.enabled:
             out.append(("otlp_grpc", OtlpGrpcReceiver(self.pipeline, self.stats, cfg.otlp_grpc.listen,

@@ -379,7 +379,7 @@ class ExportOutcome:
         result: success, retryable or failed.
         retry_after_s: server-suggested delay (``Retry-After`` / ``RetryInfo``), if any.
         message: detail for logs.
-        rejected_spans: spans the backend refused in a partial success.
+        rejected_spans: items (spans, data points or log records) the backend refused in a partial success.
     """
 
     result: ExportResult
@@ -393,8 +393,9 @@ class SpanExporter(Protocol):
 
     name: str
 
-    def export(self, payload: bytes, span_count: int) -> ExportOutcome:
-        """Send one serialized ``ExportTraceServiceRequest`` (protobuf bytes)."""
+    def export(self, payload: bytes, span_count: int, signal: str = "traces") -> ExportOutcome:
+        """Send one serialized OTLP export request of ``signal`` (``traces``, ``metrics`` or ``logs``;
+        protobuf bytes); ``span_count`` is the number of items it holds."""
         ...
 
     def shutdown(self) -> None:
@@ -420,7 +421,10 @@ class Stats:
         ``kernel_events_lost_total`` [probe], ``enrichment_failures_total`` [stage],
         ``requests_rejected_total`` [protocol, reason], ``queue_files_quarantined_total`` [queue],
         ``clock_steps_total`` [], ``identity_rejected_total`` [reason] (a span's claim that its proven
-        sender does not back), ``child_spans_emitted_total`` [], ``probe_setup_failures_total`` [probe].
+        sender does not back), ``child_spans_emitted_total`` [], ``probe_setup_failures_total`` [probe],
+        ``metric_points_received_total`` [protocol], ``log_records_received_total`` [protocol],
+        ``signals_exported_total`` [exporter, signal, outcome], ``signals_dropped_total`` [signal, reason]
+        (metrics and logs are forwarded unchanged, never enriched).
     Gauges: ``probe_attached`` [probe], ``queue_size`` [queue].
     """
 

@@ -40,7 +40,7 @@ _gc_holders = 0
 
 
 @contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
+def gc_paused() -> Iterator[None]:
     """Pause the cyclic garbage collector while a large JSON document becomes objects.
 
     Building millions of (acyclic) dicts and lists triggers repeated full
@@ -55,13 +55,13 @@ def _gc_paused() -> Iterator[None]:
         if _gc_holders == 1:
             was_enabled = gc.isenabled()
             gc.disable()
-            _gc_paused.was_enabled = was_enabled  # type: ignore[attr-defined]
+            gc_paused.was_enabled = was_enabled  # type: ignore[attr-defined]
     try:
         yield
     finally:
         with _gc_lock:
             _gc_holders -= 1
-            if _gc_holders == 0 and getattr(_gc_paused, "was_enabled", True):
+            if _gc_holders == 0 and getattr(gc_paused, "was_enabled", True):
                 gc.enable()
 
 
@@ -123,7 +123,7 @@ def decode_request(data: bytes | str, *, span_filter: SpanFilter | None = None,
     Raises:
         OtlpJsonError: not JSON, not UTF-8, wrong shape, or a bad hex id.
     """
-    with _gc_paused():
+    with gc_paused():
         return _decode_request(data, span_filter, on_spans)
 
 

@@ -33,7 +33,7 @@ from typing import Iterator
 import pytest
 from rich.console import Console
 
-from isoscope_lab import DaemonError, HopScore, IsoscopeDaemon, ScenarioRun, daemon_for_lab, run_scenario, scenarios
+from isoscope_lab import HopScore, IsoscopeDaemon, ScenarioRun, daemon_for_lab, run_scenario, scenarios
 from isoscope_lab.scenario import score
 from isoscope_lab import truth as T
 from isoscope.report import build_traces, report
@@ -179,34 +179,22 @@ def test_report_names_the_throttled_hop_as_culprit(lab_daemon: IsoscopeDaemon) -
 
 def test_spans_without_thread_id_are_joined_at_process_scope(lab_daemon: IsoscopeDaemon) -> None:
     # The SDK reports process.pid from inside the service's PID namespace (1): the daemon
-    # translates it through the proven sender's namespace and joins the whole process.
+    # translates it through the proven sender's namespace and joins the thread of that process
+    # that most plausibly served each span.
     run = _run("no_thread_id", lab_daemon)
     _assert_enriched(run)
     _assert_faulted(_hop(run, "cpu_throttle"))
     _assert_clean(run)
 
 
-RELAY_XFAIL = ("identity.relays.{comms,exes,cgroup_prefixes} is not a configuration key yet: the daemon "
-               "cannot be told to trust the relay")
-
-
 @pytest.fixture(scope="module")
 def relay_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IsoscopeDaemon]:
     """A daemon on its default configuration plus ``identity.relays`` trusting the lab's relays."""
     out: Path = tmp_path_factory.mktemp("isoscope-relay")
-    daemon = daemon_for_lab(out / "traces.jsonl", relays=True)
-    try:
-        daemon.start()
-    except DaemonError as exc:
-        daemon.close()
-        if "identity" in str(exc):
-            pytest.xfail(f"{RELAY_XFAIL}: {str(exc).splitlines()[-1] if str(exc) else exc}")
-        raise
-    with daemon:
+    with daemon_for_lab(out / "traces.jsonl", relays=True) as daemon:
         yield daemon
 
 
-@pytest.mark.xfail(strict=False, reason=RELAY_XFAIL)
 def test_relayed_spans_are_joined_with_the_pods_they_name(relay_daemon: IsoscopeDaemon) -> None:
     # Every span arrives from the relay's socket; the relay adds k8s.pod.uid (as a
     # Collector's k8sattributes processor does) and the daemon trusts it by name and

@@ -177,6 +177,13 @@ STATS_COUNTERS: Mapping[str, tuple[str, tuple[str, ...]]] = {
     "identity_rejected_total": ("Span identity claims refused because the proven sender does not back them.",
                                 ("reason",)),
     "child_spans_emitted_total": ("Child spans emitted under enriched spans.", ()),
+    "metric_points_received_total": ("Metric data points received (forwarded unchanged), by OTLP protocol.",
+                                     ("protocol",)),
+    "log_records_received_total": ("Log records received (forwarded unchanged), by OTLP protocol.", ("protocol",)),
+    "signals_exported_total": ("Metric data points and log records handed to an exporter, by signal and outcome.",
+                               ("exporter", "signal", "outcome")),
+    "signals_dropped_total": ("Metric data points and log records dropped, by signal and reason.",
+                              ("signal", "reason")),
     "probe_setup_failures_total": ("Probe setup failures (the probe stays detached), by probe.", ("probe",)),
 }
 """Self-telemetry counters read from :class:`Stats` (names as stages write them)."""

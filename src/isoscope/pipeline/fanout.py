@@ -20,7 +20,7 @@ DEFAULT_MAX_REQUEST_BYTES = 3 * 1024 * 1024
 
 
 class PayloadQueue(Protocol):
-    def enqueue(self, payload: bytes, span_count: int) -> object: ...
+    def enqueue(self, payload: bytes, span_count: int, signal: str = "traces") -> object: ...
 
 
 def _field_overhead(size: int) -> int:
@@ -82,6 +82,14 @@ class Fanout:
             return
         for piece, count in split_request(batch.request, self._max):
             self._enqueue(piece.SerializeToString(), count)
+
+    def forward(self, signal: str, payload: bytes, count: int) -> None:
+        """Hand one metrics or logs request to every exporter queue, unchanged (never split or enriched).
+
+        A queue whose exporter does not take ``signal`` counts it as dropped (``no_target``).
+        """
+        for q in self._queues:
+            q.enqueue(payload, count, signal)
 
     def _enqueue(self, payload: bytes, span_count: int) -> None:
         for q in self._queues:

@@ -1,4 +1,9 @@
-"""OTLP/gRPC trace receiver (``opentelemetry.proto.collector.trace.v1.TraceService/Export``).
+"""OTLP/gRPC receiver: ``TraceService/Export``, and ``MetricsService`` / ``LogsService``.
+
+Traces go to the enrichment pipeline. Metrics and logs (served when the
+receiver is given a ``forward_signal``) are checked, bounded and forwarded
+unchanged (:mod:`isoscope.receivers.otlp.passthrough`), under the same message
+size limit, memory reservation and large-message slots as traces.
 
 Conforms to opentelemetry-proto ``docs/specification.md`` "OTLP/gRPC":
 oversized messages get ``RESOURCE_EXHAUSTED`` (enforced by gRPC core before
@@ -19,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent import futures
-from typing import Any
+from typing import Any, Callable
 
 import grpc
 from google.protobuf import duration_pb2
@@ -28,6 +33,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from isoscope.exporters.signals import TRACES, spec
 from isoscope.host.memguard import MemoryExhausted, MemoryGuard, process_guard
 from isoscope.model import Backpressure, Stats, TraceConsumer
 from isoscope.receivers.otlp.ingest import ConsumerFailed, Ingestor, Peer
@@ -39,11 +45,12 @@ from isoscope.receivers.otlp.limits import (
     memory_estimate,
 )
 from isoscope.metadata.peer import PeerResolver, split_peer
+from isoscope.receivers.otlp.passthrough import PASS_THROUGH_SIGNALS, ForwardSignal, PassThrough
 from isoscope.receivers.otlp.security import BearerTokenInterceptor, ReceiverSecurity
 
 logger = logging.getLogger(__name__)
 
-SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+SERVICE = spec(TRACES).grpc_service
 METHOD = "Export"
 
 # The OpenTelemetry SDK exporters read the delay from this trailer rather
@@ -72,7 +79,7 @@ class _Status(grpc.Status):
 
 
 class OtlpGrpcReceiver:
-    """OTLP/gRPC trace receiver.
+    """OTLP/gRPC receiver of traces (enriched) and, with ``forward_signal``, metrics and logs (passed through).
 
     Args:
         consumer: receives every accepted ``TraceBatch``.
@@ -88,6 +95,9 @@ class OtlpGrpcReceiver:
         large_request_bytes: messages larger than this are "large".
         large_workers: how many large messages are processed at once (default:
             half of ``workers``, at least 1); one more is refused retryably.
+        forward_signal: ``forward(signal, payload, count)`` taking accepted
+            metrics and logs requests; without it those services are not
+            served (``UNIMPLEMENTED``).
     """
 
     def __init__(self, consumer: TraceConsumer, stats: Stats, listen: str = "127.0.0.1:4317", *,
@@ -96,7 +106,7 @@ class OtlpGrpcReceiver:
                  proc_root: str = "/proc", resolve_peers: bool = True,
                  limits: RequestLimits | None = None, memory: MemoryGuard | None = None,
                  large_request_bytes: int = DEFAULT_LARGE_REQUEST_BYTES,
-                 large_workers: int | None = None) -> None:
+                 large_workers: int | None = None, forward_signal: ForwardSignal | None = None) -> None:
         self._listen = listen
         self._max = max_message_bytes
         self._security = security
@@ -104,6 +114,8 @@ class OtlpGrpcReceiver:
         self._stats = stats
         self._ingest = Ingestor(consumer, stats, "grpc",
                                 PeerResolver(proc_root) if resolve_peers else None, limits)
+        self._passthrough = PassThrough(forward_signal, stats, "grpc", self._ingest.limits) \
+            if forward_signal is not None else None
         self._memory = memory if memory is not None else process_guard()
         self._large_bytes = large_request_bytes
         self._large_slots = threading.BoundedSemaphore(
@@ -145,9 +157,13 @@ class OtlpGrpcReceiver:
             )
             # Raw bytes in: decoding here lets a malformed message be answered
             # with INVALID_ARGUMENT and a message instead of a generic error.
-            handler = grpc.unary_unary_rpc_method_handler(
-                self._export, request_deserializer=None, response_serializer=lambda m: m.SerializeToString())
-            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler}),))
+            handlers = [grpc.method_handlers_generic_handler(SERVICE, {METHOD: self._handler(
+                self._export_reserved)})]
+            if self._passthrough is not None:
+                for signal in PASS_THROUGH_SIGNALS:
+                    handlers.append(grpc.method_handlers_generic_handler(spec(signal).grpc_service, {
+                        METHOD: self._handler(lambda raw, ctx, s=signal: self._export_signal_reserved(s, raw, ctx))}))
+            server.add_generic_rpc_handlers(tuple(handlers))
             creds = self._security.grpc_credentials() if self._security is not None else None
             try:
                 if creds is not None:
@@ -173,7 +189,13 @@ class OtlpGrpcReceiver:
         if server is not None:
             server.stop(grace_s).wait(grace_s + 1.0)
 
-    def _export(self, raw: bytes, context: grpc.ServicerContext) -> Any:
+    def _handler(self, reserved: Callable[[bytes, grpc.ServicerContext], Any]) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(
+            lambda raw, context: self._export(raw, context, reserved),
+            request_deserializer=None, response_serializer=lambda m: m.SerializeToString())
+
+    def _export(self, raw: bytes, context: grpc.ServicerContext,
+                reserved: Callable[[bytes, grpc.ServicerContext], Any]) -> Any:
         large = len(raw) > self._large_bytes
         if large and not self._large_slots.acquire(blocking=False):
             self._ingest.reject("memory_limit")
@@ -186,7 +208,7 @@ class OtlpGrpcReceiver:
                 self._ingest.reject("memory_limit")
                 context.abort_with_status(_retry_status(str(exc), exc.retry_after_s, code_pb2.RESOURCE_EXHAUSTED))
             with reservation:
-                return self._export_reserved(raw, context)
+                return reserved(raw, context)
         finally:
             if large:
                 self._large_slots.release()
@@ -211,6 +233,27 @@ class OtlpGrpcReceiver:
             context.abort_with_status(_retry_status(str(bp) or "pipeline is full", bp.retry_after_s))
         except ConsumerFailed as exc:
             context.abort_with_status(_retry_status(f"trace pipeline failed: {exc}", 1.0))
+        raise AssertionError("unreachable")  # abort raises
+
+    def _export_signal_reserved(self, signal: str, raw: bytes, context: grpc.ServicerContext) -> Any:
+        passthrough = self._passthrough
+        assert passthrough is not None  # the service is registered only with it
+        try:
+            count = passthrough.decode_protobuf(signal, raw)[1]  # the parsed message is not kept
+        except DecodeError as exc:
+            passthrough.reject("malformed")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"cannot decode {spec(signal).request_type.DESCRIPTOR.name}: {exc}")
+        except RequestOverLimit as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        # The request was parsed only to check and count it: the bytes received
+        # are what is forwarded, unchanged.
+        try:
+            return passthrough.accept(signal, raw, count)
+        except Backpressure as bp:
+            context.abort_with_status(_retry_status(str(bp) or "export queues are full", bp.retry_after_s))
+        except ConsumerFailed as exc:
+            context.abort_with_status(_retry_status(f"{signal} forwarding failed: {exc}", 1.0))
         raise AssertionError("unreachable")  # abort raises
 
 

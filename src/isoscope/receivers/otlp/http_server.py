@@ -1,4 +1,11 @@
-"""OTLP/HTTP trace receiver (``POST /v1/traces``, binary protobuf or JSON).
+"""OTLP/HTTP receiver: ``POST /v1/traces``, and ``/v1/metrics`` / ``/v1/logs`` (binary protobuf or JSON).
+
+Traces go to the enrichment pipeline. Metrics and logs (served when the
+receiver is given a ``forward_signal``) are checked, bounded and forwarded
+unchanged (:mod:`isoscope.receivers.otlp.passthrough`): a binary body is
+forwarded as received (after decompression), an OTLP/JSON one as the protobuf
+encoding of the same request. Both go through the same body limit, memory
+reservation and worker pools as traces.
 
 Conforms to opentelemetry-proto ``docs/specification.md`` "OTLP/HTTP":
 responses use the request's ``Content-Type``; errors carry a
@@ -38,6 +45,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 
 from isoscope import otlpjson
+from isoscope.exporters.signals import TRACES, spec
 from isoscope.host.memguard import MemoryExhausted, MemoryGuard, Reservation, process_guard
 from isoscope.model import Backpressure, Stats, TraceConsumer
 from isoscope.receivers.otlp.ingest import ConsumerFailed, Ingestor, Peer
@@ -54,6 +62,7 @@ from isoscope.receivers.otlp.limits import (
     memory_estimate,
 )
 from isoscope.metadata.peer import PeerResolver
+from isoscope.receivers.otlp.passthrough import PASS_THROUGH_SIGNALS, ForwardSignal, PassThrough
 from isoscope.receivers.otlp.security import ReceiverSecurity
 
 logger = logging.getLogger(__name__)
@@ -91,7 +100,7 @@ def _encode(msg: Any, media: str) -> bytes:
 
 
 class OtlpHttpReceiver:
-    """OTLP/HTTP trace receiver.
+    """OTLP/HTTP receiver of traces (enriched) and, with ``forward_signal``, metrics and logs (passed through).
 
     Args:
         consumer: receives every accepted ``TraceBatch``.
@@ -111,6 +120,9 @@ class OtlpHttpReceiver:
         large_request_bytes: requests larger than this (decoded, estimated for
             compressed bodies) go to the large-request pool.
         large_workers: threads of the large-request pool (default: half of ``workers``, at least 1).
+        forward_signal: ``forward(signal, payload, count)`` taking accepted
+            metrics and logs requests; without it ``/v1/metrics`` and
+            ``/v1/logs`` are not served (404).
     """
 
     def __init__(self, consumer: TraceConsumer, stats: Stats, listen: str = "127.0.0.1:4318", *,
@@ -120,7 +132,7 @@ class OtlpHttpReceiver:
                  proc_root: str = "/proc", resolve_peers: bool = True,
                  limits: RequestLimits | None = None, memory: MemoryGuard | None = None,
                  large_request_bytes: int = DEFAULT_LARGE_REQUEST_BYTES,
-                 large_workers: int | None = None) -> None:
+                 large_workers: int | None = None, forward_signal: ForwardSignal | None = None) -> None:
         self._listen = listen
         self._max = max_body_bytes
         self._security = security
@@ -131,6 +143,8 @@ class OtlpHttpReceiver:
         self._body_timeout = body_timeout_s
         self._ingest = Ingestor(consumer, stats, "http",
                                 PeerResolver(proc_root) if resolve_peers else None, limits)
+        self._passthrough = PassThrough(forward_signal, stats, "http", self._ingest.limits) \
+            if forward_signal is not None else None
         self._memory = memory if memory is not None else process_guard()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -216,7 +230,9 @@ class OtlpHttpReceiver:
     async def _serve(self, sock: socket.socket, ssl_ctx: Any) -> None:
         self._stop = asyncio.Event()
         app = web.Application(middlewares=[self._errors_middleware], client_max_size=self._max)
-        app.router.add_post(TRACES_PATH, self._handle)
+        app.router.add_post(TRACES_PATH, self._handler(TRACES))
+        for signal in self._signals()[1:]:
+            app.router.add_post(spec(signal).http_path, self._handler(signal))
         # auto_decompress=False: aiohttp would otherwise inflate gzip bodies
         # itself, outside the limit enforced by BoundedDecoder.
         runner = web.AppRunner(app, auto_decompress=False, keepalive_timeout=self._idle_timeout,
@@ -242,8 +258,9 @@ class OtlpHttpReceiver:
         except _Reject as rej:
             return self._error_response(request, rej)
         except web.HTTPNotFound:
+            paths = ", ".join(spec(s).http_path for s in self._signals())
             return self._error_response(request, _Reject(
-                404, code_pb2.NOT_FOUND, f"unknown path {request.path!r}; traces go to {TRACES_PATH}",
+                404, code_pb2.NOT_FOUND, f"unknown path {request.path!r}; OTLP requests go to {paths}",
                 "not_found"))
         except web.HTTPMethodNotAllowed:
             return self._error_response(request, _Reject(
@@ -267,7 +284,16 @@ class OtlpHttpReceiver:
             resp.force_close()
         return resp
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    def _signals(self) -> tuple[str, ...]:
+        """The signals served, traces first."""
+        return (TRACES, *PASS_THROUGH_SIGNALS) if self._passthrough is not None else (TRACES,)
+
+    def _handler(self, signal: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await self._handle(request, signal)
+        return handle
+
+    async def _handle(self, request: web.Request, signal: str = TRACES) -> web.StreamResponse:
         if self._security is not None and not self._security.authorized(request.headers.get("Authorization")):
             raise _Reject(401, code_pb2.UNAUTHENTICATED, "missing or invalid bearer token",
                           "unauthenticated", {"WWW-Authenticate": 'Bearer realm="isoscope"'})
@@ -321,7 +347,7 @@ class OtlpHttpReceiver:
             pool = self._large_pool if self._is_large(raw, compressed) else self._pool
             loop = asyncio.get_running_loop()
             response = await loop.run_in_executor(pool, self._process, encoding, chunks, media, peer,
-                                                  reservation, compressed)
+                                                  reservation, compressed, signal)
         finally:
             reservation.release()
         return web.Response(status=200, body=_encode(response, media), content_type=media)
@@ -337,8 +363,8 @@ class OtlpHttpReceiver:
             raise _too_busy(exc) from None
 
     def _process(self, encoding: str, chunks: list[bytes], media: str, peer: Peer | None,
-                 reservation: Reservation, compressed: bool) -> ExportTraceServiceResponse:
-        """Decompress, decode and ingest (runs on a worker pool: all of it may be slow)."""
+                 reservation: Reservation, compressed: bool, signal: str = TRACES) -> Any:
+        """Decompress, decode and ingest or forward (runs on a worker pool: all of it may be slow)."""
         decoder = BoundedDecoder(encoding, self._max)
         try:
             for i in range(len(chunks)):
@@ -356,6 +382,8 @@ class OtlpHttpReceiver:
             raise _Reject(400, code_pb2.INVALID_ARGUMENT, str(exc), "malformed") from None
         except MemoryExhausted as exc:
             raise _too_busy(exc) from None
+        if signal != TRACES:
+            return self._pass_through(signal, body, media)
         checker = LimitChecker(self._ingest.limits)
         try:
             if media == JSON:
@@ -381,6 +409,36 @@ class OtlpHttpReceiver:
                           {"Retry-After": str(retry)}, counted=True) from None
         except ConsumerFailed as exc:
             raise _Reject(503, code_pb2.UNAVAILABLE, f"trace pipeline failed: {exc}",
+                          "consumer_error", {"Retry-After": "1"}, counted=True) from None
+
+
+    def _pass_through(self, signal: str, body: bytes, media: str) -> Any:
+        """Check, bound and forward one metrics or logs request (on a worker pool)."""
+        passthrough = self._passthrough
+        assert passthrough is not None  # the path is routed only with it
+        try:
+            if media == JSON:
+                request, count = passthrough.decode_json(signal, body)
+                # Exporters speak binary protobuf: forward the same request in that encoding.
+                body = request.SerializeToString()
+                del request
+            else:
+                count = passthrough.decode_protobuf(signal, body)[1]  # the parsed message is not kept
+        except otlpjson.OtlpJsonError as exc:
+            raise _Reject(400, code_pb2.INVALID_ARGUMENT, str(exc), "malformed") from None
+        except DecodeError as exc:
+            raise _Reject(400, code_pb2.INVALID_ARGUMENT,
+                          f"cannot decode {spec(signal).request_type.DESCRIPTOR.name}: {exc}", "malformed") from None
+        except RequestOverLimit as exc:
+            raise _Reject(400, code_pb2.INVALID_ARGUMENT, str(exc), "limit", counted=True) from None
+        try:
+            return passthrough.accept(signal, body, count)
+        except Backpressure as bp:
+            retry = max(1, math.ceil(bp.retry_after_s))
+            raise _Reject(503, code_pb2.UNAVAILABLE, str(bp) or "export queues are full", "backpressure",
+                          {"Retry-After": str(retry)}, counted=True) from None
+        except ConsumerFailed as exc:
+            raise _Reject(503, code_pb2.UNAVAILABLE, f"{signal} forwarding failed: {exc}",
                           "consumer_error", {"Retry-After": "1"}, counted=True) from None
 
 

@@ -277,6 +277,10 @@ class RequestLimits:
         max_total_attributes_per_request: attributes of the kept spans (their
             own, their events' and their links') plus resource and scope
             attributes; more refuses the whole request.
+        max_data_points_per_request: metric data points in one metrics
+            request (passed through unchanged); more refuses the whole request.
+        max_log_records_per_request: log records in one logs request (passed
+            through unchanged); more refuses the whole request.
     """
 
     max_spans_per_request: int = 50_000
@@ -284,6 +288,14 @@ class RequestLimits:
     max_events_per_span: int = 1_000
     max_links_per_span: int = 1_000
     max_total_attributes_per_request: int = 1_000_000
+    max_data_points_per_request: int = 200_000
+    max_log_records_per_request: int = 50_000
+
+    def max_items(self, signal: str) -> tuple[str, int]:
+        """``(limit name, value)`` bounding the items of one request of ``signal``."""
+        name = {"traces": "max_spans_per_request", "metrics": "max_data_points_per_request",
+                "logs": "max_log_records_per_request"}[signal]
+        return name, getattr(self, name)
 
 
 class RequestOverLimit(Exception):
