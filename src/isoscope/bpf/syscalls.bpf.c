@@ -24,10 +24,12 @@
  *
  * The generation (`watch_gen`) changes whenever a cached decision may have
  * become wrong, or a slot may name the wrong syscall:
- *   - every bpf() syscall on the node, on entry and on exit: user space
- *     (collector/probes/watch.py) changes the watch maps only through bpf();
+ *   - every bpf() syscall on the node that writes a map (update, delete and
+ *     their batch forms), on entry and on exit: user space
+ *     (isoscope/probes/watch.py) changes the watch maps only through bpf();
  *     the bump on exit closes the window in which a task could re-decide
- *     against a half-applied update;
+ *     against a half-applied update. Map reads (lookups, key walks: most
+ *     bpf() calls, e.g. metrics collection) leave the caches alone;
  *   - every cgroup_attach_task: a task moved into or out of a watched cgroup;
  *   - every task_newtask: a new task may reuse a dead task's kernel stack and
  *     so its pt_regs address; no slot written before it exists stays valid;
@@ -62,6 +64,14 @@
 #ifndef ISO_NR_SETNS
 #define ISO_NR_SETNS 308
 #endif
+
+/* enum bpf_cmd values that change a map's contents (uapi, stable). */
+#define ISO_BPF_MAP_UPDATE_ELEM             2
+#define ISO_BPF_MAP_DELETE_ELEM             3
+#define ISO_BPF_MAP_LOOKUP_AND_DELETE_ELEM 21
+#define ISO_BPF_MAP_LOOKUP_AND_DELETE_BATCH 25
+#define ISO_BPF_MAP_UPDATE_BATCH           26
+#define ISO_BPF_MAP_DELETE_BATCH           27
 
 /* CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET|NEWTIME */
 #define ISO_CLONE_NEW_MASK 0x7E020080ull
@@ -237,7 +247,13 @@ RAW_TRACEPOINT_PROBE(sys_enter)
 	struct sc_slots *slots = cpu_slots.lookup(&zero);
 	if (!slots)
 		return 0;
-	int special = id == ISO_NR_BPF || id == ISO_NR_UNSHARE || id == ISO_NR_SETNS;
+	int special = id == ISO_NR_UNSHARE || id == ISO_NR_SETNS;
+	if (id == ISO_NR_BPF) {
+		__u64 cmd = sc_arg((struct pt_regs *)regs, 0);
+		special = cmd == ISO_BPF_MAP_UPDATE_ELEM || cmd == ISO_BPF_MAP_DELETE_ELEM ||
+			  cmd == ISO_BPF_MAP_LOOKUP_AND_DELETE_ELEM || cmd == ISO_BPF_MAP_LOOKUP_AND_DELETE_BATCH ||
+			  cmd == ISO_BPF_MAP_UPDATE_BATCH || cmd == ISO_BPF_MAP_DELETE_BATCH;
+	}
 	if (SC_USE_SLOT && !special && sc_slot_hit(slots, regs, gen))
 		return 0;                       /* the common case: a task this CPU knows as untracked */
 
