@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from isoscope.host.cgroupfs import (
-    CgroupIdCache, cgroup_id, cgroup_path_by_id, cgroup_v2_root, host_pid_from_ns, ns_inodes, nspid,
+    CgroupIdCache, cgroup_id, cgroup_path_by_id, cgroup_v2_root, ns_inodes, nspid,
     parse_cgroup_path, read_cpu_quota, read_cpu_stat, read_proc_cgroups,
 )
 from tests.cgroup_helpers import cgroup_factory, make_cgroup  # noqa: F401 - fixture
@@ -239,7 +239,7 @@ def test_ns_inodes_match_stat_and_differ_after_unshare():
     assert ns_inodes(proc.pid) == {}
 
 
-def test_nspid_and_host_pid_translation_in_a_real_pid_namespace():
+def test_nspid_in_a_real_pid_namespace():
     script = "sleep 20 & sleep 20 & echo started; wait"
     outer = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", script],
                              stdout=subprocess.PIPE, text=True)
@@ -253,20 +253,14 @@ def test_nspid_and_host_pid_translation_in_a_real_pid_namespace():
         assert sorted(inner.values()) == [2, 3]
         for host_pid, ns_pid in inner.items():
             assert nspid(host_pid) == [host_pid, ns_pid]
-            assert host_pid_from_ns(ns_pid, init) == host_pid
-            assert host_pid_from_ns(ns_pid, sleeps[0]) == host_pid  # any process of the namespace is a hint
-        assert host_pid_from_ns(1, sleeps[1]) == init
-        assert host_pid_from_ns(999_999, init) is None
     finally:
         outer.kill()
         outer.wait()
 
 
-def test_host_pid_in_the_initial_namespace_is_identity():
+def test_nspid_in_the_initial_namespace_is_the_pid_alone():
     me = os.getpid()
-    assert host_pid_from_ns(me, me) == me
     assert nspid(me) == [me]
-    assert host_pid_from_ns(me, 999_999_999) is None  # no such hint process
 
 
 # ---------------------------------------------------------------------------

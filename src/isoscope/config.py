@@ -265,11 +265,18 @@ class Config(_Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
 
-    def file_export_enabled(self) -> bool:
-        """The file export is on when no forward target is set, or when asked for explicitly."""
+    def file_export_enabled(self, forwarding: bool | None = None) -> bool:
+        """The file export is on when nothing is forwarded, or when asked for explicitly.
+
+        Args:
+            forwarding: whether spans are forwarded anywhere (targets from ``OTEL_EXPORTER_OTLP_*``
+                count); None: whether the configuration names a forward target.
+        """
         if self.exporters.file.enabled is not None:
             return self.exporters.file.enabled
-        return not (self.exporters.forward or self.exporters.targets)
+        if forwarding is None:
+            forwarding = bool(self.exporters.forward or self.exporters.targets)
+        return not forwarding
 
 
 def _set_path(doc: dict[str, Any], path: list[str], value: Any, source: str) -> None:

@@ -56,9 +56,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-VERSION = __version__
-
-
 class StartupError(RuntimeError):
     """The daemon cannot start; ``str()`` is one line for the operator."""
 
@@ -161,10 +158,7 @@ class Daemon:
                 raise StartupError(f"exporters: {target.label()}: {exc}") from None
             # Unnamed targets keep the old labels (otlp_grpc, otlp_http_1, ...).
             targets.append((target.label() if target.name or len(forward) == 1 else f"{target.label()}_{i}", exp))
-        # The file export is on when nothing is forwarded (targets from OTEL_EXPORTER_OTLP_* count),
-        # or when asked for explicitly.
-        file_on = cfg.exporters.file.enabled if cfg.exporters.file.enabled is not None else not forward
-        if file_on:
+        if cfg.file_export_enabled(forwarding=bool(forward)):
             try:
                 fc = cfg.exporters.file
                 targets.append(("file", FileExporter(fc.path, max_bytes=fc.max_bytes, rotate=fc.keep)))
@@ -291,7 +285,7 @@ class Daemon:
         kernel = self.kernel.status() if self.kernel else {"kernel": None, "probes": [], "runtimes": {}}
         watch = self.watch
         return {
-            "version": VERSION,
+            "version": __version__,
             "ready": ok, "ready_reason": why,
             "uptime_s": round((time.monotonic_ns() - self.started_at) / 1e9, 1),
             "listen": self.listen,

@@ -36,7 +36,6 @@ __all__ = [
     "ns_inodes",
     "nspid",
     "read_status_field",
-    "host_pid_from_ns",
 ]
 
 
@@ -506,41 +505,3 @@ def nspid(pid: int | str, proc_root: str = "/proc") -> list[int]:
         return [int(x) for x in value.split()]
     except ValueError:
         return []
-
-
-def host_pid_from_ns(ns_pid: int, container_pid_hint: int, proc_root: str = "/proc") -> int | None:
-    """Translate a pid seen inside a PID namespace into the ``proc_root`` pid.
-
-    Spans carry ``process.pid`` as the application saw it, i.e. inside its
-    container's PID namespace. Given any host pid in that same namespace (the
-    peer of the sending socket, a process of the same cgroup), this scans the
-    processes that share that PID namespace and returns the one whose innermost
-    ``NSpid`` entry equals ``ns_pid``.
-
-    Args:
-        ns_pid: the pid as seen inside the namespace.
-        container_pid_hint: a ``proc_root`` pid of some process in that namespace.
-        proc_root: procfs root.
-
-    Returns:
-        The ``proc_root`` pid, or ``None`` if not found.
-    """
-    target_ns = ns_inodes(container_pid_hint, proc_root).get("pid")
-    if target_ns is None:
-        return None
-    hint_chain = nspid(container_pid_hint, proc_root)
-    if hint_chain and hint_chain[-1] == ns_pid:
-        return container_pid_hint
-    try:
-        entries = os.listdir(proc_root)
-    except OSError:
-        return None
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        chain = nspid(entry, proc_root)
-        if not chain or chain[-1] != ns_pid:
-            continue
-        if ns_inodes(entry, proc_root).get("pid") == target_ns:
-            return int(entry)
-    return None

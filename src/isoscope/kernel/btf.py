@@ -291,7 +291,7 @@ CFS_THROTTLE_FIELDS: dict[str, tuple[str, str]] = {
     "ISO_OFF_CGROUP_KN": ("cgroup", "kn"),
     "ISO_OFF_KN_ID": ("kernfs_node", "id"),
 }
-"""Kernel fields the optional ``bpf/cfs_throttle.bpf.c`` probe (either attach method) read (cfs_rq → cgroup id)."""
+"""Kernel fields the optional ``bpf/cfs_throttle.bpf.c`` probe (either attach method) reads (cfs_rq → cgroup id)."""
 
 
 def cfs_throttle_defines(path: str = "/sys/kernel/btf/vmlinux") -> dict[str, int]:
