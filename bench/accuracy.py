@@ -91,7 +91,8 @@ def rows(run: ScenarioRun) -> list[str]:
             tol = _pct(h.within_tol, h.spans) if h.has_truth else "n/a"
             truth = f"{h.truth_ms:.2f}" if h.has_truth else "–"
             meas = f"{h.measured_ms:.2f}"
-        out.append(f"| {run.scenario.name} | {h.service} | {_serving(run, h)} | {h.fault} | {h.spans} | {stalled} | "
+        out.append(f"| {run.scenario.name} | {h.service} | {_serving(run, h)} | {h.fault} | {h.spans} | "
+                   f"{_pct(h.enriched, h.spans)} | {stalled} | "
                    f"{_pct(h.blamed_strict, h.spans)} | {_pct(h.blamed_right, h.spans)} | {tol} | "
                    f"{_pct(h.false_blame_strict, h.spans)} / {_pct(h.false_blame, h.spans)} | "
                    f"{_pct(h.missed, h.spans)} | {_scope(run, h)} | {truth} | {meas} | {note} |")
@@ -103,7 +104,7 @@ def _unvalidated_rows() -> list[str]:
     if _can_run_guests():
         return []
     why = f"{NOT_VALIDATED}: no guest can run here (no VMX/SVM), so KVM exits never happen"
-    return [f"| – | – | – | {comp} | – | – | – | – | – | – | – | – | – | – | {why} |"
+    return [f"| – | – | – | {comp} | – | – | – | – | – | – | – | – | – | – | – | {why} |"
             for comp in ("ept (L-0)", "vm_exit (L-1)", "pv_exit (L-2)", "sandbox: Firecracker exits (L-4)")]
 
 
@@ -116,7 +117,7 @@ def _run_all(names: list[str], catalogue: dict, args: argparse.Namespace, tmp: s
     except DaemonError as exc:
         why = str(exc).strip().splitlines()
         for name in names:
-            lines.append(f"| {name} | – | – | – | – | – | – | – | – | – | – | – | – | – | not run: the daemon "
+            lines.append(f"| {name} | – | – | – | – | – | – | – | – | – | – | – | – | – | – | not run: the daemon "
                          f"refused its configuration ({why[-1] if why else exc}) |")
             print(f"{name}: not run, the daemon did not start: {why[-1] if why else exc}", flush=True)
         return lines
@@ -168,11 +169,13 @@ def main(argv: list[str] | None = None) -> int:
         "*Within tol.*: the fault's component ns within ±10 % or ±2 ms of the truth. *Wrong blame* "
         "(strict / tolerant): spans blamed on a component that is not the expected verdict, whatever their "
         "stall, on any hop. *Missed*: spans left unblamed although their truth calls for a blame. "
+        "*Enriched*: spans that carry the daemon's attributes (an unenriched span is scored like any other: "
+        "its missing verdict is wrong wherever its truth calls for a blame). "
         "*Scope*: spans joined at the precision their sender allows.",
         "",
-        "| scenario | hop | serving | fault | spans | stalled | strict | tolerant | within tol. | wrong blame "
-        "(strict / tol.) | missed | scope | truth ms (mean) | measured ms (mean) | oracle |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
+        "| scenario | hop | serving | fault | spans | enriched | stalled | strict | tolerant | within tol. | "
+        "wrong blame (strict / tol.) | missed | scope | truth ms (mean) | measured ms (mean) | oracle |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     with tempfile.TemporaryDirectory(prefix="isoscope-bench-") as tmp:
         plain = [n for n in names if not catalogue[n].relay]

@@ -183,7 +183,9 @@ class PeerResolver:
         now = time.monotonic()
         with self._lock:
             hit = self._cache.get(key)
-        if hit is not None and now - hit.at < self._ttl:
+        # An owner found is kept for the connection's life (re-verified now and then); a miss only
+        # briefly, so a keep-alive connection whose first lookup raced its socket is found soon.
+        if hit is not None and now - hit.at < (self._ttl if hit.pid else self._verify_after):
             if now - hit.checked < self._verify_after or self._still_valid(hit, peer_ip, peer_port):
                 with self._lock:
                     hit.checked = now
@@ -268,17 +270,19 @@ class PeerResolver:
 
     def _search_namespaces(self, want: Any, peer_port: int, local_port: int) -> list[tuple[int, int]]:
         """(netns, inode) of sockets whose local end is ``want:peer_port``, in the namespaces owning ``want``."""
-        for attempt in (0, 1):
-            owners = [ns for ns, addrs in self._address_index(rebuild=attempt == 1).items() if want in addrs]
-            if owners or attempt == 1:
-                break
         hits: list[tuple[int, int, bool]] = []
-        for netns in owners:
-            base = self._table_base(netns)
-            if base is None:
-                continue
-            for inode, rport in self._sockets(base, want, peer_port):
-                hits.append((netns, inode, rport == local_port))
+        for attempt in (0, 1):
+            # A cached owner can be stale (its namespace is gone and a new pod holds the address):
+            # finding no socket is a miss like an unknown address; rebuild (rate-limited), look again.
+            owners = [ns for ns, addrs in self._address_index(rebuild=attempt == 1).items() if want in addrs]
+            for netns in owners:
+                base = self._table_base(netns)
+                if base is None:
+                    continue
+                for inode, rport in self._sockets(base, want, peer_port):
+                    hits.append((netns, inode, rport == local_port))
+            if hits:
+                break
         # The destination port the sender sees may differ from ours (DNAT): prefer an exact
         # match, accept a unique source match.
         exact = [(n, i) for n, i, same in hits if same]

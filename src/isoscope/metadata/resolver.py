@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,10 @@ class ProcessInfo:
     namespace: str = ""
     pod: str = ""
     container: str = ""
+
+
+RECHECK_NS = 1_000_000_000
+"""How long a cached process is trusted without re-reading its start time."""
 
 
 def _starttime(pid: int, proc_root: str) -> int | None:
@@ -106,6 +111,7 @@ class WorkloadResolver:
         self.v2_root = cgroupfs.cgroup_v2_root(proc_root)
         self._lock = threading.Lock()
         self._procs: OrderedDict[int, ProcessInfo] = OrderedDict()
+        self._checked: dict[int, int] = {}  # pid → when its start time was last read (monotonic ns)
         self._max = max_processes
         self._cgroup_labels: OrderedDict[int, tuple[str, str, str]] = OrderedDict()
         self._scope_sets: OrderedDict[int, tuple[int, ...]] = OrderedDict()
@@ -118,7 +124,18 @@ class WorkloadResolver:
     # -- processes -------------------------------------------------------------
 
     def process(self, pid: int) -> ProcessInfo | None:
-        """Facts about a host pid, cached while the same process lives."""
+        """Facts about a host pid, cached while the same process lives.
+
+        The kernel's exit events (``on_lifecycle``) forget a process as it exits; its start time is
+        re-checked at most every ``RECHECK_NS`` besides, so a pid reused behind a lost exit event is
+        caught within that time while a busy sender costs no ``/proc`` read per batch.
+        """
+        now = time.monotonic_ns()
+        with self._lock:
+            info = self._procs.get(pid)
+            if info is not None and now - self._checked.get(pid, 0) < RECHECK_NS:
+                self._procs.move_to_end(pid)
+                return info
         st = _starttime(pid, self.proc_root)
         if st is None:
             self.forget(pid)
@@ -127,14 +144,17 @@ class WorkloadResolver:
             info = self._procs.get(pid)
             if info is not None and info.starttime == st:
                 self._procs.move_to_end(pid)
+                self._checked[pid] = now
                 return info
         info = self._load(pid, st)
         if info is None:
             return None
         with self._lock:
             self._procs[pid] = info
+            self._checked[pid] = now
             while len(self._procs) > self._max:
-                self._procs.popitem(last=False)
+                old_pid, _ = self._procs.popitem(last=False)
+                self._checked.pop(old_pid, None)
         return info
 
     def _load(self, pid: int, st: int) -> ProcessInfo | None:
@@ -171,6 +191,7 @@ class WorkloadResolver:
         """Drop what is cached about a pid (it exited)."""
         with self._lock:
             self._procs.pop(pid, None)
+            self._checked.pop(pid, None)
 
     # -- spans -------------------------------------------------------------------
 

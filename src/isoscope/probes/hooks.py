@@ -158,11 +158,13 @@ class KvmRuntime:
         kvm_reasons.fill_kernel_classification(bpf, classification)
         self._counter = (kvm_reasons.KvmExitCounter(ctx.kvm_exits, ctx.vms.vm_label)
                          if ctx.kvm_exits is not None else None)
-        self.refresh(0)
+        self.refresh(0)  # tick 0: VMMs found at once
 
     def refresh(self, tick: int) -> None:
-        vms = self._vms.refresh()
-        kvm_reasons.sync_sandbox_vmms(self._bpf, vms)
+        # Finding VMMs walks /proc: every few seconds is soon enough for a VM that just started
+        # (its exits are counted from the start either way; only their VM label waits).
+        if tick % 5 == 0:
+            kvm_reasons.sync_sandbox_vmms(self._bpf, self._vms.refresh())
         if self._counter is not None:
             self._counter.update(kvm_reasons.read_exit_totals(self._bpf))
 
