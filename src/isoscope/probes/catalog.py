@@ -54,13 +54,16 @@ SYSCALLS = ProbeSpec(
 VMSCAN = ProbeSpec(
     name="vmscan",
     source="vmscan.bpf.c",
-    summary="direct and memcg reclaim stalls",
+    summary="direct and memcg reclaim stalls; short episodes of watched threads summed per thread",
     attach=(tp("vmscan:mm_vmscan_direct_reclaim_begin"), tp("vmscan:mm_vmscan_direct_reclaim_end"),
             tp("vmscan:mm_vmscan_memcg_reclaim_begin", required=False),
             tp("vmscan:mm_vmscan_memcg_reclaim_end", required=False),
             tp("vmscan:mm_vmscan_memcg_softlimit_reclaim_begin", required=False),
-            tp("vmscan:mm_vmscan_memcg_softlimit_reclaim_end", required=False)),
-    features=("bpf", "tracepoint", "ringbuf"),
+            tp("vmscan:mm_vmscan_memcg_softlimit_reclaim_end", required=False),
+            # Flushes a thread's summed short episodes when it sleeps (e.g. between requests), so
+            # a span's reclaim has crossed by the time the span is joined.
+            raw_tp("sched:sched_switch")),
+    features=("bpf", "tracepoint", "raw_tracepoint", "ringbuf"),
     fallback="no memory-reclaim attribution",
 )
 
