@@ -38,6 +38,12 @@ POD_LEGEND = "{{workload_namespace}}/{{workload_pod}}"
 # workload_service): the unprefixed names are the scrape target's own labels, which the
 # Prometheus Operator attaches to every series (they say which isoscope pod was scraped).
 WORKLOAD = 'instance=~"$instance", workload_namespace=~"$namespace", workload_pod=~"$pod"'
+# isoscope_runqueue_neighbor_seconds_total names two workloads: the one that waited (victim_*)
+# and the one that ran meanwhile (neighbor_*; "self" and "kernel" in neighbor_container for
+# the victim's own threads and the root cgroup / idle, "other" past the cardinality cap).
+VICTIM = 'instance=~"$instance", victim_namespace=~"$namespace", victim_pod=~"$pod"'
+PAIR = ("victim_namespace, victim_pod, victim_container, "
+        "neighbor_namespace, neighbor_pod, neighbor_container")
 
 
 # ---------------------------------------------------------------------------
@@ -265,9 +271,26 @@ def top_pods() -> dict[str, Any]:
         Panel("Syscall latency p99 by class", "timeseries",
               [target(p99("isoscope_syscall_latency_seconds_bucket", "class"), "{{class}}")], unit="s",
               width=24, description="Ordinary blocked-in-syscall time: the kernel baseline, not an overhead."),
+        row("Who delays whom"),
+        Panel("Who delays whom (top pairs)", "table",
+              [target(f"topk(15, sum by ({PAIR}) "
+                      f"(rate(isoscope_runqueue_neighbor_seconds_total{{{VICTIM}}}[{RATE}])))",
+                      instant=True, fmt="table")],
+              unit="s", options=table, width=24, height=10,
+              transformations=[{"id": "organize", "options": {"excludeByName": {"Time": True}}}],
+              description="Seconds per second the victim's threads waited for a CPU while the neighbour ran "
+                          "on it (watched workloads, waits of 100 µs and more). neighbor_container "
+                          "'self' is the victim's own threads, 'kernel' the root cgroup (kworkers, "
+                          "ksoftirqd) and idle CPUs."),
+        Panel("Run-queue wait by neighbour (selected pods)", "timeseries",
+              [target(f"topk(10, sum by (neighbor_namespace, neighbor_pod, neighbor_container) "
+                      f"(rate(isoscope_runqueue_neighbor_seconds_total{{{VICTIM}}}[{RATE}])))",
+                      "{{neighbor_namespace}}/{{neighbor_pod}}/{{neighbor_container}}")],
+              unit="s", stacked=True, width=24,
+              description="Whose running made the selected pods wait for a CPU, over time."),
     ]
     return dashboard("isoscope-top-pods", "isoscope / Top pods: throttling and run-queue wait",
-                     "Which pods lose the most time to container-level (L-3) isolation.",
+                     "Which pods lose the most time to container-level (L-3) isolation, and to whom.",
                      [V_DATASOURCE, V_INSTANCE, V_NAMESPACE, V_POD], items)
 
 

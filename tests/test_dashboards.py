@@ -168,6 +168,11 @@ class Feeder:
             self.exp.add_stall(Stall("cpu_throttle", now - throttle, now, tid=1, pid=1), "shop", pod, "app")
             self.exp.add_stall(Stall("runqueue", now - runq, now, tid=1, pid=1), "shop", pod, "app")
             self.exp.add_stall(Stall("memory_reclaim", now - 200_000, now, tid=1, pid=1), "shop", pod, "app")
+            # Who ran while this pod waited: the other pod, its own threads, the kernel.
+            other = "cart-0" if pod == "checkout-7" else "checkout-7"
+            self.exp.add_runqueue_neighbor_ns(("shop", pod, "app"), ("shop", other, "app"), runq // 2)
+            self.exp.add_runqueue_neighbor_ns(("shop", pod, "app"), ("", "", "self"), runq // 3)
+            self.exp.add_runqueue_neighbor_ns(("shop", pod, "app"), ("", "", "kernel"), runq // 6)
         self.exp.add_kvm_exits("EPT_VIOLATION", "L-0", "vm-a", 250, 0.0004)
         self.exp.add_kvm_exits("HLT", "L-1", "vm-a", 900, 0.003)
         self.stats.inc("spans_received_total", ("grpc",), 2)
@@ -432,6 +437,7 @@ def target_other(target: MetricsTarget) -> str:
 def assert_reads_the_workload(what: str, result: list[dict[str, Any]], target: MetricsTarget) -> None:
     """Every workload label in a query result names a workload of the target, never the isoscope pod."""
     expected = {"workload_namespace": target.namespaces, "workload_pod": target.pods,
+                "victim_namespace": target.namespaces, "victim_pod": target.pods,
                 SERVICE_LABEL: target.services}
     for series in result:
         labels = series.get("metric", {})

@@ -113,14 +113,15 @@ class Daemon:
         # Who sent a span, and what the kernel saw.
         self.pods = self._pod_metadata()
         self.vms = VmRegistry(k.host_proc, k.host_sys)
+        tl = cfg.timeline
+        self.timeline = Timeline(tl.ttl_s, tl.max_threads, tl.max_stalls_per_thread, tl.max_records)
         ident = cfg.identity
         self.resolver = WorkloadResolver(
             k.host_proc, k.host_sys, detect_host_stack(k.host_proc, k.host_sys), self.pods, vms=self.vms,
             stats=self.stats, trust_unproven=ident.trust_unproven_claims,
             relays=RelayPolicy(comms=tuple(ident.relays.comms), exes=tuple(ident.relays.exes),
-                               cgroup_prefixes=tuple(ident.relays.cgroup_prefixes)))
-        tl = cfg.timeline
-        self.timeline = Timeline(tl.ttl_s, tl.max_threads, tl.max_stalls_per_thread, tl.max_records)
+                               cgroup_prefixes=tuple(ident.relays.cgroup_prefixes)),
+            thread_owner=self.timeline.thread_pid)
         self.steal = StealSampler(k.host_proc, interval_s=cfg.probes.steal_sample_ms / 1000) \
             if load_probes else None
         self.clock = MonoWallClock(on_step=lambda d: self.stats.inc("clock_steps_total"))

@@ -104,6 +104,38 @@ class Stall:
         return self.end_mono_ns - self.start_mono_ns
 
 
+NEIGHBORS_DETAIL = "runqueue.neighbors"
+"""Key, in a ``runqueue`` :class:`Stall`'s details, of its :class:`RunqueueNeighbors` (watched threads only)."""
+
+
+@dataclass(slots=True, frozen=True)
+class RunqueueNeighbors:
+    """Who ran on the CPU while a thread waited in its run queue (one ``runqueue`` stall's split).
+
+    Kept in the stall's ``details`` under :data:`NEIGHBORS_DETAIL` rather than as a field of
+    :class:`Stall`: the timeline stores records column-wise and already carries each record's
+    details through storage and queries, while a field would cost a column for every record
+    of every component. Child-span writers skip it as a non-scalar detail.
+
+    Attributes:
+        self_ns: threads of the waiting thread's own cgroup ran (the workload's own contention).
+        kernel_ns: the root cgroup (kworkers, ksoftirqd, unconfined tasks) or the idle task ran.
+        other_ns: other cgroups beyond ``top``.
+        unseen_ns: older than the CPU's slice history: not attributed.
+        top: ``(cgroup_id, ns)`` of the other cgroups that ran longest, longest first.
+    """
+
+    self_ns: int = 0
+    kernel_ns: int = 0
+    other_ns: int = 0
+    unseen_ns: int = 0
+    top: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def total_ns(self) -> int:
+        return self.self_ns + self.kernel_ns + self.other_ns + self.unseen_ns + sum(ns for _, ns in self.top)
+
+
 @dataclass(slots=True, frozen=True)
 class RunSegment:
     """An on-CPU interval of a watched thread (used to lay per-CPU steal over threads).

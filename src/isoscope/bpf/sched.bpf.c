@@ -55,6 +55,23 @@
  * Aggregates (always, for every thread): per-thread cumulative counters in
  * `tasks` (deleted at exit), per-cgroup totals in `cgroup_totals` and
  * per-cgroup log2 histograms of whole waits in `runq_hist` (LRU, bounded).
+ *
+ * Neighbours (ISO_SCHED_NEIGHBORS, on by default): who ran on the CPU while a
+ * watched thread waited. Every switch appends the slice that just ended
+ * (cgroup id of prev, 0 for the idle task; end time) to a ring of the CPU's
+ * last ISO_NB_RING slices, or extends the newest slice when prev is of the same
+ * cgroup: two stores, no helper call (prev's cgroup id is the one the switch
+ * already knows). That is the whole cost paid by everyone. When a watched
+ * thread's run-queue wait of at least ISO_WATCHED_MIN_STALL_NS ends, a bounded
+ * scan of that ring splits the wait by cgroup: its own cgroup (self), the root
+ * cgroup and idle (kernel), the ISO_NB_TOP other cgroups that ran longest, the
+ * rest (other), and what is older than the ring (unseen). The record is an
+ * iso_runq_event instead of a plain stall; the split is also added to the
+ * `runq_neighbors` totals (victim cgroup, neighbour cgroup) for the metrics.
+ * Limits: the ring read is that of the CPU the thread is switched in on (a
+ * thread migrated while waiting is judged by its last CPU's history); softirq
+ * work is counted for whatever task it interrupted, except in ksoftirqd (root
+ * cgroup); a cgroup id is prev's as cached for ISO_SCHED_WATCH_RECHECK_NS.
  */
 #include <uapi/linux/ptrace.h>
 #include "isoscope.h"
@@ -74,6 +91,16 @@
 #ifndef ISO_MAX_CPUS
 #define ISO_MAX_CPUS 1024
 #endif
+#ifndef ISO_SCHED_NEIGHBORS
+#define ISO_SCHED_NEIGHBORS 1
+#endif
+/* Slices of history per CPU (a power of two): a wait is split exactly while it
+ * spans fewer switches between different cgroups than this. */
+#ifndef ISO_NB_RING
+#define ISO_NB_RING 32
+#endif
+/* Distinct other cgroups one wait's scan tracks (ISO_NB_TOP of them are named). */
+#define ISO_NB_SLOTS 6
 
 struct iso_sched_task {
 	__u64 wait_start;    /* 0 when not waiting */
@@ -140,6 +167,24 @@ BPF_TABLE("lru_hash", struct iso_hist_key, __u64, runq_hist, ISO_MAX_CGROUPS * 8
 BPF_ARRAY(cpu_idle, struct iso_cpu_idle, ISO_MAX_CPUS);
 BPF_ARRAY(btf_check, __u64, 2);   /* [0] offsets agreed, [1] offsets disagreed */
 BPF_PERCPU_ARRAY(task_map_full, __u64, 1);
+
+#if ISO_SCHED_NEIGHBORS
+struct iso_cpu_slice {
+	__u64 cgroup_id;     /* 0: the idle task */
+	__u64 end_ns;        /* the slice began where the previous one ended */
+};
+
+struct iso_cpu_ring {
+	__u64 head;          /* slices appended so far; the newest is s[(head - 1) % ISO_NB_RING] */
+	__u64 _pad[7];       /* a whole cache line: no CPU's ring shares one with another's (576 bytes) */
+	struct iso_cpu_slice s[ISO_NB_RING];
+};
+
+/* A plain array keyed by CPU (its lookup is inlined); only its own CPU touches an entry,
+ * under the run-queue lock the switch holds. */
+BPF_ARRAY(cpu_ring, struct iso_cpu_ring, ISO_MAX_CPUS);
+BPF_TABLE("lru_hash", struct iso_nb_key, __u64, runq_neighbors, ISO_MAX_CGROUPS * 4);
+#endif
 
 static inline __attribute__((always_inline)) void lost_inc(void)
 {
@@ -237,8 +282,127 @@ static inline __attribute__((always_inline)) void emit_part(__u32 component, __u
 	events.ringbuf_submit(e, 0);
 }
 
+#if ISO_SCHED_NEIGHBORS
+static inline __attribute__((always_inline)) void nb_total(__u64 victim, __u64 neighbor, __u64 ns)
+{
+	if (!ns)
+		return;
+	struct iso_nb_key k = {};
+	k.victim_id = victim;
+	k.neighbor_id = neighbor;
+	__u64 *v = runq_neighbors.lookup(&k);
+	if (v)
+		__sync_fetch_and_add(v, ns);
+	else
+		runq_neighbors.update(&k, &ns);
+}
+
+/* Record [start + thr, now] of a watched thread's wait as an iso_runq_event: the CPU's slice
+ * history since `start` split by cgroup (see the header comment). `thr` is the throttled share
+ * the idle method found (idle time of the CPU, so it is taken off the idle slices here). */
+static inline __attribute__((always_inline)) void emit_runq(struct iso_sched_task *st, __s32 cpu, __u64 start,
+							   __u64 thr, __u64 now, __u32 method, __u64 wait,
+							   struct iso_cpu_ring *ring)
+{
+	__u64 self = st->cgroup_id;
+	__u64 self_ns = 0, kern_ns = 0, idle_ns = 0, other_ns = 0, unseen_ns = 0;
+	__u64 sc[ISO_NB_SLOTS] = {}, sn[ISO_NB_SLOTS] = {};
+	__u64 head = ring->head;
+	for (int i = 0; i < ISO_NB_RING; i++) {
+		if ((__u64)i >= head)
+			break;
+		struct iso_cpu_slice *cur = &ring->s[(head - 1 - i) & (ISO_NB_RING - 1)];
+		__u64 end = cur->end_ns;
+		if (end <= start)
+			break;
+		if ((__u64)i + 1 >= head || i + 1 >= ISO_NB_RING) {
+			unseen_ns += end - start;   /* this slice's start is no longer (or never was) known */
+			break;
+		}
+		__u64 from = ring->s[(head - 2 - i) & (ISO_NB_RING - 1)].end_ns;
+		if (from < start)
+			from = start;
+		if (end <= from)
+			continue;
+		__u64 ov = end - from;
+		__u64 cg = cur->cgroup_id;
+		if (cg == self) {
+			self_ns += ov;
+		} else if (cg == ISO_ROOT_CGROUP_ID) {
+			kern_ns += ov;
+		} else if (cg == 0) {
+			idle_ns += ov;
+		} else {
+			int placed = 0;
+#pragma unroll
+			for (int j = 0; j < ISO_NB_SLOTS; j++) {
+				if (!placed && (sc[j] == cg || sc[j] == 0)) {
+					sc[j] = cg;
+					sn[j] += ov;
+					placed = 1;
+				}
+			}
+			if (!placed)
+				other_ns += ov;
+		}
+	}
+	kern_ns += idle_ns > thr ? idle_ns - thr : 0;
+
+	struct iso_runq_event *e = events.ringbuf_reserve(sizeof(*e));
+	if (!e) {
+		lost_inc();
+		return;
+	}
+	e->stall.kind = ISO_EV_RUNQ;
+	e->stall.component = ISO_C_RUNQUEUE;
+	e->stall.start_ns = start + thr;
+	e->stall.end_ns = now;
+	e->stall.cgroup_id = self;
+	e->stall.pid = st->tgid;
+	e->stall.tid = st->tid;
+	e->stall.cpu = cpu;
+	e->stall.detail = method;
+	e->stall.detail2 = wait;
+	e->self_ns = self_ns;
+	e->kernel_ns = kern_ns;
+	e->unseen_ns = unseen_ns;
+	/* The ISO_NB_TOP longest of the tracked cgroups, longest first; the rest is `other`. */
+#pragma unroll
+	for (int k = 0; k < ISO_NB_TOP; k++) {
+		int best = -1;
+		__u64 best_ns = 0;
+#pragma unroll
+		for (int j = 0; j < ISO_NB_SLOTS; j++) {
+			if (sn[j] > best_ns) {
+				best_ns = sn[j];
+				best = j;
+			}
+		}
+		e->top[k].cgroup_id = 0;
+		e->top[k].ns = 0;
+#pragma unroll
+		for (int j = 0; j < ISO_NB_SLOTS; j++) {
+			if (j == best) {
+				e->top[k].cgroup_id = sc[j];
+				e->top[k].ns = sn[j];
+				nb_total(self, sc[j], sn[j]);
+				sn[j] = 0;
+			}
+		}
+	}
+#pragma unroll
+	for (int j = 0; j < ISO_NB_SLOTS; j++)
+		other_ns += sn[j];
+	e->other_ns = other_ns;
+	events.ringbuf_submit(e, 0);
+	nb_total(self, self, self_ns);
+	nb_total(self, ISO_ROOT_CGROUP_ID, kern_ns);
+	nb_total(self, 0, other_ns + unseen_ns);
+}
+#endif
+
 /* The task at `key` is switched in on `cpu` at `now`: close its wait, if any. */
-static inline __attribute__((always_inline)) void wait_end(__u64 key, __s32 cpu, __u64 now)
+static inline __attribute__((always_inline)) void wait_end(__u64 key, __s32 cpu, __u64 now, void *ring)
 {
 	struct iso_sched_task *st = tasks.lookup(&key);
 	if (!st)
@@ -302,12 +466,22 @@ static inline __attribute__((always_inline)) void wait_end(__u64 key, __s32 cpu,
 
 	if (wait < ISO_WATCHED_MIN_STALL_NS)
 		return;
-	if (wait < ISO_MIN_STALL_NS && !is_watched(st->tgid, cgid))
+	/* The watched decision cached at the thread's last switch-out (at most
+	 * ISO_SCHED_WATCH_RECHECK_NS old) spares the lookups for watched threads. */
+	int watched = st->watched;
+	if (wait < ISO_MIN_STALL_NS && !watched && !is_watched(st->tgid, cgid))
 		return;
 	if (thr)
 		emit_part(ISO_C_CPU_THROTTLE, start, start + thr, st, cpu, method, wait);
-	if (runq)
-		emit_part(ISO_C_RUNQUEUE, start + thr, now, st, cpu, method, wait);
+	if (!runq)
+		return;
+#if ISO_SCHED_NEIGHBORS
+	if (watched && ring) {
+		emit_runq(st, cpu, start, thr, now, method, wait, (struct iso_cpu_ring *)ring);
+		return;
+	}
+#endif
+	emit_part(ISO_C_RUNQUEUE, start + thr, now, st, cpu, method, wait);
 }
 
 static inline __attribute__((always_inline)) int on_wakeup(const void *p, int is_new)
@@ -381,8 +555,8 @@ RAW_TRACEPOINT_PROBE(sched_switch)
 	}
 #endif
 
+	__u64 cgid = 0;   /* prev's cgroup; stays 0 for the idle task */
 	if (prev_tid != 0) {
-		__u64 cgid;
 		__u64 prev_key = (__u64)prev;
 		struct iso_sched_task *st = tasks.lookup(&prev_key);
 		if (st) {
@@ -440,8 +614,29 @@ RAW_TRACEPOINT_PROBE(sched_switch)
 			task_new(prev_key, prev_tid, prev_tgid, cgid, -1);
 		}
 	}
+	void *ring = 0;
+#if ISO_SCHED_NEIGHBORS
+	{
+		/* The slice prev just ended: extend the newest one when it is of the same cgroup. */
+		__u32 rkey = (__u32)cpu;
+		struct iso_cpu_ring *r = cpu_ring.lookup(&rkey);
+		if (r) {
+			__u64 h = r->head;
+			struct iso_cpu_slice *last = &r->s[(h - 1) & (ISO_NB_RING - 1)];
+			if (h && last->cgroup_id == cgid) {
+				last->end_ns = now;
+			} else {
+				struct iso_cpu_slice *nx = &r->s[h & (ISO_NB_RING - 1)];
+				nx->cgroup_id = cgid;
+				nx->end_ns = now;
+				r->head = h + 1;
+			}
+			ring = r;
+		}
+	}
+#endif
 	/* The idle task never has an entry (no wake-up targets it, and prev_tid 0 creates none). */
-	wait_end((__u64)next, cpu, now);
+	wait_end((__u64)next, cpu, now, ring);
 	return 0;
 }
 

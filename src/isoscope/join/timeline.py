@@ -739,6 +739,15 @@ class Timeline:
             return [RunSegment(tid, log.pid, log.cgroup_id, col.cpus[j], col.starts[j], col.ends[j])
                     for j in col.overlapping(start, end)]
 
+    def thread_pid(self, tid: int) -> int:
+        """The process the kernel recorded thread ``tid`` in (0 if the timeline holds no record of it).
+
+        The kernel's own records prove a thread belonged to a process after the thread is gone
+        from ``/proc`` (a thread per request exits before its spans are exported)."""
+        with self._lock:
+            log = self._threads.get(tid)
+            return log.pid if log is not None else 0
+
     def threads_of(self, *, pid: int = 0, cgroup_id: int = 0) -> list[int]:
         with self._lock:
             return list(self._tids(0, pid, cgroup_id))

@@ -21,7 +21,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from isoscope.host import cgroupfs
 from isoscope.host.namespaces import NamespaceIndex, shared_index
@@ -97,12 +97,15 @@ class WorkloadResolver:
             with untrusted tenants anyone could then claim anyone's identity.
         namespaces: namespace index (the shared one of ``proc_root`` by default).
         containers: container index (built over the v2 hierarchy by default).
+        thread_owner: tid → the process the kernel recorded it in (0: unknown); proves a
+            ``thread.id`` claim for a thread that exited before its spans were resolved.
     """
 
     def __init__(self, proc_root: str = "/proc", sys_root: str = "/sys", host_stack: IsolationStack | None = None,
                  pods: Any = None, max_processes: int = 20_000, vms: Any = None, *, stats: Stats | None = None,
                  relays: RelayPolicy | None = None, trust_unproven: bool = False,
-                 namespaces: NamespaceIndex | None = None, containers: ContainerIndex | None = None) -> None:
+                 namespaces: NamespaceIndex | None = None, containers: ContainerIndex | None = None,
+                 thread_owner: Callable[[int], int] = lambda tid: 0) -> None:
         self.proc_root = proc_root
         self.sys_root = sys_root
         self.host_stack = host_stack
@@ -112,10 +115,13 @@ class WorkloadResolver:
         self._lock = threading.Lock()
         self._procs: OrderedDict[int, ProcessInfo] = OrderedDict()
         self._checked: dict[int, int] = {}  # pid → when its start time was last read (monotonic ns)
+        # pid → (facts, exit monotonic ns): processes that exited, for the namespace index's grace time.
+        self._exited: OrderedDict[int, tuple[ProcessInfo, int]] = OrderedDict()
         self._max = max_processes
         self._cgroup_labels: OrderedDict[int, tuple[str, str, str]] = OrderedDict()
         self._scope_sets: OrderedDict[int, tuple[int, ...]] = OrderedDict()
         self.stats = stats if stats is not None else Stats()
+        self._thread_owner = thread_owner
         self.relays = relays or RelayPolicy()
         self.trust_unproven = trust_unproven
         self.ns = namespaces if namespaces is not None else shared_index(proc_root)
@@ -126,9 +132,13 @@ class WorkloadResolver:
     def process(self, pid: int) -> ProcessInfo | None:
         """Facts about a host pid, cached while the same process lives.
 
-        The kernel's exit events (``on_lifecycle``) forget a process as it exits; its start time is
+        The kernel's exit events (``on_lifecycle``) retire a process as it exits; its start time is
         re-checked at most every ``RECHECK_NS`` besides, so a pid reused behind a lost exit event is
         caught within that time while a busy sender costs no ``/proc`` read per batch.
+
+        A process that exited less than the namespace index's ``exit_grace_s`` ago (and whose
+        number nobody reused) still answers with the facts it had: its last spans are resolved
+        after it is gone, once the kernel data of their window is in.
         """
         now = time.monotonic_ns()
         with self._lock:
@@ -138,9 +148,18 @@ class WorkloadResolver:
                 return info
         st = _starttime(pid, self.proc_root)
         if st is None:
-            self.forget(pid)
+            with self._lock:
+                gone = self._exited.get(pid)
+                cached = self._procs.pop(pid, None)
+                self._checked.pop(pid, None)
+                if gone is None and cached is not None:
+                    # Gone before its exit event was read: it exited now, as far as we know.
+                    gone = self._exited[pid] = (cached, now)
+            if gone is not None and now - gone[1] <= int(self.ns.exit_grace_s * 1e9):
+                return gone[0]
             return None
         with self._lock:
+            self._exited.pop(pid, None)  # the number lives again: whatever exited under it is gone
             info = self._procs.get(pid)
             if info is not None and info.starttime == st:
                 self._procs.move_to_end(pid)
@@ -188,10 +207,26 @@ class WorkloadResolver:
         return "", stack.pod_uid, stack.container_id[:12]
 
     def forget(self, pid: int) -> None:
-        """Drop what is cached about a pid (it exited)."""
+        """Drop what is cached about a pid (it exited or its number was reused)."""
         with self._lock:
             self._procs.pop(pid, None)
             self._checked.pop(pid, None)
+
+    def _retire(self, pid: int) -> None:
+        """A process exited: keep its facts for the grace time of the namespace index, then drop them."""
+        now = time.monotonic_ns()
+        grace_ns = int(self.ns.exit_grace_s * 1e9)
+        with self._lock:
+            info = self._procs.pop(pid, None)
+            self._checked.pop(pid, None)
+            if info is not None and grace_ns > 0:
+                self._exited[pid] = (info, now)
+                self._exited.move_to_end(pid)
+            while self._exited:
+                old_pid, (_info, at) = next(iter(self._exited.items()))
+                if now - at <= grace_ns and len(self._exited) <= 4096:
+                    break
+                del self._exited[old_pid]
 
     # -- spans -------------------------------------------------------------------
 
@@ -236,6 +271,10 @@ class WorkloadResolver:
                       cgroup_ids=(info.cgroup_id,) if info.cgroup_id else ())
         if tid_claim:
             tid = self.ns.thread_of(info.pid, tid_claim)
+            if not tid and len(info.nspid) <= 1 and self._thread_owner(tid_claim) == info.pid:
+                # Gone from /proc before its spans were resolved, but the kernel recorded it as a
+                # thread of this process (host tids: the sender lives in the root PID namespace).
+                tid = tid_claim
             if tid:
                 wl.scope = "thread"
                 wl.tid = tid
@@ -396,7 +435,7 @@ class WorkloadResolver:
             self.ns.on_lifecycle(ev)
             self.containers.on_lifecycle(ev)
             if ev.kind is LifecycleKind.EXIT and ev.pid == ev.tid:
-                self.forget(ev.pid)
+                self._retire(ev.pid)
             elif ev.kind is LifecycleKind.CGROUP_RMDIR:
                 with self._lock:
                     self._scope_sets.pop(ev.cgroup_id, None)

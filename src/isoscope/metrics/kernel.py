@@ -5,7 +5,8 @@ records that cross to user space: those are only the stalls above the
 threshold, while the totals count every wait. Each pass reads the cumulative
 maps, turns them into increases per workload, and feeds the Prometheus
 exporter (``isoscope_layer_stall_seconds_total``, the run-queue and syscall
-latency histograms, the KVM exit counters).
+latency histograms, the KVM exit counters, ``isoscope_runqueue_neighbor_seconds_total``
+from the sched probe's ``runq_neighbors`` totals).
 """
 
 from __future__ import annotations
@@ -28,8 +29,17 @@ MIRRORED_COMPONENTS = frozenset({"runqueue", "cpu_throttle", "virtio_io", "netns
 SYSCALL_CLASS_NAMES = {0: "other", 1: "net", 2: "file", 3: "lock", 4: "sleep"}
 
 
+SELF_LABELS: Labels = ("", "", "self")
+KERNEL_LABELS: Labels = ("", "", "kernel")
+OTHER_LABELS: Labels = ("other", "other", "other")
+ROOT_CGROUP_ID = 1
+"""The cgroup v2 root's id (``ISO_ROOT_CGROUP_ID``): kernel threads, unconfined tasks; the probe adds idle."""
+
+
 class LayerMetricsSink(Protocol):
     def add_stall_ns(self, component: str, ns: int, namespace: str, pod: str, container: str) -> None: ...
+
+    def add_runqueue_neighbor_ns(self, victim: Labels, neighbor: Labels, ns: int) -> None: ...
 
     def set_log2_histogram(self, metric: str, labels: Mapping[str, str], slot_counts: Mapping[int, int],
                            sum_seconds: float | None) -> None: ...
@@ -88,6 +98,31 @@ class KernelMetrics:
             self._add("runqueue", cg, 0, int(v.runq_ns))
             self._add("cpu_throttle", cg, 0, int(v.throttle_ns))
         self._histogram("sched", "runqueue_latency_seconds", table="runq_hist", by_class=False)
+        self._neighbors(bpf)
+
+    def _neighbor_labels(self, victim: int, neighbor: int) -> Labels:
+        if neighbor == victim:
+            return SELF_LABELS
+        if neighbor == ROOT_CGROUP_ID:
+            return KERNEL_LABELS
+        if neighbor == 0:
+            return OTHER_LABELS
+        return self._labels_of(neighbor)
+
+    def _neighbors(self, bpf: Any) -> None:
+        """Who delayed whom: increases of the (victim cgroup, neighbour cgroup) wait totals."""
+        add = getattr(self._sink, "add_runqueue_neighbor_ns", None)
+        if add is None:
+            return
+        for k, v in _items(bpf, "runq_neighbors"):
+            victim, neighbor = int(k.victim_id), int(k.neighbor_id)
+            total = int(v.value) if hasattr(v, "value") else int(v)
+            key = ("neighbor", victim, neighbor)
+            prev = self._seen.get(key, 0)
+            delta = total - prev if total >= prev else total  # an LRU eviction starts the entry over
+            self._seen[key] = total
+            if delta > 0:
+                add(self._labels_of(victim), self._neighbor_labels(victim, neighbor), delta)
 
     def _totals(self, probe: str, component: str, keep: Callable[[int], bool]) -> None:
         bpf = self._bpf_of(probe)

@@ -151,6 +151,16 @@ SYSCALL = MetricSpec(
     PREFIX + "syscall_latency_seconds", "histogram",
     "Time threads were blocked in syscalls, by class (from the kernel log2 histogram).",
     ("class",) + _WORKLOAD, frozenset(_WORKLOAD))
+VICTIM_LABELS: tuple[str, str, str] = ("victim_namespace", "victim_pod", "victim_container")
+"""The workload that waited for a CPU (same meaning as :data:`WORKLOAD_LABELS`)."""
+NEIGHBOR_LABELS: tuple[str, str, str] = ("neighbor_namespace", "neighbor_pod", "neighbor_container")
+"""Who ran on that CPU meanwhile: a workload, or (empty namespace and pod) ``self`` (the victim's own
+threads), ``kernel`` (root cgroup, idle); ``other`` in all three for the rest."""
+
+RUNQ_NEIGHBOR = MetricSpec(
+    PREFIX + "runqueue_neighbor_seconds", "counter",
+    "Time threads of a watched workload (victim_*) waited for a CPU while another workload (neighbor_*) ran on it.",
+    VICTIM_LABELS + NEIGHBOR_LABELS, frozenset(VICTIM_LABELS + NEIGHBOR_LABELS))
 LABEL_OVERFLOW = MetricSpec(
     PREFIX + "label_overflow", "counter",
     "Observations whose label values were folded into 'other' by the cardinality cap.",
@@ -344,9 +354,9 @@ class PrometheusExporter:
         self._log2_exps = tuple(sorted(int(e) for e in log2_le_exponents))
         self._caps = {s.name: CardinalityCap(s, max_label_values)
                       for s in (LAYER_STALL, SPAN_LAYER, SPAN_OVERHEAD, KVM_EXITS, KVM_EXIT_SECONDS,
-                                STEAL, RUNQUEUE, SYSCALL)}
+                                STEAL, RUNQUEUE, SYSCALL, RUNQ_NEIGHBOR)}
         self._counters: dict[str, dict[tuple[str, ...], float]] = {
-            s.name: {} for s in (LAYER_STALL, KVM_EXITS, KVM_EXIT_SECONDS, STEAL, LABEL_OVERFLOW)}
+            s.name: {} for s in (LAYER_STALL, KVM_EXITS, KVM_EXIT_SECONDS, STEAL, RUNQ_NEIGHBOR, LABEL_OVERFLOW)}
         self._histograms: dict[str, dict[tuple[str, ...], _Histogram]] = {
             SPAN_LAYER.name: {}, SPAN_OVERHEAD.name: {}}
         self._log2: dict[str, dict[tuple[str, ...], _Log2Histogram]] = {n: {} for n in LOG2_HISTOGRAMS}
@@ -489,6 +499,20 @@ class PrometheusExporter:
             layer, component = OTHER, OTHER
         self._inc(LAYER_STALL, (layer, component, namespace, pod, container), ns / 1e9)
 
+    def add_runqueue_neighbor_ns(self, victim: tuple[str, str, str], neighbor: tuple[str, str, str],
+                                 ns: int) -> None:
+        """Add to ``isoscope_runqueue_neighbor_seconds_total``: ``victim`` waited ``ns`` while ``neighbor`` ran.
+
+        Args:
+            victim: (namespace, pod, container) of the workload that waited.
+            neighbor: (namespace, pod, container) of the one that ran, or ``("", "", "self")``,
+                ``("", "", "kernel")``, ``("other", "other", "other")``.
+            ns: nanoseconds to add (ignored when <= 0).
+        """
+        if ns <= 0:
+            return
+        self._inc(RUNQ_NEIGHBOR, tuple(victim) + tuple(neighbor), ns / 1e9)
+
     def add_kvm_exits(self, reason: str, layer: str, vm: str, count: int, seconds: float) -> None:
         """Add KVM exits seen on this host.
 
@@ -578,6 +602,12 @@ class PrometheusExporter:
                     del store[key]
                     self._caps[spec.name].forget(key)
                     removed += 1
+            # A pair goes when either side does.
+            store = self._counters[RUNQ_NEIGHBOR.name]
+            for key in [k for k in store if k[:3] == target or k[3:] == target]:
+                del store[key]
+                self._caps[RUNQ_NEIGHBOR.name].forget(key)
+                removed += 1
         return removed
 
     def _inc(self, spec: MetricSpec, values: tuple[str, ...], amount: float) -> None:
@@ -610,7 +640,7 @@ class PrometheusExporter:
             histograms = {n: {k: (list(h.counts), h.sum, list(h.exemplars)) for k, h in s.items()}
                           for n, s in self._histograms.items()}
             log2 = {n: dict(s) for n, s in self._log2.items()}
-        for spec in (LAYER_STALL, KVM_EXITS, KVM_EXIT_SECONDS, STEAL, LABEL_OVERFLOW):
+        for spec in (LAYER_STALL, KVM_EXITS, KVM_EXIT_SECONDS, STEAL, RUNQ_NEIGHBOR, LABEL_OVERFLOW):
             fam = CounterMetricFamily(spec.name, spec.help, labels=spec.labels)
             for key, value in sorted(counters[spec.name].items()):
                 fam.add_metric(list(key), value)
@@ -690,4 +720,5 @@ __all__ = [
     "PrometheusExporter", "MetricSink", "CardinalityCap", "MetricSpec", "log2_to_cumulative",
     "DEFAULT_SPAN_BUCKETS", "DEFAULT_RATIO_BUCKETS", "DEFAULT_LOG2_LE_EXPONENTS",
     "LOG2_HISTOGRAMS", "STATS_COUNTERS", "STATS_GAUGES", "OTHER", "WORKLOAD_LABELS", "SERVICE_LABEL",
+    "VICTIM_LABELS", "NEIGHBOR_LABELS", "RUNQ_NEIGHBOR",
 ]

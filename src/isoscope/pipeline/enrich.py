@@ -14,7 +14,9 @@ from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
 from isoscope import __version__
-from isoscope.model import COMPONENT_LAYER, KERNEL, LAYERS, Breakdown, Stall, Workload, component_key, layer_key
+from isoscope.join.neighbors import SPECIAL_NAMES, merge_neighbors, stall_neighbors, window_neighbors
+from isoscope.model import (COMPONENT_LAYER, KERNEL, LAYERS, NEIGHBORS_DETAIL, Breakdown, Stall, Workload,
+                            component_key, layer_key)
 
 SCOPE_NAME = "isoscope"
 SCOPE_VERSION = __version__
@@ -23,6 +25,18 @@ DETAIL_PREFIX = "isolation."
 _LAYER_NS_KEYS = {layer: f"isolation.{layer_key(layer)}.ns" for layer in LAYERS}
 _COMPONENT_NS_KEYS = {c: f"isolation.{layer_key(COMPONENT_LAYER[c])}.{c}.ns" for c in COMPONENT_LAYER
                       if COMPONENT_LAYER[c] != KERNEL}
+
+NEIGHBORS_KEY = "isolation.l3.runqueue.neighbors"
+"""string[]: who ran on the CPU while the thread waited in the run queue, longest first, each
+``<name>=<time>`` (``shop/web-7d9f/web=12.3ms``, ``self=4.10ms``, ``kernel=0.210ms``, ``other=…``)."""
+NEIGHBORS_NS_KEY = "isolation.l3.runqueue.neighbors.ns"
+"""int[]: the exact ns of each :data:`NEIGHBORS_KEY` entry, in the same order."""
+NEIGHBOR_KEY = "isolation.l3.runqueue.neighbor"
+"""string: the other workload that ran longest while the thread waited (exact-match searchable)."""
+THROTTLE_CAUSE_KEY = "isolation.l3.cpu_throttle.cause"
+"""string: why CFS throttling held the thread back; always ``own_quota`` (the workload's own, or its
+pod's, CPU limit: no neighbour takes part in it)."""
+THROTTLE_CAUSE = "own_quota"
 
 
 def _kv_str(key: str, value: str) -> KeyValue:
@@ -49,6 +63,51 @@ def _kv_str_array(key: str, values: list[str]) -> KeyValue:
     for v in values:
         arr.values.add().string_value = v
     return kv
+
+
+def format_ms(ns: int) -> str:
+    """``12300000`` → ``"12.3ms"``: three significant digits, in ms."""
+    ms = ns / 1e6
+    if ms >= 100:
+        return f"{ms:.0f}ms"
+    if ms >= 10:
+        return f"{ms:.1f}ms"
+    if ms >= 1:
+        return f"{ms:.2f}ms"
+    return f"{ms:.3f}ms"
+
+
+def neighbor_attributes(entries: list[tuple[str, int]]) -> list[KeyValue]:
+    """The run-queue neighbour attributes for ``(name, ns)`` entries, longest first.
+
+    Written as ``isolation.l3.runqueue.neighbors`` (``name=time`` strings: readable as they are in
+    Jaeger and Tempo, matched with a regex in TraceQL), ``isolation.l3.runqueue.neighbors.ns``
+    (exact ns, same order) and ``isolation.l3.runqueue.neighbor`` (the other workload that ran
+    longest, a plain string any backend can search by equality). Nothing when ``entries`` is empty.
+    """
+    if not entries:
+        return []
+    attrs = [_kv_str_array(NEIGHBORS_KEY, [f"{name}={format_ms(ns)}" for name, ns in entries])]
+    kv = KeyValue(key=NEIGHBORS_NS_KEY)
+    for _, ns in entries:
+        kv.value.array_value.values.add().int_value = ns
+    attrs.append(kv)
+    top = next((name for name, _ in entries if name not in SPECIAL_NAMES), None)
+    if top is not None:
+        attrs.append(_kv_str(NEIGHBOR_KEY, top))
+    return attrs
+
+
+def span_neighbor_attributes(stalls: list[Stall], start: int, end: int,
+                             name_of: Callable[[int], str]) -> list[KeyValue]:
+    """:func:`neighbor_attributes` of the run-queue stalls of a span window (empty when none carries a split)."""
+    tally = window_neighbors(stalls, start, end)
+    return neighbor_attributes(tally.named(name_of)) if tally else []
+
+
+def wire_attributes(attrs: list[KeyValue]) -> bytes:
+    """``attrs`` as a run of serialized ``Span.attributes`` fields (to append with ``MergeFromString``)."""
+    return b"".join(b"\x4a" + _varint(kv.ByteSize()) + kv.SerializeToString() for kv in attrs)
 
 
 def workload_attributes(wl: Workload) -> list[KeyValue]:
@@ -86,6 +145,8 @@ def contract_attributes(bd: Breakdown, wl: Workload, blame_threshold: float,
     dominant = bd.dominant()
     if dominant and ratio >= blame_threshold and ratio > 0:
         attrs.append(_kv_str("isolation.blame", component_key(dominant)))
+    if bd.component_ns.get("cpu_throttle"):
+        attrs.append(_kv_str(THROTTLE_CAUSE_KEY, THROTTLE_CAUSE))
     attrs.append(_kv_double("isolation.coverage", round(bd.coverage, 4)))
     return attrs
 
@@ -128,6 +189,7 @@ _BLAME = {c: _wire_attr("isolation.blame", b"\x0a" + _varint(len(component_key(c
           for c in COMPONENT_LAYER if COMPONENT_LAYER[c] != KERNEL}
 _RATIO_ZERO = _wire_attr("isolation.overhead.ratio", b"\x21" + _DOUBLE.pack(0.0))
 _COVERAGE_ONE = _wire_attr("isolation.coverage", b"\x21" + _DOUBLE.pack(1.0))
+_THROTTLE_CAUSE = _wire_attr(THROTTLE_CAUSE_KEY, b"\x0a" + _varint(len(THROTTLE_CAUSE)) + THROTTLE_CAUSE.encode())
 
 
 def workload_attributes_wire(wl: Workload) -> bytes:
@@ -160,6 +222,8 @@ def contract_attributes_wire(bd: Breakdown, blame_threshold: float, workload_wir
     dominant = bd.dominant()
     if dominant and ratio >= blame_threshold and ratio > 0:
         parts.append(_BLAME[dominant])
+    if bd.component_ns.get("cpu_throttle"):
+        parts.append(_THROTTLE_CAUSE)
     cov = round(bd.coverage, 4)
     parts.append(_COVERAGE_ONE if cov == 1.0 else _wire_attr("isolation.coverage", b"\x21" + _DOUBLE.pack(cov)))
     return b"".join(parts)
@@ -202,8 +266,11 @@ def _merged(group: list[Stall]) -> Stall:
     last = max(s.end_mono_ns for s in group)
     # A member that is itself a merged run counts what it merged, not its whole interval.
     total = sum(int((s.details or {}).get("merged.ns", s.duration_ns)) for s in group)
-    return Stall(group[0].component, first, last, group[0].tid, group[0].pid, group[0].cgroup_id, -1,
-                 {"merged.ns": total})
+    details: dict[str, Any] = {"merged.ns": total}
+    nb = merge_neighbors(n for n in map(stall_neighbors, group) if n is not None)
+    if nb is not None:
+        details[NEIGHBORS_DETAIL] = nb
+    return Stall(group[0].component, first, last, group[0].tid, group[0].pid, group[0].cgroup_id, -1, details)
 
 
 def _coalesce_touching(stalls: list[Stall]) -> list[tuple[Stall, int]]:
@@ -258,7 +325,7 @@ def _merge_for_children(stalls: list[Stall], min_stall_ns: int, max_children: in
 def child_spans(parent: Span, bd: Breakdown, wl: Workload, to_unix: Callable[[int], int], *,
                 min_stall_ns: int, max_children: int, window: tuple[int, int],
                 id_source: Callable[[int], bytes] = os.urandom,
-                cgroup_path: str = "") -> list[Span]:
+                cgroup_path: str = "", neighbor_name: Callable[[int], str] | None = None) -> list[Span]:
     """Child spans for the stalls of a breakdown (docs/architecture.md §4): one per stall ≥ ``min_stall_ns``.
 
     Args:
@@ -269,6 +336,8 @@ def child_spans(parent: Span, bd: Breakdown, wl: Workload, to_unix: Callable[[in
         min_stall_ns: shorter stalls get no child span.
         max_children: at most this many; the rest are merged per component.
         window: the span window (monotonic), children are clipped to it.
+        neighbor_name: names a cgroup for the run-queue neighbour attributes of ``runqueue``
+            children (:class:`isoscope.join.neighbors.CgroupNamer`); None leaves them out.
     """
     if max_children <= 0 or not bd.stalls:
         return []
@@ -301,6 +370,11 @@ def child_spans(parent: Span, bd: Breakdown, wl: Workload, to_unix: Callable[[in
                 attrs.append(_kv_double(DETAIL_PREFIX + k, v))
         if cgroup_path:
             attrs.append(_kv_str(DETAIL_PREFIX + "cgroup.path", cgroup_path))
+        if stall.component == "runqueue" and neighbor_name is not None:
+            # Also when the list has only self: "your own threads" is the answer then.
+            attrs.extend(span_neighbor_attributes([stall], a, b, neighbor_name))
+        elif stall.component == "cpu_throttle":
+            attrs.append(_kv_str(THROTTLE_CAUSE_KEY, THROTTLE_CAUSE))
         child.attributes.extend(attrs)
         out.append(child)
     return out

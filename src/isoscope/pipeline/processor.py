@@ -21,12 +21,15 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+from isoscope.host import cgroupfs
 from isoscope.join.attribution import Attributor
+from isoscope.join.neighbors import CgroupNamer
 from isoscope.kernel.clock import MonoWallClock
 from isoscope.config import AttributionConfig
 from isoscope.pipeline.enrich import (add_attributes, add_resource_attributes, child_spans, contract_attributes,
                                       contract_attributes_wire, isoscope_scope, kubernetes_attributes,
-                                      workload_attributes, workload_attributes_wire)
+                                      span_neighbor_attributes, wire_attributes, workload_attributes,
+                                      workload_attributes_wire)
 from isoscope.metadata.resolver import WorkloadResolver, resource_identity
 from isoscope.model import Backpressure, Breakdown, Stats, TraceBatch, Workload
 
@@ -140,6 +143,12 @@ class EnrichPipeline:
         self._failures_logged = 0
         self.hold_ns = int(cfg.hold_max_ms * 1e6)
         self.min_stall_ns = int(cfg.min_stall_ms * 1e6)
+        self.neighbor_name = CgroupNamer(getattr(resolver, "cgroup_labels", lambda _cg: ("", "", "")),
+                                         self._cgroup_path)
+
+    def _cgroup_path(self, cgroup_id: int) -> str | None:
+        v2_root = getattr(self.resolver, "v2_root", None)
+        return cgroupfs.cgroup_path_by_id(cgroup_id, v2_root) if v2_root else None
 
     # -- TraceConsumer ------------------------------------------------------------
 
@@ -332,22 +341,28 @@ class EnrichPipeline:
                     continue
                 span, wl = p.span, p.wl
                 try:
+                    stalls = None
+                    neighbors = []
+                    if p.tid and bd.component_ns.get("runqueue"):
+                        # Who ran while the thread waited: the splits its run-queue stalls carry.
+                        stalls = self.attributor.stalls(p.tid, p.start, p.end)
+                        neighbors = span_neighbor_attributes(stalls, p.start, p.end, self.neighbor_name)
                     if may_conflict:
                         # Some span may hold isolation.* keys already: add only the missing ones.
                         prefix = wl_attrs.get(id(wl))
                         if prefix is None:
                             prefix = wl_attrs[id(wl)] = workload_attributes(wl)
-                        add_attributes(span, contract_attributes(bd, wl, blame, prefix), True)
+                        add_attributes(span, contract_attributes(bd, wl, blame, prefix) + neighbors, True)
                     else:
                         wire = wl_wire.get(id(wl))
                         if wire is None:
                             wire = wl_wire[id(wl)] = workload_attributes_wire(wl)
-                        span.MergeFromString(contract_attributes_wire(bd, blame, wire))
+                        span.MergeFromString(contract_attributes_wire(bd, blame, wire) + wire_attributes(neighbors))
                     if max_children and p.tid and self._wants_children(bd, mode, blame):
-                        bd.stalls = self.attributor.stalls(p.tid, p.start, p.end)
+                        bd.stalls = stalls if stalls is not None else self.attributor.stalls(p.tid, p.start, p.end)
                         kids = child_spans(span, bd, wl, self.clock.to_unix, min_stall_ns=self.min_stall_ns,
                                            max_children=max_children, window=(p.start, p.end),
-                                           cgroup_path=wl.cgroup_path)
+                                           cgroup_path=wl.cgroup_path, neighbor_name=self.neighbor_name)
                         children.extend(kids)
                     enriched[wl.scope] = enriched.get(wl.scope, 0) + 1
                     if self._observer is not None:

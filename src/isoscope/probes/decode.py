@@ -14,10 +14,10 @@ from typing import Callable, Mapping
 
 from isoscope.probes.kvm_reasons import decode_details as _kvm_details
 from isoscope.probes.kvm_reasons import decode_sandbox_details as _sandbox_details
-from isoscope.probes.layout import (COMPONENT_BY_CODE, COMPONENT_CODE, EV_LIFECYCLE, EV_RUN, EV_STALL,  # noqa: F401
-                                    LIFECYCLE_BY_CODE, SYSCALL_CLASSES, LifecycleRecord, RunRecord, StallRecord,
-                                    TotalRecord, _C, header_constants)
-from isoscope.model import LifecycleEvent, LifecycleKind, RunSegment, Stall
+from isoscope.probes.layout import (COMPONENT_BY_CODE, COMPONENT_CODE, EV_LIFECYCLE, EV_RUN, EV_RUNQ,  # noqa: F401
+                                    EV_STALL, LIFECYCLE_BY_CODE, SYSCALL_CLASSES, LifecycleRecord, RunqRecord,
+                                    RunRecord, StallRecord, TotalRecord, _C, header_constants)
+from isoscope.model import NEIGHBORS_DETAIL, LifecycleEvent, LifecycleKind, RunqueueNeighbors, RunSegment, Stall
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,18 @@ def decode_record(data: bytes) -> Stall | LifecycleEvent | RunSegment:
         dec = DETAIL_DECODERS.get(comp)
         details = dec(r.detail, r.detail2) if dec else {}
         return Stall(comp, r.start_ns, r.end_ns, r.tid, r.pid, r.cgroup_id, r.cpu, details)
+    if kind == EV_RUNQ:
+        if len(data) < ctypes.sizeof(RunqRecord):
+            raise DecodeError("short run-queue record")
+        q = RunqRecord.from_buffer_copy(data)
+        r = q.stall
+        if COMPONENT_BY_CODE.get(r.component) != "runqueue":
+            raise DecodeError(f"run-queue record with component code {r.component}")
+        details = dict(_sched_details(r.detail, r.detail2))
+        details[NEIGHBORS_DETAIL] = RunqueueNeighbors(
+            q.self_ns, q.kernel_ns, q.other_ns, q.unseen_ns,
+            tuple((n.cgroup_id, n.ns) for n in q.top if n.ns))
+        return Stall("runqueue", r.start_ns, r.end_ns, r.tid, r.pid, r.cgroup_id, r.cpu, details)
     if kind == EV_LIFECYCLE:
         if len(data) < ctypes.sizeof(LifecycleRecord):
             raise DecodeError("short lifecycle record")

@@ -58,6 +58,37 @@ class RunRecord(ctypes.Structure):
     ]
 
 
+class NeighborRecord(ctypes.Structure):
+    """``struct iso_runq_neighbor``: one cgroup that ran while a thread waited, and for how long."""
+
+    _fields_ = [
+        ("cgroup_id", ctypes.c_uint64),
+        ("ns", ctypes.c_uint64),
+    ]
+
+
+class RunqRecord(ctypes.Structure):
+    """``struct iso_runq_event``: a watched thread's run-queue wait split by who ran meanwhile."""
+
+    _fields_ = [
+        ("stall", StallRecord),
+        ("self_ns", ctypes.c_uint64),
+        ("kernel_ns", ctypes.c_uint64),
+        ("other_ns", ctypes.c_uint64),
+        ("unseen_ns", ctypes.c_uint64),
+        ("top", NeighborRecord * 3),
+    ]
+
+
+class NeighborKey(ctypes.Structure):
+    """``struct iso_nb_key``: key of the sched probe's ``runq_neighbors`` totals."""
+
+    _fields_ = [
+        ("victim_id", ctypes.c_uint64),
+        ("neighbor_id", ctypes.c_uint64),
+    ]
+
+
 class TotalRecord(ctypes.Structure):
     """``struct iso_total``: exact per-key count and sum kept next to the log2 histograms."""
 
@@ -80,12 +111,18 @@ _C = header_constants()
 EV_STALL = _C["ISO_EV_STALL"]
 EV_LIFECYCLE = _C["ISO_EV_LIFECYCLE"]
 EV_RUN = _C["ISO_EV_RUN"]
+EV_RUNQ = _C["ISO_EV_RUNQ"]
+ROOT_CGROUP_ID = _C["ISO_ROOT_CGROUP_ID"]
 
 for _struct, _const in ((StallRecord, "ISO_STALL_SIZE"), (LifecycleRecord, "ISO_LIFECYCLE_SIZE"),
-                        (RunRecord, "ISO_RUN_SIZE"), (TotalRecord, "ISO_TOTAL_SIZE")):
+                        (RunRecord, "ISO_RUN_SIZE"), (TotalRecord, "ISO_TOTAL_SIZE"),
+                        (RunqRecord, "ISO_RUNQ_SIZE"), (NeighborKey, "ISO_NB_KEY_SIZE")):
     if ctypes.sizeof(_struct) != _C[_const]:
         raise ImportError(f"{_struct.__name__} is {ctypes.sizeof(_struct)} bytes but isoscope.h says "
                           f"{_const}={_C[_const]}: the header and decode.py disagree")
+_NB_TOP = dict(RunqRecord._fields_)["top"]._length_
+if _NB_TOP != _C["ISO_NB_TOP"]:
+    raise ImportError(f"RunqRecord holds {_NB_TOP} neighbours but isoscope.h says ISO_NB_TOP={_C['ISO_NB_TOP']}")
 
 COMPONENT_BY_CODE: Mapping[int, str] = {
     _C["ISO_C_RUNQUEUE"]: "runqueue",

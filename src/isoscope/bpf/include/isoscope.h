@@ -24,6 +24,7 @@
 #define ISO_EV_LIFECYCLE  2u
 #define ISO_EV_RUN        3u   /* on-CPU run segment of a watched thread (steal overlay) */
 #define ISO_EV_PACKET     4u   /* veth crossing of one packet (netns) */
+#define ISO_EV_RUNQ       5u   /* run-queue wait of a watched thread, with who ran meanwhile */
 
 /* ---- stall components (collector/model.py COMPONENT_LAYER) ---- */
 #define ISO_C_RUNQUEUE        1u
@@ -135,6 +136,48 @@ struct iso_total {
 #define ISO_SCHED_M_TASK_FLAG  1u   /* task_struct.throttled seen at switch-out (exact, 6.18+) */
 #define ISO_SCHED_M_IDLE       2u   /* CPU idle while the preempted thread waited (inferred) */
 #define ISO_SCHED_M_KPROBE     3u   /* throttle_cfs_rq/unthrottle_cfs_rq events */
+
+/* ---- sched probe: who ran on the CPU while a watched thread waited (bpf/sched.bpf.c) ---- */
+#define ISO_NB_TOP            3     /* named contributors per wait record */
+#define ISO_ROOT_CGROUP_ID    1u    /* cgroup v2 root: kernel threads (kworkers, ksoftirqd) and unconfined tasks */
+
+/* One contributor to a wait: a cgroup and how long it ran on the CPU during the wait. 16 bytes. */
+struct iso_runq_neighbor {
+	__u64 cgroup_id;
+	__u64 ns;
+};
+
+/*
+ * A run-queue wait of a watched thread (component ISO_C_RUNQUEUE) with the
+ * work that ran on the CPU meanwhile. The first 56 bytes are a struct
+ * iso_stall_event with kind ISO_EV_RUNQ. The shares add up to the stall's
+ * interval (the whole wait less any throttled share):
+ *   self_ns    threads of the waiting thread's own cgroup (its own contention);
+ *   kernel_ns  the root cgroup (kworkers, ksoftirqd, unconfined tasks) and
+ *              the idle task (wake-up latency of an idle CPU);
+ *   top[]      the other cgroups that ran longest, longest first (ns 0 = unused);
+ *   other_ns   the remaining other cgroups;
+ *   unseen_ns  the part of the wait older than the CPU's slice history holds.
+ * 136 bytes.
+ */
+struct iso_runq_event {
+	struct iso_stall_event stall;
+	__u64 self_ns;
+	__u64 kernel_ns;
+	__u64 other_ns;
+	__u64 unseen_ns;
+	struct iso_runq_neighbor top[ISO_NB_TOP];
+};
+#define ISO_RUNQ_SIZE 136
+
+/* Key of the sched probe's `runq_neighbors` totals (value: __u64 ns): who delayed whom.
+ * neighbor_id = victim_id for the victim's own threads, ISO_ROOT_CGROUP_ID for the root
+ * cgroup and the idle task, 0 for the rest (beyond the tracked contributors, or unseen). 16 bytes. */
+struct iso_nb_key {
+	__u64 victim_id;
+	__u64 neighbor_id;
+};
+#define ISO_NB_KEY_SIZE 16
 
 #ifndef ISO_RINGBUF_PAGES
 #define ISO_RINGBUF_PAGES 64
