@@ -51,8 +51,32 @@ def test_a_syscall_that_waited_on_a_virtio_request_is_virtio_time() -> None:
 
 
 class _Steal:
+    """A tenth of every on-CPU nanosecond stolen."""
+
     def overlay(self, segments, start, end):
         return sum(min(s.end_mono_ns, end) - max(s.start_mono_ns, start) for s in segments) // 10
+
+    def node_steal_ns(self, start, end):
+        return (end - start) / 10
+
+
+class _NoSteal(_Steal):
+    """A host that stole nothing: the per-thread overlay must not even be asked."""
+
+    def overlay(self, segments, start, end):
+        raise AssertionError("on-CPU segments read although no CPU lost time")
+
+    def node_steal_ns(self, start, end):
+        return 0.0
+
+
+def test_no_steal_on_the_node_means_no_steal_and_no_segment_reads() -> None:
+    tl = Timeline()
+    tl.set_probe_up("sched", True, at_mono_ns=0)
+    tl.add_run(RunSegment(5, 5, 9, 0, 3 * MS, 8 * MS))
+    bd = Attributor(tl, _NoSteal()).breakdown(Workload("thread", tid=5, pid=5), 0, 10 * MS,
+                                              drained_until=20 * MS)
+    assert "steal" not in bd.component_ns
 
 
 def test_attributor_scopes_and_steal_and_coverage() -> None:

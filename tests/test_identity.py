@@ -392,3 +392,91 @@ def test_peer_cache_dropped_when_owner_exits() -> None:
         child.kill()
         child.wait()
         srv.close()
+
+
+def test_first_connection_from_a_namespace_made_after_the_index_resolves() -> None:
+    """A pod's namespace and address appear after the address index was built: its first connection resolves.
+
+    Full rebuilds are off (``address_refresh_s`` of an hour) so only the namespace
+    change can find it; unknown addresses afterwards cost no re-read at all.
+    """
+    import socket
+    from isoscope_lab.topology import NetNs, VethLink, free_subnet_base, lab_tag
+    ns = NamespaceIndex(refresh_s=3600, min_rescan_s=3600)
+    peers = PeerResolver(namespaces=ns, address_refresh_s=3600, changed_settle_s=0)
+    assert peers.resolve("192.0.2.7", 40000, 4318) == 0  # builds the index (and misses)
+    assert peers.stats["address_rebuilds"] == 1
+    tag = lab_tag()
+    netns = NetNs.create(f"isoaf{tag}")
+    link = VethLink.create(f"iaf{tag}h", f"iaf{tag}c", None, netns, free_subnet_base(1))
+    srv = socket.socket()
+    child = None
+    try:
+        srv.bind((link.a_ip, 0))
+        srv.listen()
+        child = subprocess.Popen(["nsenter", f"--net={netns.path}", "--", sys.executable, "-c",
+                                  "import socket,sys\n"
+                                  f"s=socket.create_connection(({link.a_ip!r},{srv.getsockname()[1]}))\n"
+                                  "print(s.getsockname()[1],flush=True); sys.stdin.readline()"],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        cport = int(child.stdout.readline())
+        acc, (peer_ip, _) = srv.accept()
+        assert peer_ip == link.b_ip
+        # Before the daemon has read the sender's namespace event, the index cannot know it.
+        assert peers.resolve(peer_ip, cport, srv.getsockname()[1]) == 0
+        # The kernel's setns record of the sender entering its namespace (as the router applies it):
+        # the cached miss is retried at once and only that namespace is read.
+        ns.on_lifecycle(LifecycleEvent(LifecycleKind.SETNS, 0, child.pid, child.pid, flags=0x40000000))
+        assert peers.resolve(peer_ip, cport, srv.getsockname()[1]) == child.pid
+        assert peers.stats["address_rebuilds"] == 1
+        rereads = peers.stats["address_rereads"]
+        assert rereads >= 1
+        # A sender from many unknown addresses: no rebuild, no re-read (nothing changed since).
+        for i in range(50):
+            assert peers.resolve(f"198.51.100.{i + 1}", 1000 + i, srv.getsockname()[1]) == 0
+        assert peers.stats["address_rebuilds"] == 1 and peers.stats["address_rereads"] == rereads
+        acc.close()
+    finally:
+        if child is not None:
+            child.kill()
+            child.wait()
+        srv.close()
+        link.delete()
+        netns.delete()
+
+
+def test_sender_that_exited_is_resolved_for_its_last_spans() -> None:
+    """Spans held for their kernel data are resolved after their sender exited, within the grace time only."""
+    ns = NamespaceIndex(refresh_s=3600, min_rescan_s=3600)
+    stats = Stats()
+    resolver = WorkloadResolver(stats=stats, namespaces=ns)
+    child = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c",
+                              "import sys, threading\n"
+                              "t = threading.Thread(target=sys.stdin.readline); t.start()\n"
+                              "print(t.native_id, flush=True); t.join()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        ns_tid = int(child.stdout.readline())
+        host_pid = int(Path(f"/proc/{child.pid}/task/{child.pid}/children").read_text().split()[0])
+        host_tid = next(int(t) for t in os.listdir(f"/proc/{host_pid}/task")
+                        if _nspid(f"{host_pid}/task/{t}")[-1] == ns_tid)
+        ns.rebuild()
+        alive = resolver.resolve({"process.pid": 1}, ns_tid, host_pid)
+        assert alive is not None and (alive.scope, alive.pid, alive.tid) == ("thread", host_pid, host_tid)
+        child.stdin.write("\n")
+        child.stdin.flush()
+        child.wait(timeout=30)
+        assert not os.path.exists(f"/proc/{host_pid}")
+        for ev in (LifecycleEvent(LifecycleKind.EXIT, 0, host_pid, host_tid),
+                   LifecycleEvent(LifecycleKind.EXIT, 0, host_pid, host_pid)):
+            resolver.on_lifecycle(ev)
+        gone = resolver.resolve({"process.pid": 1}, ns_tid, host_pid)
+        assert gone is not None and (gone.scope, gone.pid, gone.tid) == ("thread", host_pid, host_tid)
+        assert stats.counter("identity_rejected_total", ("unproven_sender",)) == 0
+        ns.exit_grace_s = 0  # past the grace time: the sender is unproven again
+        assert resolver.resolve({"process.pid": 1}, ns_tid, host_pid) is None
+        assert stats.counter("identity_rejected_total", ("unproven_sender",)) == 1
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()

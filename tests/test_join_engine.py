@@ -292,3 +292,24 @@ def test_wire_attributes_equal_the_keyvalue_ones(comps, duration, coverage, thre
     add_attributes(a, contract_attributes(bd, wl, threshold), False)
     b.MergeFromString(contract_attributes_wire(bd, threshold, workload_attributes_wire(wl)))
     assert list(a.attributes) == list(b.attributes)
+
+
+def test_out_of_order_inserts_resolve_once_per_read(monkeypatch) -> None:
+    """Each probe's ring is drained in turn, so a thread's records arrive out of order: resolving
+    at every insert made a burst quadratic (the drain then fell behind without bound)."""
+    from isoscope.join import timeline as tl_mod
+
+    calls = []
+    real = tl_mod._ThreadLog.reresolve_from
+    monkeypatch.setattr(tl_mod._ThreadLog, "reresolve_from", lambda self, p: (calls.append(p), real(self, p))[1])
+    tl = Timeline()
+    tl.set_probe_up("sched", True, at_mono_ns=0)
+    n = 2000
+    for i in reversed(range(n)):  # newest first: every insert lands before everything held
+        tl.add_stall(Stall("runqueue" if i % 2 else "syscall", i * 1000, i * 1000 + 600, 7, 7, 1))
+    assert calls == []
+    got = tl.window_ns(0, n * 1000, tid=7)[7]
+    assert len(calls) == 1
+    assert got == {"runqueue": 600 * (n // 2), "syscall": 600 * (n // 2)}
+    tl.window_ns(0, n * 1000, tid=7)
+    assert len(calls) == 1, "a second read with nothing new must not resolve again"

@@ -117,3 +117,13 @@ def test_records_dropped_for_space_lower_that_threads_coverage() -> None:
     budget.add_stall(stall("runqueue", 5, 6, tid=3, pid=3))  # thread 1 goes
     assert budget.query(0, 10 * MS, tid=1) == {}
     assert budget.coverage(0, 10 * MS, 100 * MS, tid=1) == 0.8  # nothing known before 2 ms
+
+
+def test_query_limit_returns_the_latest_overlapping_stalls_only() -> None:
+    tl = Timeline()
+    for i in range(100):
+        tl.add_stall(Stall("runqueue", i * 10, i * 10 + 5, 7, 7, 1))
+    got = tl.query(0, 2**63, tid=7, limit=3)[7]
+    assert [s.start_mono_ns for s in got] == [970, 980, 990]
+    # The limit only ever shortens: a window holding fewer keeps them all, in order.
+    assert [s.start_mono_ns for s in tl.query(94, 130, tid=7, limit=10)[7]] == [90, 100, 110, 120]

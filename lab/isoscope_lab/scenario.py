@@ -459,14 +459,18 @@ def node_endpoint(daemon: IsoscopeDaemon) -> str:
 
 
 def wait_for_spans(path: str, run_id: str, expected: int, timeout_s: float = 20.0,
-                   settle_s: float = 3.0) -> list[SpanRecord]:
-    """This run's application spans from the file export, once ``expected`` arrived or the count settled."""
+                   settle_s: float = 3.0, since_ns: int = 0) -> list[SpanRecord]:
+    """This run's application spans (started at ``since_ns`` or later) from the file export.
+
+    Returns once ``expected`` arrived or the count settled.
+    """
     deadline = time.monotonic() + timeout_s
     last, last_change = -1, time.monotonic()
     spans: list[SpanRecord] = []
     while time.monotonic() < deadline:
         try:
-            spans = [s for s in load_spans(path) if s.resource.get(RUN_ATTR) == run_id and not s.is_stall_child]
+            spans = [s for s in load_spans(path) if s.resource.get(RUN_ATTR) == run_id and not s.is_stall_child
+                     and s.start_ns >= since_ns]
         except Exception as exc:  # the file may not exist yet
             logger.debug("reading %s: %s", path, exc)
             spans = []
@@ -738,19 +742,61 @@ def scenarios() -> dict[str, Scenario]:
 
 @dataclass(slots=True)
 class ScenarioRun:
+    """One run of a scenario: the scored load, its spans and scores, and the warm-up before it."""
+
     scenario: Scenario
     load: LoadResult
     spans: list[SpanRecord]
     scores: list[HopScore]
+    warm_up: LoadResult = field(default_factory=lambda: LoadResult())
+
+
+def warm_up(chain: Chain, traces_path: str, *, timeout_s: float = 120.0) -> LoadResult:
+    """Send requests until the daemon has resolved a span of every hop of ``chain``; returns that load.
+
+    The daemon learns of a process from the connection its first spans arrive
+    on and only then follows it in the kernel (every block request, every
+    blocking syscall); what the process did before that is known only from
+    the kernel's aggregates. A service in the field runs for hours, so that
+    first moment is no part of what the lab scores: the scored load starts
+    once every hop is followed. ``timeout_s`` only bounds a daemon that never
+    resolves a hop (then :class:`LabError`).
+    """
+    names = {chain.service_name(i) for i in range(len(chain.hops))}
+    total = LoadResult()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        part = send_load(chain.entry_url, 0.5)
+        total.requests += part.requests
+        total.errors += part.errors
+        total.seconds += part.seconds
+        seen = set()
+        try:
+            for s in load_spans(traces_path):
+                if s.resource.get(RUN_ATTR) == chain.run_id and "isolation.scope" in s.attrs:
+                    seen.add(s.service)
+        except Exception as exc:  # the file may not exist yet
+            logger.debug("reading %s: %s", traces_path, exc)
+        if names <= seen:
+            return total
+        if time.monotonic() > deadline:
+            raise LabError(f"the daemon resolved no span of {sorted(names - seen)} in {timeout_s:.0f} s")
 
 
 def run_scenario(scenario: Scenario, daemon: IsoscopeDaemon, *, threshold: float = 0.2,
                  load_s: float | None = None,
                  progress: Callable[[float, LoadResult], None] | None = None) -> ScenarioRun:
-    """Build the scenario's chain on the field path, load it, stop it, and score the daemon's output for this run."""
+    """Build the scenario's chain on the field path, load it, stop it, and score the daemon's output for this run.
+
+    The chain is warmed up first (:func:`warm_up`): the spans scored are those of
+    the requests sent once the daemon follows every hop.
+    """
     with Chain(scenario.hops, otlp_endpoint=node_endpoint(daemon), service_prefix=f"{scenario.name}-hop",
                relay=scenario.relay) as chain:
+        warm = warm_up(chain, str(daemon.traces_path))
+        since_ns = time.time_ns()
         load = send_load(chain.entry_url, load_s or scenario.load_s, progress=progress)
         run_id = chain.run_id
-    spans = wait_for_spans(str(daemon.traces_path), run_id, expected=load.requests * len(scenario.hops))
-    return ScenarioRun(scenario, load, spans, score(spans, threshold))
+    spans = wait_for_spans(str(daemon.traces_path), run_id, expected=load.requests * len(scenario.hops),
+                           since_ns=since_ns)
+    return ScenarioRun(scenario, load, spans, score(spans, threshold), warm)

@@ -3,8 +3,10 @@
 The spans take the field path: each service exports from its own network
 namespace to its node address, the daemon runs on its default configuration
 (nothing followed in advance), hops serve from a thread per connection, a pool
-of worker threads or an asyncio loop. What must hold, per single fault on the
-middle hop of a three-hop chain, over *every* span of the hop:
+of worker threads or an asyncio loop. Each chain is warmed up until the daemon
+has resolved a span of every hop (:func:`isoscope_lab.scenario.warm_up`: it
+follows a process in the kernel only from then on). What must hold, per single
+fault on the middle hop of a three-hop chain, over *every* span of the scored load:
 
 * ≥ 95 % carry the verdict the span's own truth calls for
   (:func:`isoscope_lab.expected_blame`: the dominant component once the

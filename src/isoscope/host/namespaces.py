@@ -15,6 +15,16 @@ The index answers three questions the identity checks ask:
 * which host tid a tid seen inside a process's PID namespace is, and whether it
   is a thread of that process at all.
 
+Two more things are kept for the peer resolver and the pipeline:
+
+* when each network namespace last changed (created, entered: a namespace
+  event of one of its members), so the peer resolver re-reads the addresses of
+  just that namespace when a connection arrives from an unknown address, and
+  ``net_generation``, bumped by every such change (cached misses are retried);
+* for ``exit_grace_s`` after a process exits, its namespaces and thread table
+  (a *tombstone*): spans it sent just before exiting are resolved after it is
+  gone (they are held for the kernel data of their window first).
+
 Everything takes the procfs root as a parameter (``/host/proc`` in a pod).
 """
 
@@ -74,13 +84,17 @@ class NamespaceIndex:
         refresh_s: a full rescan at most this old is used (checked lazily on lookups).
         min_rescan_s: minimum interval between rescans triggered by lookup misses.
         max_exited_threads: bound on the remembered exited threads (tid → tgid).
+        exit_grace_s: how long an exited process's namespaces and threads are still answered.
+        max_tombstones: bound on the exited processes remembered that way.
 
     Attributes:
         scans: full ``/proc`` scans done so far (for tests and ``/debug/status``).
+        net_generation: bumped whenever a network namespace is created or entered.
     """
 
     def __init__(self, proc_root: str = "/proc", *, refresh_s: float = 30.0, min_rescan_s: float = 1.0,
-                 max_exited_threads: int = 65_536) -> None:
+                 max_exited_threads: int = 65_536, exit_grace_s: float = 30.0,
+                 max_tombstones: int = 4096) -> None:
         self.proc_root = proc_root
         self.refresh_s = refresh_s
         self.min_rescan_s = min_rescan_s
@@ -95,6 +109,12 @@ class NamespaceIndex:
         self._tids: OrderedDict[tuple[int, int], dict[int, int]] = OrderedDict()
         self._exited: OrderedDict[int, int] = OrderedDict()  # host tid -> tgid (threads that exited)
         self._max_exited = max_exited_threads
+        # pid -> (exit monotonic s, (netns, pidns), {ns tid: host tid} or None): exited processes.
+        self._tombstones: OrderedDict[int, tuple[float, tuple[int, int], dict[int, int] | None]] = OrderedDict()
+        self.exit_grace_s = exit_grace_s
+        self._max_tombstones = max_tombstones
+        self._net_changed: dict[int, float] = {}  # netns -> when a namespace event last touched it
+        self.net_generation = 0
         self._built_at = -1e18
         self._rescan_at = -1e18
         self._exit_listeners: list[Any] = []
@@ -155,6 +175,7 @@ class NamespaceIndex:
             self.remove_pid(pid)
             return
         with self._lock:
+            self._tombstones.pop(pid, None)  # a live process under this number: the tombstone is stale
             old = self._pids.get(pid)
             if old == (net, pidns):
                 return
@@ -176,13 +197,19 @@ class NamespaceIndex:
         self._nsmap.pop(pidns, None)
 
     def remove_pid(self, pid: int) -> None:
-        """Forget a process (it exited)."""
+        """Forget a process (it exited); its namespaces and threads stay answerable for ``exit_grace_s``."""
         with self._lock:
             old = self._pids.pop(pid, None)
             if old is not None:
                 self._unlink(pid, old)
+            tids: dict[int, int] | None = None
             for key in [k for k in self._tids if k[0] == pid]:
-                del self._tids[key]
+                tids = self._tids.pop(key)
+            if old is not None and self.exit_grace_s > 0:
+                self._tombstones[pid] = (time.monotonic(), old, tids)
+                self._tombstones.move_to_end(pid)
+                while len(self._tombstones) > self._max_tombstones:
+                    self._tombstones.popitem(last=False)
         for ref in list(self._exit_listeners):
             fn = ref()
             if fn is None:
@@ -222,19 +249,62 @@ class NamespaceIndex:
             if kind is LifecycleKind.FORK or kind is LifecycleKind.CLONE_NS:
                 with self._lock:
                     self._exited.pop(ev.pid, None)  # a reused number is a new thread
+            if kind is not LifecycleKind.EXEC and kind is not LifecycleKind.FORK and ev.pid:
+                self._net_touched(ev.pid, ev.tid or ev.pid)
+
+    def _net_touched(self, pid: int, tid: int) -> None:
+        # setns() changes the calling thread only: the thread's own link names the namespace
+        # it entered (a CNI plugin's thread configuring a pod's addresses, say).
+        net = _ns_inode(self.proc_root, f"{pid}/task/{tid}", "net") or _ns_inode(self.proc_root, pid, "net")
+        if not net:
+            return
+        now = time.monotonic()
+        with self._lock:
+            self._net_changed[net] = now
+            self.net_generation += 1
+            if len(self._net_changed) > 4096:
+                # Bounded: the oldest changes are long settled.
+                for ns, _at in sorted(self._net_changed.items(), key=lambda kv: kv[1])[:1024]:
+                    del self._net_changed[ns]
+
+    def net_changes(self) -> dict[int, float]:
+        """Network namespace → when a namespace event last touched it (monotonic s)."""
+        with self._lock:
+            return dict(self._net_changed)
+
+    def _tombstone(self, pid: int) -> tuple[float, tuple[int, int], dict[int, int] | None] | None:
+        with self._lock:
+            t = self._tombstones.get(pid)
+            if t is None:
+                return None
+            if time.monotonic() - t[0] > self.exit_grace_s:
+                del self._tombstones[pid]
+                return None
+            return t
 
     # -- queries -------------------------------------------------------------------
 
     def namespaces_of(self, pid: int) -> tuple[int, int]:
-        """(netns inode, pidns inode) of a process; read from procfs when not indexed, (0, 0) if gone."""
+        """(netns inode, pidns inode) of a process; read from procfs when not indexed.
+
+        A process that exited less than ``exit_grace_s`` ago still answers with
+        the namespaces it had; (0, 0) for one gone longer or never seen.
+        """
         self._ensure()
         with self._lock:
             hit = self._pids.get(pid)
         if hit is not None:
             return hit
+        tomb = self._tombstone(pid)
+        if tomb is not None and not os.path.isdir(f"{self.proc_root}/{pid}"):
+            return tomb[1]
         self.add_pid(pid)
         with self._lock:
             return self._pids.get(pid, (0, 0))
+
+    def exited_recently(self, pid: int) -> bool:
+        """Whether ``pid`` is a process that exited less than ``exit_grace_s`` ago (its number not reused)."""
+        return self._tombstone(pid) is not None and not os.path.isdir(f"{self.proc_root}/{pid}")
 
     def netns_members(self, netns: int) -> list[int]:
         """Pids whose network namespace is ``netns``."""
@@ -323,7 +393,13 @@ class NamespaceIndex:
             if os.path.isdir(f"{self.proc_root}/{host_pid}/task/{tid}"):
                 return tid
             with self._lock:
-                return tid if self._exited.get(tid) == host_pid else 0
+                if self._exited.get(tid) == host_pid:
+                    return tid
+            # The leader of an exited process is no entry of _exited (its exit removed the process).
+            return tid if tid == host_pid and self.exited_recently(host_pid) else 0
+        if self.exited_recently(host_pid):
+            tomb = self._tombstone(host_pid)
+            return (tomb[2] or {}).get(tid, 0) if tomb is not None else 0
         key = (host_pid, _starttime(self.proc_root, host_pid))
         with self._lock:
             table = self._tids.get(key)
@@ -353,7 +429,7 @@ class NamespaceIndex:
         """Counts for ``/debug/status``."""
         with self._lock:
             return {"processes": len(self._pids), "netns": len(self._net), "pidns": len(self._pidns),
-                    "scans": self.scans}
+                    "scans": self.scans, "tombstones": len(self._tombstones)}
 
 
 _shared: dict[str, NamespaceIndex] = {}

@@ -171,6 +171,14 @@ class StealSampler:
                 return 0.0
             return max(0.0, self._cum_at(ring, end_mono_ns) - self._cum_at(ring, start_mono_ns))
 
+    def node_steal_ns(self, start_mono_ns: int, end_mono_ns: int) -> float:
+        """Steal summed over every CPU between two CLOCK_MONOTONIC instants (interpolated)."""
+        if end_mono_ns <= start_mono_ns:
+            return 0.0
+        with self._lock:
+            rings = list(self._rings.values())
+            return sum(max(0.0, self._cum_at(r, end_mono_ns) - self._cum_at(r, start_mono_ns)) for r in rings if r)
+
     def totals(self) -> dict[int, float]:
         """Cumulative steal per CPU in seconds as of the last sample (``steal_seconds_total{cpu}``)."""
         with self._lock:

@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 class StallSource(Protocol):
     def query(self, start: int, end: int, *, tid: int = 0, pid: int = 0,
-              cgroup_id: int = 0) -> dict[int, list[Stall]]: ...
+              cgroup_id: int = 0, limit: int | None = None) -> dict[int, list[Stall]]: ...
 
     def runs(self, start: int, end: int, tid: int) -> list[RunSegment]: ...
 
@@ -48,6 +48,9 @@ class StallSource(Protocol):
 
 class StealSource(Protocol):
     def overlay(self, segments: Iterable[RunSegment], start: int, end: int) -> int: ...
+
+    def node_steal_ns(self, start: int, end: int) -> float:
+        """Steal on any CPU between two instants (0: no thread can have lost time to it)."""
 
 
 def thread_breakdown(stalls: list[Stall], start: int, end: int) -> Breakdown:
@@ -121,6 +124,10 @@ def select_thread(evidence: dict[int, tuple[dict[str, int], int, int]],
     return tid, comp, agree / len(tied)
 
 
+MAX_CHILD_STALLS = 512
+"""Stalls of one span read to build its child spans (the most recent ones of its window)."""
+
+
 class Attributor:
     """Computes breakdowns from the timeline (and the steal sampler when present).
 
@@ -165,7 +172,8 @@ class Attributor:
             out, confidence = self._join_scope(workload, windows)
         if self.steal is not None:
             for (start, end), (bd, t) in zip(windows, out):
-                if not t:
+                # Most windows hold no steal on any CPU: then no thread's on-CPU segments need reading.
+                if not t or self.steal.node_steal_ns(start, end) <= 0:
                     continue
                 runs = self.timeline.runs(start, end, t)
                 if runs:
@@ -224,13 +232,16 @@ class Attributor:
         return {t: (thread_breakdown(stalls, start, end).component_ns, EDGE_UNKNOWN, EDGE_UNKNOWN)
                 for t, stalls in found.items() if stalls}
 
-    def stalls(self, tid: int, start: int, end: int) -> list[Stall]:
+    def stalls(self, tid: int, start: int, end: int, limit: int = MAX_CHILD_STALLS) -> list[Stall]:
         """The stalls of thread ``tid`` overlapping ``[start, end]`` (for child spans).
 
         A window longer than the timeline keeps stalls is clipped to its last
-        TTL: nothing older is held, and the scan stays bounded.
+        TTL: nothing older is held. At most the last ``limit`` stalls are read, so
+        a span whose window holds thousands of them (a long poll, a forged
+        0…2^64 window) costs no more than an ordinary one: its children then
+        show the end of the span, while its attributes still count every stall.
         """
         ttl = getattr(self.timeline, "ttl_ns", 0)
         lo = max(start, end - ttl) if ttl else start
-        return [s for s in self.timeline.query(lo, end, tid=tid).get(tid, ())
+        return [s for s in self.timeline.query(lo, end, tid=tid, limit=limit).get(tid, ())
                 if min(s.end_mono_ns, end) > max(s.start_mono_ns, lo)]

@@ -337,18 +337,32 @@ class _Column:
             del self.comps[:n]
             del self.details[:n]
 
-    def overlapping(self, start: int, end: int) -> list[int]:
-        """Indexes of records overlapping ``[start, end]``."""
+    def overlapping(self, start: int, end: int, limit: int | None = None) -> list[int]:
+        """Indexes of records overlapping ``[start, end]`` (in order); with ``limit``, only the last
+        ``limit`` of them, found without visiting the rest."""
         ends = self.ends
         i = bisect.bisect_right(ends, start)
         # A record ending after end + max_dur started after the window ended.
         k = bisect.bisect_right(ends, end + self.max_dur, lo=i)
         starts = self.starts
-        return [j for j in range(i, k) if starts[j] < end]
+        if limit is None or k - i <= limit:
+            return [j for j in range(i, k) if starts[j] < end]
+        out: list[int] = []
+        for j in range(k - 1, i - 1, -1):
+            if starts[j] < end:
+                out.append(j)
+                if len(out) == limit:
+                    break
+        out.reverse()
+        return out
+
+
+_CLEAN = 1 << 62
+"""``_ThreadLog.dirty_from`` when the resolved intervals are up to date."""
 
 
 class _ThreadLog:
-    __slots__ = ("pid", "cgroup_id", "stalls", "runs", "complete_from", "resolved")
+    __slots__ = ("pid", "cgroup_id", "stalls", "runs", "complete_from", "resolved", "dirty_from")
 
     def __init__(self, pid: int, cgroup_id: int) -> None:
         self.pid = pid
@@ -357,6 +371,15 @@ class _ThreadLog:
         self.runs: _Column | None = None  # only watched threads report on-CPU segments
         self.complete_from = 0  # records ending before this were dropped for space
         self.resolved = _Resolved()
+        # Resolving is deferred to the first read: records of one thread arrive out of order (each
+        # probe's ring is drained in turn), and resolving at every insert made a burst quadratic.
+        self.dirty_from = _CLEAN
+
+    def settle(self) -> None:
+        """Bring the resolved intervals up to date (one resolve from the earliest changed start)."""
+        if self.dirty_from != _CLEAN:
+            p, self.dirty_from = self.dirty_from, _CLEAN
+            self.reresolve_from(p)
 
     def reresolve_from(self, start: int) -> None:
         """Resolve again the part of the thread's timeline a stall starting at ``start`` can change.
@@ -495,7 +518,8 @@ class Timeline:
                 log.complete_from = max(log.complete_from, dropped)
                 # Records before complete_from are incomplete anyway (coverage says so).
                 log.resolved.drop_until(dropped)
-            log.reresolve_from(stall.start_mono_ns)
+            if stall.start_mono_ns < log.dirty_from:
+                log.dirty_from = stall.start_mono_ns
             self._bound(stall.tid)
 
     def add_run(self, seg: RunSegment) -> None:
@@ -580,10 +604,11 @@ class Timeline:
         return ()
 
     def query(self, start: int, end: int, *, tid: int = 0, pid: int = 0,
-              cgroup_id: int = 0) -> dict[int, list[Stall]]:
+              cgroup_id: int = 0, limit: int | None = None) -> dict[int, list[Stall]]:
         """Stalls overlapping ``[start, end]``, per thread, for a thread, a process or a cgroup.
 
-        The finest key given wins: ``tid`` over ``pid`` over ``cgroup_id``.
+        The finest key given wins: ``tid`` over ``pid`` over ``cgroup_id``. With ``limit``, at most
+        the last ``limit`` stalls per thread (the cost stays bounded whatever the window).
         """
         out: dict[int, list[Stall]] = {}
         with self._lock:
@@ -592,7 +617,7 @@ class Timeline:
                 if log is None:
                     continue
                 col = log.stalls
-                idx = col.overlapping(start, end)
+                idx = col.overlapping(start, end, limit)
                 if idx:
                     comps, details = col.comps, col.details
                     assert comps is not None and details is not None
@@ -667,6 +692,7 @@ class Timeline:
 
     @staticmethod
     def _seen_near(log: _ThreadLog, lo: int, hi: int) -> bool:
+        log.settle()
         res = log.resolved
         i = bisect.bisect_right(res.ends, lo)
         if i < len(res.starts) and res.starts[i] < hi:
@@ -693,6 +719,7 @@ class Timeline:
                 # It ran after the instant and no segment holds the instant: a segment holding it
                 # would have ended (and been reported) before the later one began.
                 return EDGE_OFF
+        log.settle()
         res = log.resolved
         j = bisect.bisect_right(res.ends, lo)
         n = len(res.starts)
@@ -707,6 +734,7 @@ class Timeline:
 
     @staticmethod
     def _thread_window(log: _ThreadLog, start: int, end: int) -> dict[str, int] | None:
+        log.settle()
         res = log.resolved
         sums = res.sums(start, end)
         if sums is None:

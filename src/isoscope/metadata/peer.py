@@ -72,6 +72,7 @@ class _Entry:
     pid: int
     netns: int        # 0 = the daemon's own table (loopback)
     inode: int
+    gen: int = 0      # the namespace index's net_generation at lookup (a miss is retried after a change)
 
 
 _V4_LOCAL = "/32 host LOCAL"
@@ -134,7 +135,17 @@ class PeerResolver:
     entry is re-verified against the socket table after ``verify_after_s``,
     expires after ``ttl_s``, and is dropped when its owner exits (lifecycle
     events through the shared :class:`~isoscope.host.namespaces.NamespaceIndex`)
-    or when the receiver reports the connection closed (:meth:`forget`).
+    or when the receiver reports the connection closed (:meth:`forget`). A
+    cached miss is retried at once when a network namespace changed since.
+
+    The address index must find a new pod's first connection, yet a sender
+    from many unknown addresses must not make it re-read every namespace on
+    the node per request. So, on a miss: first only the namespaces that are
+    new or that a namespace event (created, entered: how a CNI plugin or
+    ``ip netns`` configures addresses) touched less than ``changed_settle_s``
+    before they were last read are re-read, at most every ``changed_reread_s``
+    (work bounded by namespace churn, not by the sender); then the whole index
+    is rebuilt, at most every ``address_refresh_s``.
 
     Args:
         proc_root: procfs mount to read (``/proc``; the host's procfs when the
@@ -144,13 +155,17 @@ class PeerResolver:
         verify_after_s: a cached owner older than this is checked against the
             socket table again (a port reused by another process is noticed).
         namespaces: the namespace index; the shared one of ``proc_root`` by default.
-        address_refresh_s: minimum interval between rebuilds of the address
+        address_refresh_s: minimum interval between full rebuilds of the address
             index when a peer address is not found in it.
+        changed_settle_s: how long after a namespace event its addresses are still
+            re-read on a miss (an address is configured just after the namespace is entered).
+        changed_reread_s: minimum interval between re-reads of changed namespaces.
     """
 
     def __init__(self, proc_root: str = "/proc", *, max_entries: int = 4096, ttl_s: float = 30.0,
                  verify_after_s: float = 1.0, namespaces: NamespaceIndex | None = None,
-                 address_refresh_s: float = 1.0) -> None:
+                 address_refresh_s: float = 1.0, changed_settle_s: float = 5.0,
+                 changed_reread_s: float = 0.05) -> None:
         self._proc = proc_root
         self._max = max_entries
         self._ttl = ttl_s
@@ -163,7 +178,12 @@ class PeerResolver:
         self._addrs: dict[int, set[Any]] = {}   # netns -> local addresses
         self._addr_built = -1e18
         self._addr_refresh = address_refresh_s
-        self.stats = {"lookups": 0, "fd_scans": 0, "full_fd_scans": 0, "ambiguous": 0, "address_rebuilds": 0}
+        self._addr_read: dict[int, float] = {}  # netns -> when its addresses were read
+        self._settle = changed_settle_s
+        self._reread_every = changed_reread_s
+        self._reread_at = -1e18
+        self.stats = {"lookups": 0, "fd_scans": 0, "full_fd_scans": 0, "ambiguous": 0, "address_rebuilds": 0,
+                      "address_rereads": 0}
 
     # -- public ---------------------------------------------------------------------
 
@@ -185,6 +205,8 @@ class PeerResolver:
             hit = self._cache.get(key)
         # An owner found is kept for the connection's life (re-verified now and then); a miss only
         # briefly, so a keep-alive connection whose first lookup raced its socket is found soon.
+        if hit is not None and not hit.pid and hit.gen != self._ns.net_generation:
+            hit = None  # a namespace was created or entered since this miss: look again now
         if hit is not None and now - hit.at < (self._ttl if hit.pid else self._verify_after):
             if now - hit.checked < self._verify_after or self._still_valid(hit, peer_ip, peer_port):
                 with self._lock:
@@ -192,11 +214,13 @@ class PeerResolver:
                     if key in self._cache:
                         self._cache.move_to_end(key)
                 return hit.pid
+        gen = self._ns.net_generation
         try:
             entry = self._lookup(peer_ip, peer_port, local_port, now)
         except Exception:  # resolution is best effort: never fail a request over it
             logger.debug("peer lookup failed for %s:%d", peer_ip, peer_port, exc_info=True)
             entry = _Entry(now, now, 0, 0, 0)
+        entry.gen = gen
         with self._lock:
             self._cache[key] = entry
             self._cache.move_to_end(key)
@@ -271,11 +295,14 @@ class PeerResolver:
     def _search_namespaces(self, want: Any, peer_port: int, local_port: int) -> list[tuple[int, int]]:
         """(netns, inode) of sockets whose local end is ``want:peer_port``, in the namespaces owning ``want``."""
         hits: list[tuple[int, int, bool]] = []
-        for attempt in (0, 1):
-            # A cached owner can be stale (its namespace is gone and a new pod holds the address):
-            # finding no socket is a miss like an unknown address; rebuild (rate-limited), look again.
-            owners = [ns for ns, addrs in self._address_index(rebuild=attempt == 1).items() if want in addrs]
-            for netns in owners:
+        # The index as it is; then with new and just-changed namespaces re-read; then rebuilt
+        # (rate-limited). A cached owner can be stale (its namespace is gone and a new pod holds
+        # the address): finding no socket is a miss like an unknown address.
+        for mode in ("cached", "changed", "full"):
+            index = self._address_index(mode)
+            if index is None:
+                continue  # nothing new to look at
+            for netns in [ns for ns, addrs in index.items() if want in addrs]:
                 base = self._table_base(netns)
                 if base is None:
                     continue
@@ -288,19 +315,52 @@ class PeerResolver:
         exact = [(n, i) for n, i, same in hits if same]
         return exact if exact else [(n, i) for n, i, _ in hits]
 
-    def _address_index(self, rebuild: bool) -> dict[int, set[Any]]:
+    def _address_index(self, mode: str) -> dict[int, set[Any]] | None:
+        """The address index for a lookup step (``cached``, ``changed``, ``full``); None: unchanged, skip."""
         with self._addr_lock:
-            due = time.monotonic() - self._addr_built > (self._addr_refresh if rebuild else 30.0)
-            if not self._addrs or due:
-                if rebuild:
-                    self._ns.rescan_on_miss()
-                addrs = {}
-                for netns, rep in self._ns.network_namespaces().items():
-                    addrs[netns] = _netns_addresses(self._proc, rep)
-                self._addrs = addrs
-                self._addr_built = time.monotonic()
-                self.stats["address_rebuilds"] += 1
+            now = time.monotonic()
+            if not self._addrs or now - self._addr_built > 30.0:
+                self._rebuild(now)
+                return self._addrs
+            if mode == "cached":
+                return self._addrs
+            if mode == "changed":
+                return self._addrs if self._reread_changed(now) else None
+            if now - self._addr_built <= self._addr_refresh:
+                return None
+            self._ns.rescan_on_miss()
+            self._rebuild(time.monotonic())
             return self._addrs
+
+    def _rebuild(self, now: float) -> None:
+        addrs = {}
+        for netns, rep in self._ns.network_namespaces().items():
+            addrs[netns] = _netns_addresses(self._proc, rep)
+        self._addrs = addrs
+        self._addr_read = dict.fromkeys(addrs, now)
+        self._addr_built = now
+        self.stats["address_rebuilds"] += 1
+
+    def _reread_changed(self, now: float) -> bool:
+        """Re-read new namespaces and those changed shortly before their last read; True if any was."""
+        if now - self._reread_at < self._reread_every:
+            return False
+        changes = self._ns.net_changes()
+        nets = self._ns.network_namespaces()
+        todo = [(ns, rep) for ns, rep in nets.items()
+                if ns not in self._addrs or self._addr_read.get(ns, -1e18) < changes.get(ns, -1e18) + self._settle]
+        if not todo:
+            return False
+        self._reread_at = now
+        addrs = {ns: a for ns, a in self._addrs.items() if ns in nets}  # namespaces gone: dropped
+        for ns, rep in todo:
+            addrs[ns] = _netns_addresses(self._proc, rep)
+            self._addr_read[ns] = now
+        for ns in [ns for ns in self._addr_read if ns not in addrs]:
+            del self._addr_read[ns]
+        self._addrs = addrs
+        self.stats["address_rereads"] += len(todo)
+        return True
 
     @staticmethod
     def _sockets(base: str, want: Any, peer_port: int) -> list[tuple[int, int]]:
