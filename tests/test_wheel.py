@@ -151,6 +151,12 @@ def test_demo_runs_from_the_installed_wheel(installed: InstalledWheel) -> None:
     assert "stall ms per layer" in text and "blame" in text, text[-3000:]
     for hop in ("frontend", "checkout", "payments"):
         assert re.search(rf"^\W*{hop}\b", text, re.M), f"no table row for {hop}:\n{text[-3000:]}"
+    # The verdicts: checkout's own quota, and the sibling cgroup whose hogs held payments' CPU
+    # (the console wraps long lines when it is not a terminal: compare with white space folded).
+    flat = " ".join(text.split())
+    assert re.search(r"checkout: \S*l3\.cpu_throttle", flat), text[-3000:]
+    assert re.search(r"payments: while it waited for a CPU, \S*-hogs\S* held it longest", flat), text[-3000:]
+    assert "CPU held by" in text, text[-3000:]
     assert (installed.workdir / "isoscope-data" / "traces.jsonl").stat().st_size > 0
 
 

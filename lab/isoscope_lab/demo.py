@@ -11,7 +11,8 @@ What it does, in under two minutes:
    veth pairs, instrumented with the OpenTelemetry SDK and exporting from its
    own namespace to its node address (``frontend`` is an asyncio service,
    ``checkout`` a pool of four worker threads); ``checkout`` gets a CFS quota
-   of 20 % of one CPU;
+   of 20 % of one CPU, and ``payments`` shares its CPU with two busy processes
+   of a sibling cgroup (a noisy neighbour the table names);
 3. sends requests for ``--duration`` seconds with a progress bar;
 4. stops the chain and the daemon (SIGTERM: it drains), then prints the
    per-hop × per-layer table of the slowest traces and writes
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 _ANY = NODE_LISTEN.rsplit(":", 1)[0]
 DEFAULT_LISTENERS = {"otlp_grpc": f"{_ANY}:4317", "otlp_http": f"{_ANY}:4318", "metrics": "127.0.0.1:9464"}
 SERVICES = ("frontend", "checkout", "payments")
+NEIGHBOR_CPU = 1 if (os.cpu_count() or 1) > 1 else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +86,8 @@ def run_demo(args: argparse.Namespace) -> int:
     daemon = _daemon(traces)
     hops = [HopSpec(server="asyncio"),
             HopSpec([Fault("cpu_throttle", quota_pct=args.quota_pct)], work_ms=15, server="pool", workers=4),
-            HopSpec()]
+            # The neighbour: two busy processes in their own cgroup, pinned to payments' CPU.
+            HopSpec([Fault("cpu_contention", hogs=2, cpu=NEIGHBOR_CPU)], work_ms=5, cpus={NEIGHBOR_CPU})]
     try:
         with console.status("starting isoscope run (loading eBPF probes)…"):
             daemon.start()
@@ -92,8 +95,8 @@ def run_demo(args: argparse.Namespace) -> int:
                       f"(OTLP/HTTP {daemon.http_url}, metrics {daemon.metrics_url})")
         with Chain(hops, otlp_endpoint=node_endpoint(daemon), names=SERVICES) as chain:
             console.print(f"[green]✓[/] chain {' → '.join(SERVICES)} up: own net/pid/mount/uts namespaces, "
-                          f"cgroups, veth pairs; fault: CFS quota {args.quota_pct} % of a CPU on "
-                          f"[bold]checkout[/]")
+                          f"cgroups, veth pairs; faults: CFS quota {args.quota_pct} % of a CPU on "
+                          f"[bold]checkout[/], two CPU hogs of a sibling cgroup on [bold]payments[/]' CPU")
             with Progress(TextColumn("[bold]load"), BarColumn(), TextColumn("{task.fields[info]}"),
                           TimeRemainingColumn(), console=console) as progress:
                 task = progress.add_task("load", total=args.duration, info="")
@@ -125,6 +128,11 @@ def run_demo(args: argparse.Namespace) -> int:
     if checkout:
         top, n = max(((b, c) for b, c in blames.items() if b), key=lambda x: x[1], default=("none", 0))
         console.print(f"checkout: [bold]{top}[/] blamed on {n} of {checkout} spans ({n / checkout:.0%})")
+    held_by = Counter(str(s.attrs.get("isolation.l3.runqueue.neighbor", "")) for s in spans
+                      if s.service == "payments" and s.attrs.get("isolation.l3.runqueue.neighbor"))
+    if held_by:
+        who, n = held_by.most_common(1)[0]
+        console.print(f"payments: while it waited for a CPU, [bold]{who}[/] held it longest on {n} spans")
     rc = report(traces, top=args.top, png=png, console=console)
     console.print(f"total {time.monotonic() - t0:.0f} s · open the picture: {png} · "
                   f"again any time: isoscope report {os.path.relpath(traces)} --png report.png")

@@ -178,6 +178,8 @@ class HopRow:
     overhead_ratio: float | None
     blame: str
     scope: str
+    neighbor: str = ""
+    """Who held the CPU longest while this hop waited in the run queue (``isolation.l3.runqueue.neighbor``)."""
 
     @property
     def dominant(self) -> tuple[str, int] | None:
@@ -191,7 +193,8 @@ class HopRow:
                 "duration_ms": self.duration_ns / 1e6,
                 "layer_ms": {k: v / 1e6 for k, v in self.layer_ns.items()},
                 "component_ms": {component_key(k): v / 1e6 for k, v in self.component_ns.items()},
-                "overhead_ratio": self.overhead_ratio, "blame": self.blame, "scope": self.scope}
+                "overhead_ratio": self.overhead_ratio, "blame": self.blame, "scope": self.scope,
+                "neighbor": self.neighbor}
 
 
 @dataclass(slots=True)
@@ -218,7 +221,8 @@ def _hop_row(s: SpanRecord) -> HopRow:
                   duration_ns=s.duration_ns, layer_ns=s.layer_ns(), component_ns=s.component_ns(),
                   overhead_ratio=float(ratio) if ratio is not None else None,
                   blame=str(s.attrs.get("isolation.blame", "") or ""),
-                  scope=str(s.attrs.get("isolation.scope", "") or ""))
+                  scope=str(s.attrs.get("isolation.scope", "") or ""),
+                  neighbor=str(s.attrs.get("isolation.l3.runqueue.neighbor", "") or ""))
 
 
 def build_traces(spans: Iterable[SpanRecord]) -> list[TraceReport]:
@@ -281,6 +285,10 @@ def render_tables(traces: Sequence[TraceReport], console: Any) -> None:
         table.add_column("ovh", justify="right")
         table.add_column("blame", no_wrap=True)
         table.add_column("scope")
+        # Named where it explains the hop's time: the hop was blamed on waiting for a CPU.
+        neighbors = any(h.neighbor and h.blame == "l3.runqueue" for h in t.hops)
+        if neighbors:
+            table.add_column("CPU held by", overflow="fold")
         for h in t.hops:
             culprit_hop = h.service == t.culprit_service and t.culprit_component
             cells = []
@@ -289,10 +297,12 @@ def render_tables(traces: Sequence[TraceReport], console: Any) -> None:
                 if culprit_hop and col == COMPONENT_LAYER.get(t.culprit_component.split(".", 1)[1]):
                     cell = f"[bold red]{cell}[/]"
                 cells.append(cell)
-            table.add_row(f"[bold]{h.service}[/]" if culprit_hop else h.service, f"{h.duration_ns / 1e6:.1f}",
-                          *cells,
-                          "-" if h.overhead_ratio is None else f"{h.overhead_ratio:.0%}",
-                          h.blame or "·", h.scope or "-")
+            row = [f"[bold]{h.service}[/]" if culprit_hop else h.service, f"{h.duration_ns / 1e6:.1f}",
+                   *cells, "-" if h.overhead_ratio is None else f"{h.overhead_ratio:.0%}",
+                   h.blame or "·", h.scope or "-"]
+            if neighbors:
+                row.append(h.neighbor if h.neighbor and h.blame == "l3.runqueue" else "·")
+            table.add_row(*row)
         console.print(table)
 
 
