@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="/metrics, /healthz and /readyz address (default 127.0.0.1:9464)")
     r.add_argument("--file-export", metavar="PATH", help="also write OTLP/JSON lines here")
     r.add_argument("--forward", metavar="URL", action="append",
-                   help="grpc://host:port or http(s)://host:port; may be repeated")
+                   help="grpc://, grpcs://, http(s)://host:port; may be repeated "
+                        "(headers, TLS: exporters.targets or OTEL_EXPORTER_OTLP_*)")
     r.add_argument("--host-proc", metavar="DIR", help="the host's /proc (e.g. /host/proc in a pod)")
     r.add_argument("--host-sys", metavar="DIR", help="the host's /sys")
     r.add_argument("--no-probes", action="store_true", help="do not load kernel probes (pass-through)")
