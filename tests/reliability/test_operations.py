@@ -40,11 +40,17 @@ def test_listed_capabilities_are_enough_for_the_full_pipeline(daemon_factory, ba
     status = d.status()
     required = [p for p in status["probes"] if p["required"]]
     assert required and all(p["attached"] for p in required), status["probes"]
-    # A span from this (loopback) sender is joined with kernel data, not just passed through.
+    # A span from this (loopback) sender is joined with kernel data, not just passed through. Its
+    # first span makes the daemon watch it (a process it has never seen has no thread records yet,
+    # which the first span's coverage 0 says); the next one is joined with its threads' records.
+    now = time.time_ns()
+    _send_window(d, 4241, now - 1_000_000, now)
+    assert backend.wait_for_spans(1, 15), d.log_tail()
+    time.sleep(0.5)
     t0 = time.time_ns()
     time.sleep(0.3)
     _send_window(d, 4242, t0, time.time_ns())
-    assert backend.wait_for_spans(1, 15), d.log_tail()
+    assert backend.wait_for_span_ids([4242], 15), d.log_tail()
     span = _received_span(backend, 4242)
     assert _attr(span, "isolation.scope") in ("thread", "process")
     assert _attr(span, "isolation.coverage") > 0
