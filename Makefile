@@ -13,15 +13,16 @@ test: setup
 demo: setup
 	.venv/bin/isoscope demo
 
-# Every benchmark, each writing its figures to bench/results/, then bench/RESULTS.md.
+# Every benchmark, each writing its figures (with the commit and this exact command) to
+# bench/results/, then bench/RESULTS.md. These are the arguments of the recorded runs.
 # The soak runs its full 10 minutes here (SOAK_MINUTES=2 for a shorter one).
 SOAK_MINUTES ?= 10
 bench: setup
-	-$(PYTHON_VENV) bench/syscall_tax.py --rounds 7 --write bench/results/syscall_tax.md
-	-$(PYTHON_VENV) bench/switch_tax.py --markdown bench/results/switch_tax.md
+	-$(PYTHON_VENV) bench/syscall_tax.py --rounds 5 --write bench/results/syscall_tax.md
+	-$(PYTHON_VENV) bench/switch_tax.py --rounds 5 --markdown bench/results/switch_tax.md
 	-$(PYTHON_VENV) bench/sample_tax.py --markdown bench/results/sample_tax.md
 	-$(PYTHON_VENV) bench/rss.py --markdown bench/results/rss.md
-	-$(PYTHON_VENV) bench/throughput.py --write bench/results/throughput.md
+	-$(PYTHON_VENV) bench/throughput.py --requests 200 --write bench/results/throughput.md
 	-$(PYTHON_VENV) bench/accuracy.py
 	-$(PYTHON_VENV) bench/soak.py --minutes $(SOAK_MINUTES) --out bench/results/soak.md
 	$(PYTHON_VENV) bench/collect_results.py

@@ -92,7 +92,7 @@ def _ids_hex_to_b64(obj: dict[str, Any], where: str) -> None:
             obj[key] = _hex_to_b64(obj[key], key, where, allow_empty=True)
 
 
-def _array(obj: dict[str, Any], key: str, where: str) -> list[Any]:
+def json_array(obj: dict[str, Any], key: str, where: str) -> list[Any]:
     """``obj[key]`` as a list; absent or null (the JSON mapping's default) is empty."""
     val = obj.get(key)
     if val is None:
@@ -137,13 +137,13 @@ def _decode_request(data: bytes | str, span_filter: SpanFilter | None,
     if not isinstance(doc, dict):
         raise OtlpJsonError("body must be a JSON object (ExportTraceServiceRequest)")
     span_lists: list[tuple[int, int, list[Any]]] = []
-    for i, rs in enumerate(_array(doc, "resourceSpans", "")):
+    for i, rs in enumerate(json_array(doc, "resourceSpans", "")):
         if not isinstance(rs, dict):
             raise OtlpJsonError(f"resourceSpans[{i}] must be an object")
-        for j, ss in enumerate(_array(rs, "scopeSpans", f"resourceSpans[{i}]")):
+        for j, ss in enumerate(json_array(rs, "scopeSpans", f"resourceSpans[{i}]")):
             if not isinstance(ss, dict):
                 raise OtlpJsonError(f"resourceSpans[{i}].scopeSpans[{j}] must be an object")
-            spans = _array(ss, "spans", f"resourceSpans[{i}].scopeSpans[{j}]")
+            spans = json_array(ss, "spans", f"resourceSpans[{i}].scopeSpans[{j}]")
             if on_spans is not None:
                 on_spans(len(spans))
             dropped: list[int] = []
@@ -155,7 +155,7 @@ def _decode_request(data: bytes | str, span_filter: SpanFilter | None,
                     dropped.append(k)
                     continue
                 _ids_hex_to_b64(span, where)
-                for m, link in enumerate(_array(span, "links", where)):
+                for m, link in enumerate(json_array(span, "links", where)):
                     if not isinstance(link, dict):
                         raise OtlpJsonError(f"{where}.links[{m}] must be an object")
                     _ids_hex_to_b64(link, f"{where}.links[{m}]")

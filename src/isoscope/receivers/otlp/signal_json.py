@@ -22,7 +22,7 @@ from typing import Any, Callable
 from google.protobuf import json_format
 
 from isoscope.exporters.signals import LOGS, METRICS, spec
-from isoscope.otlpjson import OtlpJsonError, gc_paused
+from isoscope.otlpjson import OtlpJsonError, gc_paused, json_array
 
 __all__ = ["decode_signal_request"]
 
@@ -72,11 +72,7 @@ def decode_signal_request(signal: str, data: bytes | str,
 
 def _array(obj: dict[str, Any], key: str, where: str) -> list[Any]:
     """``obj[key]`` as a list of objects; absent or null (the JSON mapping's default) is empty."""
-    val = obj.get(key)
-    if val is None:
-        return []
-    if not isinstance(val, list):
-        raise OtlpJsonError(f"{where + '.' if where else ''}{key} must be an array")
+    val = json_array(obj, key, where)
     for i, item in enumerate(val):
         if not isinstance(item, dict):
             raise OtlpJsonError(f"{where + '.' if where else ''}{key}[{i}] must be an object")
