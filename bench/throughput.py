@@ -20,6 +20,8 @@ Figures, per mode (``probes``: the live join; ``no-probes``: pass-through):
       spans arrive, measured in the same run);
     * p99 delivery latency (send → arrival at the sink) at 5,000 spans/s;
     * child spans per span;
+    * the daemon's resident memory (``VmRSS``, sampled every 100 ms): peak and end of the
+      saturated phase and of the paced phase;
     * baseline in the same run: a Python (upb) parse + re-encode of the same requests.
 
 The output file records the git commit and the exact command line. Run as root:
@@ -61,6 +63,7 @@ MARK_FMT = b"BQMARK%010d"
 MARK_RE = re.compile(rb"BQMARK(\d{10})")
 TARGET, GOAL = 20_000, 60_000
 PACED_SPANS_PER_S = 5_000
+RSS_LIMIT_MB = 150
 CHILD_RE = re.compile(rb"isolation L-\d [a-z_]+")
 PLACEHOLDER = 0x5A5A_0000_0000_0000  # span i's start is PLACEHOLDER + 2i, its end PLACEHOLDER + 2i + 1
 WORKLOAD_THREADS = 8
@@ -278,6 +281,54 @@ def build_templates(n: int, pid: int, tids: list[int]) -> list[Template]:
     return out
 
 
+def rss_mb(pid: int) -> float:
+    """A process's resident set (``VmRSS`` of ``/proc/<pid>/status``) in MB; NaN once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+class RssSampler:
+    """Samples a process's VmRSS every ``interval_s`` in a thread: the peak and the last value.
+
+    Used as a context manager around one phase of the run.
+    """
+
+    def __init__(self, pid: int, interval_s: float = 0.1) -> None:
+        self.pid = pid
+        self.interval_s = interval_s
+        self.peak = 0.0
+        self.last = float("nan")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            v = rss_mb(self.pid)
+            if v == v:  # not NaN
+                self.peak = max(self.peak, v)
+                self.last = v
+            if self._stop.wait(self.interval_s):
+                return
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        v = rss_mb(self.pid)  # end of the phase
+        if v == v:
+            self.peak = max(self.peak, v)
+            self.last = v
+
+
 def daemon_cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process, from ``/proc/<pid>/stat``."""
     with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
@@ -479,7 +530,10 @@ def run_mode(mode: str, templates: list[Template], args: argparse.Namespace, sin
             if args.profile:
                 spy = profile(d.pid, 8, raw)
                 time.sleep(0.5)
-            res["saturated"] = s = run_saturated(client, sink, d.pid, templates, args.requests, args.inflight, seq0)
+            with RssSampler(d.pid) as rss:
+                res["saturated"] = s = run_saturated(client, sink, d.pid, templates, args.requests, args.inflight,
+                                                     seq0)
+            s["rss_peak_mb"], s["rss_end_mb"] = rss.peak, rss.last
             # What the spans themselves cost: the idle CPU over the same interval removed.
             marginal = s["cpu_s"] - res["idle_cores"] * s["wall_s"]
             s["marginal_spans_per_cpu_s"] = s["spans"] / marginal if marginal > 0 else float("nan")
@@ -487,8 +541,12 @@ def run_mode(mode: str, templates: list[Template], args: argparse.Namespace, sin
             if spy is not None:
                 spy.wait(30)
                 res["hot_spots"] = hot_spots(raw) if raw.exists() else []
+                if args.profile_out and raw.exists():
+                    shutil.copy(raw, f"{args.profile_out}.{mode}.txt")
             shutil.rmtree(raw.parent, ignore_errors=True)
-            res["paced"] = run_paced(client, sink, templates, PACED_SPANS_PER_S, args.paced_s, seq0)
+            with RssSampler(d.pid) as rss:
+                res["paced"] = p = run_paced(client, sink, templates, PACED_SPANS_PER_S, args.paced_s, seq0)
+            p["rss_peak_mb"], p["rss_end_mb"] = rss.peak, rss.last
             res["rejected"] = client.rejected
             res["enriched"] = d.metric("isoscope_spans_enriched_total")
             res["enriched_by_scope"] = d.metric_by("isoscope_spans_enriched_total", "scope")
@@ -528,26 +586,34 @@ def render(results: list[dict[str, Any]], base: float, walk: float, args: argpar
              f"the daemon's idle cost of following the workload, measured in the same run.", "",
              "| mode | spans per daemon CPU-s, idle removed | same, raw | spans/s (wall) | daemon CPU s "
              "| idle daemon CPU (cores) | child spans per span | sat. p50 / p99 ms "
-             f"| p50 / p99 ms at {PACED_SPANS_PER_S:,} spans/s | enriched / received | enriched by scope |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"| p50 / p99 ms at {PACED_SPANS_PER_S:,} spans/s | daemon RSS MB, saturated peak / end "
+             f"| daemon RSS MB, paced peak / end | enriched / received | enriched by scope |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         s, p = r["saturated"], r["paced"]
         lines.append(f"| {r['mode']} | **{s['marginal_spans_per_cpu_s']:,.0f}** | {s['spans_per_cpu_s']:,.0f} "
                      f"| {s['spans_per_s']:,.0f} | {s['cpu_s']:.2f} | {r['idle_cores']:.3f} "
                      f"| {s['children'] / max(1, s['spans']):.3f} "
                      f"| {s['lat_p50_ms']:.0f} / {s['lat_p99_ms']:.0f} | {p['lat_p50_ms']:.1f} / {p['lat_p99_ms']:.1f} "
+                     f"| {s['rss_peak_mb']:.0f} / {s['rss_end_mb']:.0f} "
+                     f"| {p['rss_peak_mb']:.0f} / {p['rss_end_mb']:.0f} "
                      f"| {r['enriched']:,.0f} / {r['received']:,.0f} "
                      f"| {', '.join(f'{k}: {v:,.0f}' for k, v in sorted(r['enriched_by_scope'].items()))} |")
     lines += ["", f"Baseline, same run: Python upb parse + re-encode of the same requests: "
                   f"**{base:,.0f} spans per CPU-s**; parse + Python walk over every span's attributes "
                   f"+ re-encode: **{walk:,.0f} spans per CPU-s**.", "",
-              f"Target ≥ {TARGET:,} spans per daemon CPU-s on the live join (goal {GOAL:,})."]
+              f"Target ≥ {TARGET:,} spans per daemon CPU-s on the live join (goal {GOAL:,}); daemon RSS "
+              f"≤ {RSS_LIMIT_MB} MB steady (end of each phase)."]
     for r in results:
         v = r["saturated"]["marginal_spans_per_cpu_s"]
+        rss_end = max(r["saturated"]["rss_end_mb"], r["paced"]["rss_end_mb"])
         verdict = "meets the goal" if v >= GOAL else ("meets the target" if v >= TARGET else "BELOW target")
         lines.append(f"- {r['mode']}: {v:,.0f} spans per daemon CPU-s — {verdict}; rejected (backpressure) "
                      f"calls: {r['rejected']}; dropped: {r['dropped']:.0f}; enrichment failures: "
-                     f"{r['failures']:.0f}; daemon: `{shlex.join(r['argv'])}`")
+                     f"{r['failures']:.0f}; RSS at the end of the saturated / paced phase "
+                     f"{r['saturated']['rss_end_mb']:.0f} / {r['paced']['rss_end_mb']:.0f} MB ("
+                     f"{'within' if rss_end <= RSS_LIMIT_MB else 'OVER'} {RSS_LIMIT_MB} MB); "
+                     f"daemon: `{shlex.join(r['argv'])}`")
     for r in results:
         if r.get("hot_spots"):
             lines += ["", f"py-spy hot spots, {r['mode']} (self % / inclusive % of non-idle samples):", ""]
@@ -566,6 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--templates", type=int, default=16)
     p.add_argument("--baseline-rounds", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="py-spy the daemon during the saturated phase")
+    p.add_argument("--profile-out", metavar="PREFIX", help="keep the raw py-spy stacks as PREFIX.<mode>.txt")
     p.add_argument("--write", metavar="PATH", help="write the results as markdown")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -589,9 +656,11 @@ def main(argv: list[str] | None = None) -> int:
             r = run_mode(mode, templates, args, sink, 1_000_000 * (i + 1))
             s = r["saturated"]
             logger.info("%s: %d/%d requests arrived, %.0f spans per daemon CPU-s idle removed (%.0f raw, "
-                        "%.2f CPU s), %.3f children per span, p99 %.1f ms at %d spans/s",
+                        "%.2f CPU s), %.3f children per span, p99 %.1f ms at %d spans/s, RSS peak %.0f MB "
+                        "(saturated) / %.0f MB (paced)",
                         mode, s["arrived"], s["requests"], s["marginal_spans_per_cpu_s"], s["spans_per_cpu_s"],
-                        s["cpu_s"], s["children"] / max(1, s["spans"]), r["paced"]["lat_p99_ms"], PACED_SPANS_PER_S)
+                        s["cpu_s"], s["children"] / max(1, s["spans"]), r["paced"]["lat_p99_ms"], PACED_SPANS_PER_S,
+                        s["rss_peak_mb"], r["paced"]["rss_peak_mb"])
             results.append(r)
         after = workload.throttled()
         throttling = {k: after.get(k, 0) - before.get(k, 0) for k in after}

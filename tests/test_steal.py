@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from isoscope.model import RunSegment
-from isoscope.host.steal import StealSampler, read_steal_ticks, user_hz
+from isoscope.host.steal import StealSampler, parse_steal_ticks, read_steal_ticks, user_hz
 
 
 def _direct_steal_ticks() -> dict[int, int]:
@@ -25,7 +25,7 @@ def _direct_steal_ticks() -> dict[int, int]:
 def test_totals_agree_with_proc_stat_over_the_same_interval() -> None:
     """Sampler totals and interval steal vs direct /proc/stat reads taken at the same instants."""
     tick = 1e9 / user_hz()
-    s = StealSampler(interval_s=0.01)
+    s = StealSampler(interval_s=0.01, idle_interval_s=0.01)  # fixed-rate: this test counts samples
     s.start()
     try:
         d0, t0 = _direct_steal_ticks(), time.monotonic_ns()
@@ -96,3 +96,56 @@ def test_real_resolution_is_user_hz() -> None:
     """/proc/stat steal is exported in USER_HZ ticks: the finest steal granularity a guest can read."""
     assert StealSampler().resolution_ns == 1_000_000_000 // os.sysconf("SC_CLK_TCK")
     assert read_steal_ticks() .keys() == _direct_steal_ticks().keys()
+
+
+def test_parse_steal_ticks_reads_the_eighth_counter_of_cpu_lines_only() -> None:
+    data = (b"cpu  1 2 3 4 5 6 7 99 0 0\n"
+            b"cpu0 1 2 3 4 5 6 7 8 9 10\n"
+            b"cpu12 10 20 30 40 50 60 70 80\n"
+            b"cpu3 1 2 3 4 5 6 7\n"          # a kernel without the steal column
+            b"intr 1 2 3\ncpufreq 5\nctxt 9\n")
+    assert parse_steal_ticks(data) == {0: 8, 12: 80, 3: 0}
+    assert parse_steal_ticks(Path("/proc/stat").read_bytes()).keys() == _direct_steal_ticks().keys()
+
+
+def test_sampling_is_fine_while_steal_moves_and_coarse_while_flat(tmp_path: Path) -> None:
+    """A flat counter proves zero steal at any period: the sampler backs off to ``idle_interval_s``
+    then, samples every ``interval_s`` for ``hot_hold_s`` after any change, and coarsely while no
+    thread is watched; the steal it reports over flat and moving stretches is the same either way."""
+    now = [0]
+    watched = [True]
+    s = StealSampler(proc_root=str(tmp_path), interval_s=0.01, idle_interval_s=0.1, hot_hold_s=0.5,
+                     clock=lambda: now[0], watching=lambda: watched[0])
+    tick = s.resolution_ns
+
+    def put(t_ms: int, steal0: int) -> None:
+        (tmp_path / "stat").write_text(f"cpu  0 0 0 0 0 0 0 {steal0} 0 0\ncpu0 0 0 0 0 0 0 0 {steal0} 0 0\n")
+        now[0] = t_ms * 1_000_000
+        s.sample()
+
+    put(0, 50)
+    assert s.next_interval_s() == 0.1           # nothing moved yet
+    put(100, 50)
+    put(200, 50)
+    assert s.next_interval_s() == 0.1           # flat: coarse
+    put(300, 52)                                # steal starts: 2 ticks somewhere in (200, 300] ms
+    assert s.next_interval_s() == 0.01
+    put(310, 53)
+    put(320, 53)
+    now[0] = 800 * 1_000_000
+    assert s.next_interval_s() == 0.01          # within hot_hold_s of the last change (310 ms)
+    now[0] = 811 * 1_000_000
+    assert s.next_interval_s() == 0.1           # flat for longer than hot_hold_s
+    put(820, 53)
+    assert s.steal_ns(0, 0, 200_000_000) == 0   # flat stretch: exactly no steal, at any period
+    assert s.steal_ns(0, 300_000_000, 310_000_000) == pytest.approx(tick)  # fine samples place the tick
+    assert s.steal_ns(0, 0, 820_000_000) == pytest.approx(3 * tick)
+    put(830, 60)
+    watched[0] = False
+    assert s.next_interval_s() == 0.1           # moving, but no thread to charge it to
+    watched[0] = True
+    assert s.next_interval_s() == 0.01
+    fixed = StealSampler(proc_root=str(tmp_path), interval_s=0.01, idle_interval_s=0.001)
+    assert fixed.idle_interval_s == 0.01        # the coarse period is never finer than the fine one
+    s.shutdown()
+    fixed.shutdown()

@@ -122,7 +122,10 @@ class Daemon:
             relays=RelayPolicy(comms=tuple(ident.relays.comms), exes=tuple(ident.relays.exes),
                                cgroup_prefixes=tuple(ident.relays.cgroup_prefixes)),
             thread_owner=self.timeline.thread_pid)
-        self.steal = StealSampler(k.host_proc, interval_s=cfg.probes.steal_sample_ms / 1000) \
+        # Sampled finely only while steal moves or something is watched (whose spans it explains).
+        self.steal = StealSampler(k.host_proc, interval_s=cfg.probes.steal_sample_ms / 1000,
+                                  watching=lambda: bool(self.watch.tgids or self.watch.cgroups
+                                                        or self.watch.watch_all)) \
             if load_probes else None
         self.clock = MonoWallClock(on_step=lambda d: self.stats.inc("clock_steps_total"))
         self.netns_changed = threading.Event()

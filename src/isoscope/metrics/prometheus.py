@@ -269,6 +269,9 @@ class CardinalityCap:
 # Series state
 # ---------------------------------------------------------------------------
 
+_ALL_LAYERS = frozenset(LAYERS)
+
+
 @dataclass(slots=True)
 class _Histogram:
     """One histogram series: per-bucket (non-cumulative) counts, sum, last exemplar per bucket."""
@@ -349,6 +352,7 @@ class PrometheusExporter:
         self._stats = stats
         self._sinks: list[MetricSink] = list(sinks)
         self._lock = threading.Lock()
+        self._wanted_cache: dict[tuple[str, ...], frozenset[str]] = {}
         self._span_bounds = tuple(sorted(float(b) for b in span_buckets))
         self._ratio_bounds = tuple(sorted(float(b) for b in ratio_buckets))
         self._log2_exps = tuple(sorted(int(e) for e in log2_le_exponents))
@@ -444,32 +448,58 @@ class PrometheusExporter:
                 observed for these (plus any layer with stall time). ``None`` means all.
         """
         service = service or "unknown"
-        now = time.time()
         duration = breakdown.duration_ns
-        exemplar_labels = {"trace_id": trace_id_hex} if trace_id_hex else None
-        per_layer = breakdown.layer_ns()
-        wanted = set(LAYERS) if layers is None else {layer for layer in layers if layer in LAYERS}
-        wanted.update(layer for layer in LAYERS if per_layer[layer] > 0)
-        records: list[tuple[MetricSpec, tuple[str, ...], float]] = []
+        # Layer sums in one pass (only the isolation layers take part in the ratios).
+        per_layer = dict.fromkeys(LAYERS, 0)
+        stalled = []
+        for comp, ns in breakdown.component_ns.items():
+            layer = COMPONENT_LAYER[comp] if comp in COMPONENT_LAYER else None
+            if layer in per_layer:
+                per_layer[layer] += ns
+            if ns > 0:
+                stalled.append((layer, comp, ns))
+        wanted = self._wanted_layers(layers)
+        records: list[tuple[MetricSpec, tuple[str, ...], float]] | None = [] if self._sinks else None
+        observe = self._observe
         with self._lock:
-            for comp, ns in breakdown.component_ns.items():
-                if ns <= 0:
-                    continue
-                layer = COMPONENT_LAYER.get(comp)
-                if layer is None:
-                    layer, comp = OTHER, OTHER
-                seconds = ns / 1e9
-                ex = Exemplar(exemplar_labels, seconds, now) if exemplar_labels else None
-                key = self._observe(SPAN_LAYER, self._span_bounds, (service, layer, comp), seconds, ex)
-                records.append((SPAN_LAYER, key, seconds))
+            if stalled:
+                now = time.time()
+                span_bounds = self._span_bounds
+                for layer, comp, ns in stalled:
+                    if layer is None:
+                        layer, comp = OTHER, OTHER
+                    seconds = ns / 1e9
+                    ex = Exemplar({"trace_id": trace_id_hex}, seconds, now) if trace_id_hex else None
+                    key = observe(SPAN_LAYER, span_bounds, (service, layer, comp), seconds, ex)
+                    if records is not None:
+                        records.append((SPAN_LAYER, key, seconds))
             if duration > 0:
+                ratio_bounds = self._ratio_bounds
                 for layer in LAYERS:
-                    if layer in wanted:
-                        ratio = per_layer[layer] / duration
-                        key = self._observe(SPAN_OVERHEAD, self._ratio_bounds, (service, layer), ratio, None)
-                        records.append((SPAN_OVERHEAD, key, ratio))
-        if self._sinks:
+                    ns = per_layer[layer]
+                    if ns > 0 or layer in wanted:
+                        ratio = ns / duration
+                        key = observe(SPAN_OVERHEAD, ratio_bounds, (service, layer), ratio, None)
+                        if records is not None:
+                            records.append((SPAN_OVERHEAD, key, ratio))
+        if records:
             self._emit("histogram", records)
+
+    def _wanted_layers(self, layers: Iterable[str] | None) -> frozenset[str]:
+        # The same few layer lists (one per workload stack) come with every span: cached.
+        if layers is None:
+            return _ALL_LAYERS
+        try:
+            key = tuple(layers)
+        except TypeError:
+            key = None
+        cache = self._wanted_cache
+        hit = cache.get(key) if key is not None else None
+        if hit is None:
+            hit = frozenset(layer for layer in (key if key is not None else layers) if layer in LAYERS)
+            if key is not None and len(cache) < 256:
+                cache[key] = hit
+        return hit
 
     def add_stall(self, stall: Stall, namespace: str, pod: str, container: str) -> None:
         """Add one stall's duration to ``isoscope_layer_stall_seconds_total``.

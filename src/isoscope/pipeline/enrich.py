@@ -173,10 +173,21 @@ def _varint(v: int) -> bytes:
     return bytes(out)
 
 
+_KEY_FIELDS: dict[str, bytes] = {}
+"""Attribute key → its encoded ``KeyValue.key`` field and the ``value`` tag (keys come from fixed vocabularies)."""
+
+
 def _wire_attr(key: str, any_value: bytes) -> bytes:
-    k = key.encode()
-    kv = b"\x0a" + _varint(len(k)) + k + b"\x12" + _varint(len(any_value)) + any_value
-    return b"\x4a" + _varint(len(kv)) + kv
+    k = _KEY_FIELDS.get(key)
+    if k is None:
+        kb = key.encode()
+        k = b"\x0a" + _varint(len(kb)) + kb + b"\x12"
+        if len(_KEY_FIELDS) < 4096:
+            _KEY_FIELDS[key] = k
+    n = len(any_value)
+    kv = k + (bytes((n,)) if n < 0x80 else _varint(n)) + any_value
+    n = len(kv)
+    return (b"\x4a" + bytes((n,)) if n < 0x80 else b"\x4a" + _varint(n)) + kv
 
 
 def _wire_int(key: str, value: int) -> bytes:
@@ -205,21 +216,35 @@ def contract_attributes_wire(bd: Breakdown, blame_threshold: float, workload_wir
         blame_threshold: ``isolation.blame`` is set only at or above this overhead ratio.
         workload_wire: :func:`workload_attributes_wire` of the span's workload.
     """
+    # One pass over the components gives the layer sums, the overhead and the dominant
+    # component (what Breakdown.layer_ns / overhead_ratio / dominant compute one by one).
+    layer_ns = dict.fromkeys(LAYERS, 0)
+    kernel = 0
+    overhead = 0
+    dominant = None
+    dominant_ns = 0
+    comp_parts = []
+    for comp, ns in bd.component_ns.items():
+        layer = COMPONENT_LAYER[comp]
+        if layer == KERNEL:
+            kernel += ns
+            continue
+        layer_ns[layer] += ns
+        overhead += ns
+        if ns > dominant_ns:
+            dominant, dominant_ns = comp, ns
+        if ns:
+            comp_parts.append(_wire_int(_COMPONENT_NS_KEYS[comp], ns))
     parts = [workload_wire]
-    layer_ns = bd.layer_ns()
     for layer in LAYERS:
         ns = layer_ns[layer]
         parts.append(_wire_int(_LAYER_NS_KEYS[layer], ns) if ns else _ZERO_LAYERS[layer])
-    for comp, ns in bd.component_ns.items():
-        key = _COMPONENT_NS_KEYS.get(comp)
-        if key and ns:
-            parts.append(_wire_int(key, ns))
-    kernel = layer_ns[KERNEL]
+    parts += comp_parts
     parts.append(_wire_int("isolation.kernel.ns", kernel) if kernel else _KERNEL_ZERO)
-    ratio = bd.overhead_ratio()
+    duration = bd.duration_ns
+    ratio = overhead / duration if duration > 0 else 0.0
     r = round(ratio, 6)
     parts.append(_wire_attr("isolation.overhead.ratio", b"\x21" + _DOUBLE.pack(r)) if r else _RATIO_ZERO)
-    dominant = bd.dominant()
     if dominant and ratio >= blame_threshold and ratio > 0:
         parts.append(_BLAME[dominant])
     if bd.component_ns.get("cpu_throttle"):
@@ -322,11 +347,27 @@ def _merge_for_children(stalls: list[Stall], min_stall_ns: int, max_children: in
     return kept
 
 
+def _child_plan(bd: Breakdown, min_stall_ns: int, max_children: int,
+                window: tuple[int, int]) -> list[tuple[Stall, int, int, int]]:
+    """The child spans of a breakdown as ``(stall, merged_count, start, end)``, clipped to ``window``."""
+    lo, hi = window
+    out = []
+    for stall, merged in _merge_for_children(bd.stalls, min_stall_ns, max_children):
+        s0, s1 = stall.start_mono_ns, stall.end_mono_ns
+        a = s0 if s0 > lo else lo
+        b = s1 if s1 < hi else hi
+        if b > a:
+            out.append((stall, merged, a, b))
+    return out
+
+
 def child_spans(parent: Span, bd: Breakdown, wl: Workload, to_unix: Callable[[int], int], *,
                 min_stall_ns: int, max_children: int, window: tuple[int, int],
                 id_source: Callable[[int], bytes] = os.urandom,
                 cgroup_path: str = "", neighbor_name: Callable[[int], str] | None = None) -> list[Span]:
     """Child spans for the stalls of a breakdown (docs/architecture.md §4): one per stall ≥ ``min_stall_ns``.
+
+    The object form of :func:`child_spans_wire` (which the pipeline uses): both write the same spans.
 
     Args:
         parent: the enriched span.
@@ -341,12 +382,8 @@ def child_spans(parent: Span, bd: Breakdown, wl: Workload, to_unix: Callable[[in
     """
     if max_children <= 0 or not bd.stalls:
         return []
-    lo, hi = window
     out = []
-    for stall, merged in _merge_for_children(bd.stalls, min_stall_ns, max_children):
-        a, b = max(stall.start_mono_ns, lo), min(stall.end_mono_ns, hi)
-        if b <= a:
-            continue
+    for stall, merged, a, b in _child_plan(bd, min_stall_ns, max_children, window):
         layer = COMPONENT_LAYER[stall.component]
         child = Span(trace_id=parent.trace_id, span_id=id_source(8), parent_span_id=parent.span_id,
                      name=f"isolation {layer} {stall.component}", kind=Span.SPAN_KIND_INTERNAL,
@@ -378,6 +415,181 @@ def child_spans(parent: Span, bd: Breakdown, wl: Workload, to_unix: Callable[[in
         child.attributes.extend(attrs)
         out.append(child)
     return out
+
+
+# -- child spans, written as serialized bytes ----------------------------------------------
+# A child span built as a protobuf Span with eight-odd KeyValue messages costs more than
+# the whole join of its parent. The wire form below writes the same fields in the same
+# order as Span.SerializeToString (field-number order, proto3 defaults left out), so the
+# parsed result is the object form exactly (tests/test_child_wire.py proves it).
+# ScopeSpans.spans is field 2; Span: trace_id 1, span_id 2, parent_span_id 4, name 5,
+# kind 6 (varint), start 7 / end 8 (fixed64), attributes 9.
+
+_U64 = struct.Struct("<Q")
+_KIND_INTERNAL = b"\x30" + _varint(Span.SPAN_KIND_INTERNAL)
+
+
+def _wire_str(key: str, value: str) -> bytes:
+    v = value.encode()
+    return _wire_attr(key, b"\x0a" + _varint(len(v)) + v)
+
+
+def _wire_double(key: str, value: float) -> bytes:
+    return _wire_attr(key, b"\x21" + _DOUBLE.pack(value))
+
+
+def _len_field(tag: bytes, payload: bytes) -> bytes:
+    return tag + _varint(len(payload)) + payload
+
+
+_CHILD_HEAD = {c: (_len_field(b"\x2a", f"isolation {COMPONENT_LAYER[c]} {c}".encode()) + _KIND_INTERNAL,
+                   _wire_str("isolation.layer", COMPONENT_LAYER[c]) + _wire_str("isolation.component", c))
+               for c in COMPONENT_LAYER}
+"""Per component: the child's name and kind fields, and its layer/component attributes."""
+_DETAIL_STR_CACHE: dict[tuple[str, str], bytes] = {}
+_DETAIL_STR_CACHE_MAX = 4096
+
+
+def _detail_str(key: str, value: str) -> bytes:
+    # Detail strings come from small vocabularies (syscall classes, exit reasons, devices):
+    # their encoded attribute is reused instead of rebuilt per child.
+    hit = _DETAIL_STR_CACHE.get((key, value))
+    if hit is None:
+        hit = _wire_str(DETAIL_PREFIX + key, value)
+        if len(_DETAIL_STR_CACHE) < _DETAIL_STR_CACHE_MAX:
+            _DETAIL_STR_CACHE[(key, value)] = hit
+    return hit
+
+
+def neighbor_attributes_wire(entries: list[tuple[str, int]]) -> bytes:
+    """:func:`neighbor_attributes` in wire form (a run of ``Span.attributes`` fields)."""
+    if not entries:
+        return b""
+    names = b"".join(_len_field(b"\x0a", _len_field(b"\x0a", f"{name}={format_ms(ns)}".encode()))
+                     for name, ns in entries)
+    nss = b"".join(_len_field(b"\x0a", b"\x18" + _varint(ns)) for _, ns in entries)
+    out = _wire_attr(NEIGHBORS_KEY, _len_field(b"\x2a", names)) + _wire_attr(NEIGHBORS_NS_KEY, _len_field(b"\x2a", nss))
+    top = next((name for name, _ in entries if name not in SPECIAL_NAMES), None)
+    if top is not None:
+        out += _wire_str(NEIGHBOR_KEY, top)
+    return out
+
+
+def span_neighbor_attributes_wire(stalls: list[Stall], start: int, end: int, name_of: Callable[[int], str]) -> bytes:
+    """:func:`span_neighbor_attributes` in wire form."""
+    tally = window_neighbors(stalls, start, end)
+    return neighbor_attributes_wire(tally.named(name_of)) if tally else b""
+
+
+def cgroup_path_wire(cgroup_path: str) -> bytes:
+    """The ``isolation.cgroup.path`` attribute of a workload's child spans, in wire form (b"" when none)."""
+    return _wire_str(DETAIL_PREFIX + "cgroup.path", cgroup_path) if cgroup_path else b""
+
+
+class SpanIds:
+    """Random 8-byte span ids drawn from ``os.urandom`` in blocks: one syscall per 512 ids instead
+    of one per child span. Same source and quality as ``os.urandom(8)``; for one thread (the
+    enrich thread) at a time.
+    """
+
+    BLOCK = 4096
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._pos = 0
+
+    def __call__(self, n: int = 8) -> bytes:
+        pos = self._pos
+        if pos + n > len(self._buf):
+            self._buf, pos = os.urandom(max(self.BLOCK, n)), 0
+        self._pos = pos + n
+        return self._buf[pos:pos + n]
+
+
+def child_spans_wire(parent: Span, bd: Breakdown, to_unix: Callable[[int], int], *, min_stall_ns: int,
+                     max_children: int, window: tuple[int, int], id_source: Callable[[int], bytes] = os.urandom,
+                     cgroup_path_attr: bytes = b"", neighbor_name: Callable[[int], str] | None = None,
+                     offset_ns: int | None = None,
+                     neighbor_cache: dict[tuple[Any, int, int], bytes] | None = None) -> tuple[bytes, int]:
+    """:func:`child_spans` as serialized ``ScopeSpans.spans`` fields, to append with one ``MergeFromString``.
+
+    Args:
+        parent: the enriched span.
+        bd: its breakdown (with the stalls that overlapped its window).
+        to_unix: CLOCK_MONOTONIC → wall-clock conversion (unused when ``offset_ns`` is given).
+        min_stall_ns: shorter stalls get no child span.
+        max_children: at most this many; the rest are merged per component.
+        window: the span window (monotonic), children are clipped to it.
+        id_source: span id bytes.
+        cgroup_path_attr: :func:`cgroup_path_wire` of the workload's cgroup path.
+        neighbor_name: names a cgroup for ``runqueue`` children's neighbour attributes; None leaves them out.
+        offset_ns: wall − monotonic, when the conversion is a plain offset (saves a call per edge).
+        neighbor_cache: reuses ``runqueue`` children's neighbour attributes across the calls of one
+            batch (keyed by split and the share of it inside); None computes each.
+
+    Returns:
+        The bytes and how many child spans they hold.
+    """
+    if max_children <= 0 or not bd.stalls:
+        return b"", 0
+    plan = _child_plan(bd, min_stall_ns, max_children, window)
+    if not plan:
+        return b"", 0
+    trace_id, parent_id = parent.trace_id, parent.span_id
+    head = (_len_field(b"\x0a", trace_id) if trace_id else b"")
+    parent_field = _len_field(b"\x22", parent_id) if parent_id else b""
+    pack = _U64.pack
+    parts = []
+    for stall, merged, a, b in plan:
+        comp = stall.component
+        name_kind, layer_comp = _CHILD_HEAD[comp]
+        if offset_ns is None:
+            ua, ub = to_unix(a), to_unix(b)
+        else:
+            ua, ub = a + offset_ns, b + offset_ns
+        attrs = [layer_comp, _wire_int("isolation.stall.ns", b - a), _wire_int("thread.id", stall.tid)]
+        if stall.cpu >= 0:
+            attrs.append(_wire_int(DETAIL_PREFIX + "cpu", stall.cpu))
+        if merged > 1:
+            attrs.append(_wire_int("isolation.merged_count", merged))
+        details = stall.details
+        if details:
+            for k, v in details.items():
+                t = type(v)
+                if t is str:
+                    attrs.append(_detail_str(k, v))
+                elif t is int:
+                    attrs.append(_wire_int(DETAIL_PREFIX + k, v))
+                elif t is float:
+                    attrs.append(_wire_double(DETAIL_PREFIX + k, v))
+                elif isinstance(v, bool) or not isinstance(v, (int, float, str)):
+                    continue
+                elif isinstance(v, str):  # subclasses: as the object form does
+                    attrs.append(_wire_str(DETAIL_PREFIX + k, v))
+                elif isinstance(v, int):
+                    attrs.append(_wire_int(DETAIL_PREFIX + k, v))
+                else:
+                    attrs.append(_wire_double(DETAIL_PREFIX + k, v))
+        if cgroup_path_attr:
+            attrs.append(cgroup_path_attr)
+        if comp == "runqueue" and neighbor_name is not None:
+            if neighbor_cache is None:
+                attrs.append(span_neighbor_attributes_wire([stall], a, b, neighbor_name))
+            else:
+                # One stall's list depends only on its split and the share of it inside: overlapping
+                # spans of one thread in a batch see the same stalls again.
+                nb = stall_neighbors(stall)
+                key = (nb, b - a, stall.end_mono_ns - stall.start_mono_ns)
+                hit = neighbor_cache.get(key) if nb is not None else b""
+                if hit is None:
+                    hit = neighbor_cache[key] = span_neighbor_attributes_wire([stall], a, b, neighbor_name)
+                attrs.append(hit)
+        elif comp == "cpu_throttle":
+            attrs.append(_THROTTLE_CAUSE)
+        span = b"".join((head, _len_field(b"\x12", id_source(8)), parent_field, name_kind,
+                         (b"\x39" + pack(ua)) if ua else b"", (b"\x41" + pack(ub)) if ub else b"", *attrs))
+        parts.append(_len_field(b"\x12", span))
+    return b"".join(parts), len(parts)
 
 
 def kubernetes_attributes(wl: Workload, node_name: str = "") -> list[KeyValue]:

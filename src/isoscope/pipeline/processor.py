@@ -26,9 +26,10 @@ from isoscope.join.attribution import Attributor
 from isoscope.join.neighbors import CgroupNamer
 from isoscope.kernel.clock import MonoWallClock
 from isoscope.config import AttributionConfig
-from isoscope.pipeline.enrich import (add_attributes, add_resource_attributes, child_spans, contract_attributes,
-                                      contract_attributes_wire, isoscope_scope, kubernetes_attributes,
-                                      span_neighbor_attributes, wire_attributes, workload_attributes,
+from isoscope.pipeline.enrich import (add_attributes, add_resource_attributes, cgroup_path_wire, child_spans_wire,
+                                      contract_attributes, contract_attributes_wire, isoscope_scope,
+                                      kubernetes_attributes, span_neighbor_attributes,
+                                      span_neighbor_attributes_wire, SpanIds, workload_attributes,
                                       workload_attributes_wire)
 from isoscope.metadata.resolver import WorkloadResolver, resource_identity
 from isoscope.model import Backpressure, Breakdown, Stats, TraceBatch, Workload
@@ -60,16 +61,11 @@ class _Held:
     may_conflict: bool | None  # known when the request was serialized at receipt
 
 
-@dataclass(slots=True)
-class _Pending:
-    """A resolved span waiting for its join."""
+_Pending = tuple
+"""A resolved span waiting for its join: ``(span, workload, start, end, slot)`` (monotonic ns; ``slot``
+indexes the batch's join results). A tuple: one is made per span."""
 
-    span: Any
-    wl: Workload
-    start: int
-    end: int
-    bd: Breakdown | None = None
-    tid: int = 0
+_MISSING = object()
 
 
 CHILD_MODES = ("blamed", "all", "off")
@@ -89,9 +85,10 @@ def _thread_id(span: Any) -> int | None:
     for kv in span.attributes:
         if kv.key == "thread.id":
             v = kv.value
-            if v.WhichOneof("value") == "int_value":
+            which = v.WhichOneof("value")
+            if which == "int_value":
                 return v.int_value
-            if v.WhichOneof("value") == "string_value" and v.string_value.isdigit():
+            if which == "string_value" and v.string_value.isdigit():
                 return int(v.string_value)
             return None
     return None
@@ -143,6 +140,7 @@ class EnrichPipeline:
         self._failures_logged = 0
         self.hold_ns = int(cfg.hold_max_ms * 1e6)
         self.min_stall_ns = int(cfg.min_stall_ms * 1e6)
+        self._span_ids = SpanIds()  # child span ids (only the enrich thread writes children)
         self.neighbor_name = CgroupNamer(getattr(resolver, "cgroup_labels", lambda _cg: ("", "", "")),
                                          self._cgroup_path)
 
@@ -272,10 +270,21 @@ class EnrichPipeline:
         cfg = self.cfg
         if may_conflict is None:
             may_conflict = _may_hold_isolation_keys(batch.request.SerializeToString())
-        to_mono = self.clock.to_mono
-        resolved: dict[tuple[Any, int | None], Workload | None] = {}
-        groups: dict[int, tuple[Workload, list[_Pending]]] = {}
+        clock = self.clock
+        # One offset for the whole batch when the conversion is the plain one (the clock's
+        # remeasurement moves it by microseconds at most): no method call per span edge.
+        plain = type(clock).to_mono is MonoWallClock.to_mono and type(clock).to_unix is MonoWallClock.to_unix
+        offset = clock.offset_ns if plain else None
+        to_mono = clock.to_mono
+        resolve = self.resolver.resolve
+        on_workload = self._on_workload
+        peer_pid = batch.peer_pid
+        # (resource, thread) → (workload, its windows, their slots in `joined`): spans of one
+        # key share the resolution and the group lookup.
+        resolved: dict[tuple[Any, int | None], tuple[Workload, list[tuple[int, int]], list[int]] | None] = {}
+        groups: dict[int, tuple[Workload, list[tuple[int, int]], list[int]]] = {}
         order: list[tuple[Any, str, list[_Pending]]] = []
+        n = 0
         unresolved = 0
         for rs in batch.request.resource_spans:
             ident = resource_identity(rs.resource)
@@ -283,97 +292,122 @@ class EnrichPipeline:
             base_key = (ident.get("process.pid"), ident.get("container.id"), ident.get("k8s.pod.uid"))
             pending: list[_Pending] = []
             order.append((rs, service, pending))
+            append = pending.append
             for ss in rs.scope_spans:
                 for span in ss.spans:
                     try:
-                        tid = _thread_id(span)
-                        key = (base_key, tid)
-                        if key in resolved:
-                            wl = resolved[key]
-                        else:
-                            wl = resolved[key] = self.resolver.resolve(ident, tid, batch.peer_pid)
-                            if wl is not None and self._on_workload is not None:
-                                self._on_workload(wl)
-                        if wl is None:
+                        key = (base_key, _thread_id(span))
+                        entry = resolved.get(key, _MISSING)
+                        if entry is _MISSING:
+                            wl = resolve(ident, key[1], peer_pid)
+                            entry = None if wl is None else groups.get(id(wl))
+                            if wl is not None and entry is None:
+                                entry = groups[id(wl)] = (wl, [], [])
+                            resolved[key] = entry
+                            if wl is not None and on_workload is not None:
+                                on_workload(wl)
+                        if entry is None:
                             unresolved += 1
                             continue
-                        item = _Pending(span, wl, to_mono(span.start_time_unix_nano),
-                                        to_mono(span.end_time_unix_nano))
+                        if offset is not None:
+                            start = span.start_time_unix_nano - offset
+                            end = span.end_time_unix_nano - offset
+                        else:
+                            start = to_mono(span.start_time_unix_nano)
+                            end = to_mono(span.end_time_unix_nano)
                     except Exception:
                         self._failed("join")
                         continue
-                    pending.append(item)
-                    group = groups.get(id(wl))
-                    if group is None:
-                        groups[id(wl)] = (wl, [item])
-                    else:
-                        group[1].append(item)
+                    entry[1].append((start, end))
+                    entry[2].append(n)
+                    append((span, entry[0], start, end, n))
+                    n += 1
         if unresolved:
             self.stats.inc("enrichment_failures_total", ("unresolved",), unresolved)
-        for wl, items in groups.values():
+        joined: list[tuple[Breakdown, int] | None] = [None] * n
+        for wl, windows, slots in groups.values():
             try:
-                joined = self.attributor.join_many(wl, [(p.start, p.end) for p in items], drained)
+                out = self.attributor.join_many(wl, windows, drained)
             except Exception:
-                self._failed("join", len(items))
+                self._failed("join", len(windows))
                 continue
-            for p, (bd, tid) in zip(items, joined):
-                p.bd, p.tid = bd, tid
-        return self._write(batch, order, cfg, may_conflict)
+            for i, r in zip(slots, out):
+                joined[i] = r
+        return self._write(batch, order, joined, cfg, may_conflict, offset)
 
-    def _write(self, batch: TraceBatch, order: list[tuple[Any, str, list[_Pending]]], cfg: AttributionConfig,
-               may_conflict: bool) -> int:
+    def _write(self, batch: TraceBatch, order: list[tuple[Any, str, list[_Pending]]],
+               joined: list[tuple[Breakdown, int] | None], cfg: AttributionConfig, may_conflict: bool,
+               offset: int | None = None) -> int:
         """Write the joined breakdowns (and child spans) onto the spans, in their order."""
         mode = self.child_mode()
         max_children = cfg.max_child_spans if mode != "off" else 0
         blame = cfg.blame_threshold
+        min_stall_ns = self.min_stall_ns
+        to_unix = self.clock.to_unix
+        neighbor_name = self.neighbor_name
+        stalls_of = self.attributor.stalls
+        observer = self._observer
+        wants_children = self._wants_children
         scope_cache: dict[int, Any] = {}
+        neighbor_cache: dict[tuple[Any, int, int], bytes] = {}  # for this batch only: names may change
         wl_attrs: dict[int, list[Any]] = {}
-        wl_wire: dict[int, bytes] = {}
+        wl_wire: dict[int, tuple[bytes, bytes, Any]] = {}
         enriched: dict[str, int] = {}
         emitted = 0
         for rs, service, pending in order:
             if self.cfg.kubernetes_attributes and pending:
                 self._label_resource(rs, pending)
-            children: list[Any] = []
-            for p in pending:
-                bd = p.bd
-                if bd is None:
+            children: list[bytes] = []
+            n_children = 0
+            for span, wl, start, end, slot in pending:
+                j = joined[slot]
+                if j is None:
                     continue
-                span, wl = p.span, p.wl
+                bd, tid = j
                 try:
                     stalls = None
-                    neighbors = []
-                    if p.tid and bd.component_ns.get("runqueue"):
-                        # Who ran while the thread waited: the splits its run-queue stalls carry.
-                        stalls = self.attributor.stalls(p.tid, p.start, p.end)
-                        neighbors = span_neighbor_attributes(stalls, p.start, p.end, self.neighbor_name)
+                    cached = wl_wire.get(id(wl))
+                    if cached is None:
+                        cached = wl_wire[id(wl)] = (workload_attributes_wire(wl), cgroup_path_wire(wl.cgroup_path),
+                                                    wl.stack.layers if wl.stack else None)
+                    wire, cgroup_attr, layers = cached
                     if may_conflict:
                         # Some span may hold isolation.* keys already: add only the missing ones.
+                        neighbors = []
+                        if tid and bd.component_ns.get("runqueue"):
+                            stalls = stalls_of(tid, start, end)
+                            neighbors = span_neighbor_attributes(stalls, start, end, neighbor_name)
                         prefix = wl_attrs.get(id(wl))
                         if prefix is None:
                             prefix = wl_attrs[id(wl)] = workload_attributes(wl)
                         add_attributes(span, contract_attributes(bd, wl, blame, prefix) + neighbors, True)
                     else:
-                        wire = wl_wire.get(id(wl))
-                        if wire is None:
-                            wire = wl_wire[id(wl)] = workload_attributes_wire(wl)
-                        span.MergeFromString(contract_attributes_wire(bd, blame, wire) + wire_attributes(neighbors))
-                    if max_children and p.tid and self._wants_children(bd, mode, blame):
-                        bd.stalls = stalls if stalls is not None else self.attributor.stalls(p.tid, p.start, p.end)
-                        kids = child_spans(span, bd, wl, self.clock.to_unix, min_stall_ns=self.min_stall_ns,
-                                           max_children=max_children, window=(p.start, p.end),
-                                           cgroup_path=wl.cgroup_path, neighbor_name=self.neighbor_name)
-                        children.extend(kids)
+                        attrs = contract_attributes_wire(bd, blame, wire)
+                        if tid and bd.component_ns.get("runqueue"):
+                            # Who ran while the thread waited: the splits its run-queue stalls carry.
+                            stalls = stalls_of(tid, start, end)
+                            attrs += span_neighbor_attributes_wire(stalls, start, end, neighbor_name)
+                        span.MergeFromString(attrs)
+                    if max_children and tid and wants_children(bd, mode, blame):
+                        bd.stalls = stalls if stalls is not None else stalls_of(tid, start, end)
+                        kids, k = child_spans_wire(span, bd, to_unix, min_stall_ns=min_stall_ns,
+                                                   max_children=max_children, window=(start, end),
+                                                   id_source=self._span_ids, cgroup_path_attr=cgroup_attr,
+                                                   neighbor_name=neighbor_name, offset_ns=offset,
+                                                   neighbor_cache=neighbor_cache)
+                        if k:
+                            children.append(kids)
+                            n_children += k
                     enriched[wl.scope] = enriched.get(wl.scope, 0) + 1
-                    if self._observer is not None:
-                        self._observer.observe_span(service, bd, span.trace_id.hex(),
-                                                    layers=wl.stack.layers if wl.stack else None)
+                    if observer is not None:
+                        observer.observe_span(service, bd, span.trace_id.hex(), layers=layers)
                 except Exception:
                     self._failed("join")
-            if children:
-                isoscope_scope(rs, scope_cache).spans.extend(children)
-                batch.span_count += len(children)
-                emitted += len(children)
+            if n_children:
+                # One parse for all the resource's children, appended after any already there.
+                isoscope_scope(rs, scope_cache).MergeFromString(b"".join(children))
+                batch.span_count += n_children
+                emitted += n_children
         for scope, n in enriched.items():
             self.stats.inc("spans_enriched_total", (scope,), n)
         if emitted:
@@ -382,12 +416,14 @@ class EnrichPipeline:
 
     def _label_resource(self, rs: Any, pending: list[_Pending]) -> None:
         """``k8s.*`` attributes on a resource whose spans all resolved to one container or pod."""
-        first = pending[0].wl
-        key = (first.namespace, first.pod, first.container, first.stack.pod_uid if first.stack else "",
-               first.stack.container_id if first.stack else "")
-        if not any(key) or any((p.wl.namespace, p.wl.pod, p.wl.container,
-                                p.wl.stack.pod_uid if p.wl.stack else "",
-                                p.wl.stack.container_id if p.wl.stack else "") != key for p in pending[1:]):
+        first = pending[0][1]
+
+        def labels(wl: Workload) -> tuple[str, ...]:
+            return (wl.namespace, wl.pod, wl.container, wl.stack.pod_uid if wl.stack else "",
+                    wl.stack.container_id if wl.stack else "")
+
+        key = labels(first)
+        if not any(key) or any(p[1] is not first and labels(p[1]) != key for p in pending[1:]):
             return
         add_resource_attributes(rs.resource, kubernetes_attributes(first, self._node_name))
 

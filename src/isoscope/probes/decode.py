@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import struct
 from types import MappingProxyType
 from typing import Callable, Mapping
 
@@ -88,6 +89,19 @@ class DecodeError(ValueError):
     """A record that does not match any known layout."""
 
 
+# The hot records (stalls, run-queue splits, on-CPU segments) are unpacked with precompiled
+# structs: a ctypes Structure copy plus one attribute access per field costs several times
+# more, and the probes' poll thread decodes every record the kernel sends. The formats are
+# checked against the ctypes mirrors at import (same size), so a layout change cannot slip by.
+_STALL = struct.Struct("<IIQQQIIiIQ")
+_RUNQ = struct.Struct("<IIQQQIIiIQ" + "QQQQ" + "QQ" * 3)
+_RUN = struct.Struct("<IIQQQIi")
+assert _STALL.size == ctypes.sizeof(StallRecord)
+assert _RUNQ.size == ctypes.sizeof(RunqRecord)
+assert _RUN.size == ctypes.sizeof(RunRecord)
+_RUNQ_CODE = COMPONENT_CODE["runqueue"]
+
+
 def decode_record(data: bytes) -> Stall | LifecycleEvent | RunSegment:
     """Decode one ring-buffer record.
 
@@ -100,33 +114,38 @@ def decode_record(data: bytes) -> Stall | LifecycleEvent | RunSegment:
     Raises:
         DecodeError: unknown kind, unknown code or short record.
     """
-    if len(data) < 4:
-        raise DecodeError(f"record of {len(data)} bytes is too short")
+    n = len(data)
+    if n < 4:
+        raise DecodeError(f"record of {n} bytes is too short")
     kind = int.from_bytes(data[:4], "little")
     if kind == EV_STALL:
-        if len(data) < ctypes.sizeof(StallRecord):
+        if n < _STALL.size:
             raise DecodeError("short stall record")
-        r = StallRecord.from_buffer_copy(data)
-        comp = COMPONENT_BY_CODE.get(r.component)
+        _, code, start, end, cgroup_id, pid, tid, cpu, detail, detail2 = _STALL.unpack_from(data)
+        comp = COMPONENT_BY_CODE.get(code)
         if comp is None:
-            raise DecodeError(f"unknown stall component code {r.component}")
+            raise DecodeError(f"unknown stall component code {code}")
         dec = DETAIL_DECODERS.get(comp)
-        details = dec(r.detail, r.detail2) if dec else {}
-        return Stall(comp, r.start_ns, r.end_ns, r.tid, r.pid, r.cgroup_id, r.cpu, details)
+        details = dec(detail, detail2) if dec else {}
+        return Stall(comp, start, end, tid, pid, cgroup_id, cpu, details)
+    if kind == EV_RUN:
+        if n < _RUN.size:
+            raise DecodeError("short run record")
+        _, tid, start, end, cgroup_id, pid, cpu = _RUN.unpack_from(data)
+        return RunSegment(tid, pid, cgroup_id, cpu, start, end)
     if kind == EV_RUNQ:
-        if len(data) < ctypes.sizeof(RunqRecord):
+        if n < _RUNQ.size:
             raise DecodeError("short run-queue record")
-        q = RunqRecord.from_buffer_copy(data)
-        r = q.stall
-        if COMPONENT_BY_CODE.get(r.component) != "runqueue":
-            raise DecodeError(f"run-queue record with component code {r.component}")
-        details = dict(_sched_details(r.detail, r.detail2))
+        (_, code, start, end, cgroup_id, pid, tid, cpu, detail, detail2, self_ns, kernel_ns, other_ns, unseen_ns,
+         c0, n0, c1, n1, c2, n2) = _RUNQ.unpack_from(data)
+        if code != _RUNQ_CODE:
+            raise DecodeError(f"run-queue record with component code {code}")
+        details = dict(_sched_details(detail, detail2))
         details[NEIGHBORS_DETAIL] = RunqueueNeighbors(
-            q.self_ns, q.kernel_ns, q.other_ns, q.unseen_ns,
-            tuple((n.cgroup_id, n.ns) for n in q.top if n.ns))
-        return Stall("runqueue", r.start_ns, r.end_ns, r.tid, r.pid, r.cgroup_id, r.cpu, details)
+            self_ns, kernel_ns, other_ns, unseen_ns, tuple((c, ns) for c, ns in ((c0, n0), (c1, n1), (c2, n2)) if ns))
+        return Stall("runqueue", start, end, tid, pid, cgroup_id, cpu, details)
     if kind == EV_LIFECYCLE:
-        if len(data) < ctypes.sizeof(LifecycleRecord):
+        if n < ctypes.sizeof(LifecycleRecord):
             raise DecodeError("short lifecycle record")
         r = LifecycleRecord.from_buffer_copy(data)
         lk = LIFECYCLE_BY_CODE.get(r.type)
@@ -134,9 +153,4 @@ def decode_record(data: bytes) -> Stall | LifecycleEvent | RunSegment:
             raise DecodeError(f"unknown lifecycle type {r.type}")
         return LifecycleEvent(lk, r.ts_ns, r.pid, r.tid, r.ppid, r.cgroup_id, r.flags,
                               r.comm.decode("utf-8", "replace"), r.path.decode("utf-8", "replace"))
-    if kind == EV_RUN:
-        if len(data) < ctypes.sizeof(RunRecord):
-            raise DecodeError("short run record")
-        r = RunRecord.from_buffer_copy(data)
-        return RunSegment(r.tid, r.pid, r.cgroup_id, r.cpu, r.start_ns, r.end_ns)
     raise DecodeError(f"unknown record kind {kind}")

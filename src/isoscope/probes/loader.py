@@ -249,6 +249,7 @@ class ProbeManager:
 
     def _make_callback(self, loaded: LoadedProbe):
         sink = self._sink
+        string_at, decode = ctypes.string_at, decode_record  # closure locals: called per record
 
         def _on_record(_ctx, data, size):
             loaded.budget -= 1
@@ -257,7 +258,7 @@ class ProbeManager:
             # loop yields to loss accounting and the rest of the pipeline.
             done = -1 if loaded.budget <= 0 else 0
             try:
-                event = decode_record(ctypes.string_at(data, size))
+                event = decode(string_at(data, size))
             except DecodeError as exc:
                 loaded.decode_errors += 1
                 if loaded.decode_errors <= 3:
