@@ -25,6 +25,7 @@ from isoscope import __version__
 from isoscope.config import Config, ConfigError
 from isoscope.exporters import ExportQueue, FileExporter, build_exporter, resolve_targets
 from isoscope.host import memguard
+from isoscope.host.blockdev import virtio_dev_ts
 from isoscope.host.stack import detect_host_stack
 from isoscope.host.steal import StealSampler
 from isoscope.host.vms import VmRegistry
@@ -44,7 +45,6 @@ from isoscope.pipeline.fanout import Fanout
 from isoscope.pipeline.processor import EnrichPipeline
 from isoscope.probes import catalog
 from isoscope.probes.hooks import ProbeContext
-from isoscope.probes.loader import ProbeManager
 from isoscope.probes.router import CgroupWatchPolicy, KernelEventRouter
 from isoscope.probes.runtime import KernelProbes, KernelSettings
 from isoscope.probes.watch import WatchSet
@@ -131,7 +131,11 @@ class Daemon:
         self.netns_changed = threading.Event()
         self.watch = WatchSet()
         self.kernel = self._kernel_side() if load_probes else None
-        self.kernel_metrics: KernelMetrics | None = None
+        # Node-wide layer time from the probes' in-kernel totals (read once the probes are loaded).
+        self.kernel_metrics = KernelMetrics(
+            self.kernel.bpf, self.metrics, self.resolver.cgroup_labels,
+            is_virtio_dev=set(virtio_dev_ts(k.host_sys)).__contains__) \
+            if self.kernel is not None and self.metrics is not None else None
 
         # The span path.
         self.pipeline = EnrichPipeline(
@@ -220,8 +224,7 @@ class Daemon:
             enabled=cfg.probes.enabled, disabled=cfg.probes.disabled,
             defines={"ISO_MIN_STALL_NS": int(cfg.attribution.min_stall_ms * 1e6)},
             poll_interval_s=cfg.probes.poll_interval_ms / 1000, watch_all=cfg.probes.watch_all)
-        return KernelProbes(settings, self.stats, router, self.timeline, watch, policy, context,
-                            on_loaded=self._kernel_loaded)
+        return KernelProbes(settings, self.stats, router, self.timeline, watch, policy, context)
 
     def _receivers(self) -> list[tuple[str, Receiver]]:
         from isoscope.receivers.otlp import OtlpGrpcReceiver, OtlpHttpReceiver
@@ -383,13 +386,6 @@ class Daemon:
             self.receipts.remove(entry.key)
 
     # -- kernel-side callbacks -------------------------------------------------------
-
-    def _kernel_loaded(self, manager: ProbeManager) -> None:
-        if self.metrics is not None:
-            from isoscope.host.blockdev import virtio_dev_ts
-            virtio = set(virtio_dev_ts(self.cfg.kernel.host_sys))
-            self.kernel_metrics = KernelMetrics(manager.bpf, self.metrics, self.resolver.cgroup_labels,
-                                                is_virtio_dev=virtio.__contains__)
 
     def _watch_workload(self, wl: Workload) -> None:
         if wl.pid:

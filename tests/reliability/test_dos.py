@@ -304,3 +304,67 @@ def test_concurrent_19mb_json_requests_are_admitted_within_the_memory_budget(lim
         return got
 
     assert wait_until(lambda: want <= exported(), 120, interval_s=2.0), "acknowledged bulk spans lost"
+
+
+LONG_WINDOW_ATTACKER = r"""
+import hashlib, os, sys, threading, time, urllib.request
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+url, seconds = sys.argv[1], float(sys.argv[2])
+tids = []
+
+def busy():
+    tids.append(threading.get_native_id())
+    b = b"x" * 65536
+    while True:
+        hashlib.sha256(b).digest()  # releases the GIL: the threads queue for the CPUs, stall records pile up
+
+for _ in range(4):
+    threading.Thread(target=busy, daemon=True).start()
+time.sleep(1.0)
+n = 0
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    req = ExportTraceServiceRequest()
+    rs = req.resource_spans.add()
+    rs.resource.attributes.append(KeyValue(key="process.pid", value=AnyValue(int_value=os.getpid())))
+    ss = rs.scope_spans.add()
+    now = time.time_ns()
+    for i in range(20):
+        n += 1
+        s = ss.spans.add(trace_id=os.urandom(16), span_id=(70_000_000 + n).to_bytes(8, "big"), name="long")
+        # Half span the whole clock, half the last 40 s, over the busiest threads the node has.
+        s.start_time_unix_nano, s.end_time_unix_nano = (0, 2**64 - 1) if i % 2 else (now - 40 * 10**9, now)
+        s.attributes.append(KeyValue(key="thread.id", value=AnyValue(int_value=tids[i % len(tids)])))
+    r = urllib.request.Request(url, data=req.SerializeToString(), headers={"Content-Type": "application/x-protobuf"})
+    urllib.request.urlopen(r, timeout=60).read()
+print(n, flush=True)
+"""
+
+
+def test_spans_with_endless_windows_over_busy_threads_cost_no_more_than_others(limited_daemon, backend):
+    """Windows of 40 s or 0…2^64−1 over watched, heavily stalled threads: the join is bounded per span
+    (windows clipped to the timeline's TTL, O(log n) sums, children from at most the last stalls)."""
+    import subprocess
+    import sys
+
+    d, cg = limited_daemon("windows", probes=True)
+    procs: list[subprocess.Popen] = []
+
+    def attacker(stop: threading.Event) -> None:
+        p = subprocess.Popen([sys.executable, "-c", LONG_WINDOW_ATTACKER, d.http_traces_url, str(ATTACK_S)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(p)
+        p.wait(ATTACK_S + 120)
+
+    _attack(d, cg, backend, attacker)
+    (p,) = procs
+    out, err = p.communicate()
+    assert p.returncode == 0, err[-2000:]
+    sent = int(out.split()[0])
+    assert sent >= 200, f"the attacker sent only {sent} spans"
+    # Every attack span was forwarded, joined with its own threads' data.
+    assert wait_until(lambda: sum(1 for s in backend.span_ids() if s.startswith("00000000042c")) >= sent * 0.9, 60)
+    assert d.metric("isoscope_spans_enriched_total") >= sent

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 from isoscope.kernel import env as kernelenv
 from isoscope.model import ProbeStatus, Stats
@@ -71,12 +71,10 @@ class KernelProbes:
         watch: the watched processes and cgroups (mirrored into every loaded probe).
         policy: which existing cgroups are watched from the start.
         context: what the probes' setup hooks may use (its ``set_sampling`` is this component's).
-        on_loaded: called once after the probes loaded (e.g. to start reading kernel aggregates).
     """
 
     def __init__(self, settings: KernelSettings, stats: Stats, sink: EventSink, coverage: CoverageSink,
-                 watch: WatchSet, policy: CgroupWatchPolicy, context: ProbeContext, *,
-                 on_loaded: Callable[[ProbeManager], None] | None = None) -> None:
+                 watch: WatchSet, policy: CgroupWatchPolicy, context: ProbeContext) -> None:
         self._settings = settings
         self._stats = stats
         self._sink = sink
@@ -84,7 +82,6 @@ class KernelProbes:
         self._watch = watch
         self._policy = policy
         self._context = replace(context, set_sampling=self.set_sampling)
-        self._on_loaded = on_loaded
         self._settled = threading.Event()
         self._lock = threading.Lock()
         self._manager: ProbeManager | None = None
@@ -155,8 +152,6 @@ class KernelProbes:
             for cgid in self._policy.existing():
                 self._watch.add_cgroup(cgid)
             self._run_setup_hooks(manager, specs)
-            if self._on_loaded is not None:
-                self._on_loaded(manager)
             manager.start(poll_interval_s=s.poll_interval_s)
         except Exception:
             logger.exception("kernel probes could not be started; spans are forwarded unenriched")
