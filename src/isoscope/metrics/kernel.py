@@ -11,10 +11,9 @@ from the sched probe's ``runq_neighbors`` totals).
 
 from __future__ import annotations
 
-import ctypes
 import logging
 from collections import defaultdict
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 from isoscope.metrics.prometheus import WORKLOAD_LABELS
 
@@ -147,16 +146,3 @@ class KernelMetrics:
             if by_class:
                 labels["class"] = key[0]
             self._sink.set_log2_histogram(metric, labels, dict(slots), None)
-
-
-def fill_u32_set(bpf: Any, table: str, values: Iterable[int]) -> int:
-    """Write ``values`` as keys (value 1) into a probe's ``u32 -> u8`` map; returns how many."""
-    try:
-        t = bpf[table.encode()]
-    except KeyError:
-        return 0
-    n = 0
-    for v in values:
-        t[ctypes.c_uint32(v)] = ctypes.c_uint8(1)
-        n += 1
-    return n
