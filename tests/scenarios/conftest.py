@@ -10,6 +10,9 @@ its own spans by the ``lab.run`` resource attribute its services carry.
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -34,3 +37,21 @@ def lab_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IsoscopeDae
     with daemon_for_lab(out / "traces.jsonl") as daemon:
         yield daemon
     logger.info("daemon log: %s", daemon.log_path)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def busy_node() -> Iterator[None]:
+    """An unrelated CPU hog on one core for every scenario: production nodes are busy, and the
+    bars (right verdicts, ns within tolerance, no wrong blame on clean hops) must hold there too.
+
+    It runs outside every lab cgroup on CPU 0 (the lab pins its reclaim and contention hops to
+    CPU 1 where its oracles need one CPU), so it is nobody's fault: a hop that shares CPU 0 waits
+    for it as it would for any other tenant of the node, and its truth records that wait.
+    """
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL,
+                           preexec_fn=lambda: os.sched_setaffinity(0, {0}))  # noqa: PLW1509
+    try:
+        yield
+    finally:
+        hog.kill()
+        hog.wait(timeout=10)
