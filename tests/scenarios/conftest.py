@@ -39,14 +39,15 @@ def lab_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IsoscopeDae
     logger.info("daemon log: %s", daemon.log_path)
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def busy_node() -> Iterator[None]:
-    """An unrelated CPU hog on one core for every scenario: production nodes are busy, and the
+    """An unrelated CPU hog on one core for every scenario module (stopped after it, so the rest of
+    the suite runs as before): production nodes are busy, and the
     bars (right verdicts, ns within tolerance, no wrong blame on clean hops) must hold there too.
 
-    It runs outside every lab cgroup on CPU 0 (the lab pins its reclaim and contention hops to
-    CPU 1 where its oracles need one CPU), so it is nobody's fault: a hop that shares CPU 0 waits
-    for it as it would for any other tenant of the node, and its truth records that wait.
+    It runs outside every lab cgroup on CPU 0 (the reclaim hop, whose oracle needs one CPU, is pinned
+    to CPU 1), so it is nobody's fault: a hop that runs on CPU 0 waits for it as it would for any
+    other tenant of the node, and its truth records that wait.
     """
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL,
                            preexec_fn=lambda: os.sched_setaffinity(0, {0}))  # noqa: PLW1509
