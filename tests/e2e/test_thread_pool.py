@@ -8,7 +8,8 @@ wakes). Spans carry ``process.pid`` only. Each request measures its own truth on
 the serving thread (:mod:`tests.e2e.poolapp`); the daemon must give each span
 the serving worker's waits, not another worker's throttling: median error
 ≤ 15 % per request class, blame right on ≥ 90 % of the clear-cut requests
-(:mod:`tests.e2e.procscope`).
+(:mod:`tests.e2e.procscope`); where the daemon is sure of the worker (coverage ≥ 0.9)
+its answer is right, and where it is not, coverage says so.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ DOWN_MS = 100
 PER_CLASS = 16
 MAX_MEDIAN_ERROR = 0.15
 MIN_BLAME_RIGHT = 0.9
+MAX_SURE_ERROR = 0.25
+SURE_ABS_NS = 2_000_000
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +101,19 @@ def test_blame_is_right(result: Result) -> None:
     assert right >= MIN_BLAME_RIGHT, f"blame right on {right:.0%} of {len(judged)}:\n{result.table()}"
 
 
-def test_process_scope_coverage_is_high_where_the_serving_worker_is_clear(result: Result) -> None:
+def test_coverage_says_when_the_serving_worker_is_in_doubt(result: Result) -> None:
+    """Coverage is the daemon's confidence in its choice of worker: where it claims it (≥ 0.9) it is right.
+
+    Doubt arises when two workers were both on a CPU at both edges of a request and their
+    waits differ (a blocked request beside a CPU-bound one on the node's other CPU): then
+    the most held back is reported and coverage halves. How often that happens depends on
+    how the node schedules the pool, so it gets its own bar (at most a third of the
+    requests), apart from the bar on the answers the daemon is sure of.
+    """
     assert all(0.0 <= r.coverage <= 1.0 for r in result.rows)
-    assert sum(r.coverage >= 0.9 for r in result.rows) >= 0.9 * len(result.rows), result.table()
+    sure = [r for r in result.rows if r.coverage >= 0.9]
+    assert len(sure) >= 2 / 3 * len(result.rows), result.table()
+    # Right: within the error bar, or within twice the stall threshold (waits under 1 ms are not
+    # recorded one by one, so a request held back 1.4 ms may honestly be given 0.6 ms).
+    right = [r for r in sure if r.error <= MAX_SURE_ERROR or abs(r.got_ns - r.truth_ns) <= SURE_ABS_NS]
+    assert len(right) >= MIN_BLAME_RIGHT * len(sure), result.table()

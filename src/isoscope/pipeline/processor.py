@@ -7,7 +7,8 @@ resolved to a workload, joined with the timeline and enriched.
 
 Delivery never depends on enrichment: a span that cannot be resolved or
 joined is forwarded as it came, and the failure is counted
-(``enrichment_failures_total{stage}``). With a write-ahead spool, a batch is
+(``enrichment_failures_total{stage}``); so is a batch that arrives while the
+join is falling behind (``stage="overload"``). With a write-ahead spool, a batch is
 on disk before the receiver acknowledges it and leaves the spool only once
 the exporters' queues hold it.
 """
@@ -138,6 +139,7 @@ class EnrichPipeline:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._failures_logged = 0
+        self._overload_logged = float("-inf")
         self.hold_ns = int(cfg.hold_max_ms * 1e6)
         self.min_stall_ns = int(cfg.min_stall_ms * 1e6)
         self._span_ids = SpanIds()  # child span ids (only the enrich thread writes children)
@@ -151,7 +153,11 @@ class EnrichPipeline:
     # -- TraceConsumer ------------------------------------------------------------
 
     def consume(self, batch: TraceBatch) -> None:
-        """Accept a batch from a receiver (raises ``Backpressure`` when the hold queue is full)."""
+        """Accept a batch from a receiver.
+
+        Raises ``Backpressure`` near the memory limit, while shutting down, or when the
+        join is behind and the exporters' queues cannot take the batch either.
+        """
         now = time.monotonic_ns()
         if self._memory_over():
             self.stats.inc("requests_rejected_total", (batch.protocol, "memory_limit"))
@@ -170,12 +176,12 @@ class EnrichPipeline:
         with self._cond:
             if self._stopping:
                 raise Backpressure("isoscope is shutting down", retry_after_s=1.0)
-            if self._queue and (self._held_spans + batch.span_count > self.cfg.hold_capacity_spans
-                                or now - self._queue[0].deadline_mono_ns > self.hold_ns):
-                # Full, or falling behind (the oldest batch waited twice the hold time):
-                # a retryable refusal keeps latency bounded instead of queueing more.
-                self.stats.inc("requests_rejected_total", (batch.protocol, "backpressure"))
-                raise Backpressure("enrichment queue is full", retry_after_s=1.0)
+            overloaded = bool(self._queue) and (
+                self._held_spans + batch.span_count > self.cfg.hold_capacity_spans
+                or now - self._queue[0].deadline_mono_ns > self.hold_ns)
+        if overloaded:
+            self._bypass(batch)
+            return
         key = None
         may_conflict = None
         if self._spool is not None:
@@ -187,6 +193,24 @@ class EnrichPipeline:
             self._held_spans += batch.span_count
             self.stats.set_gauge("queue_size", ("enrich",), len(self._queue))
             self._cond.notify()
+
+    def _bypass(self, batch: TraceBatch) -> None:
+        """Forward a batch unenriched because the join cannot keep up.
+
+        The hold queue is full, or its oldest batch waited twice the hold time: the
+        join is the bottleneck (a flood of spans, a busy node). Refusing would make
+        every sender retry, honest ones included, for the sake of enrichment;
+        instead the batch goes straight to the exporters, whose bounded queues are
+        the delivery backpressure (they refuse when *they* are full), and the
+        spans are counted as ``enrichment_failures_total{stage="overload"}``.
+        """
+        self._output(batch)
+        self.stats.inc("enrichment_failures_total", ("overload",), batch.span_count)
+        now = time.monotonic()
+        if now - self._overload_logged >= 10.0:
+            self._overload_logged = now
+            logger.warning("the join is falling behind (%d spans held); forwarding new batches unenriched",
+                           self._held_spans)
 
     def set_config(self, cfg: AttributionConfig) -> None:
         """Switch to new attribution settings (configuration reload)."""
