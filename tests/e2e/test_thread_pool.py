@@ -8,7 +8,7 @@ wakes). Spans carry ``process.pid`` only. Each request measures its own truth on
 the serving thread (:mod:`tests.e2e.poolapp`); the daemon must give each span
 the serving worker's waits, not another worker's throttling: median error
 ≤ 15 % per request class, blame right on ≥ 90 % of the clear-cut requests
-(:mod:`tests.e2e.procscope`); where the daemon is sure of the worker (coverage ≥ 0.9)
+(:mod:`tests.e2e.procscope`), with an unrelated CPU hog on one of the node's CPUs; where the daemon is sure of the worker (coverage ≥ 0.9)
 its answer is right, and where it is not, coverage says so.
 """
 
@@ -22,6 +22,7 @@ from typing import Iterator
 import pytest
 
 from isoscope_lab.launcher import IsoscopeDaemon
+from tests.busy import cpu_hog
 from tests.cgroup_helpers import make_cgroup
 from tests.e2e.procscope import AppServer, Downstream, Result, collect, run_concurrently, wait_watched
 from tests.e2e.test_otlp_path import sched_attached
@@ -58,7 +59,8 @@ def result(daemon: IsoscopeDaemon, backend: OtlpBackend, tmp_path_factory: pytes
     tmp: Path = tmp_path_factory.mktemp("thread-pool")
     cg = make_cgroup(f"isoscope-e2e-pool-{tmp.name}/pool", v1_controllers=("cpu",))
     try:
-        with Downstream() as down:
+        # On a busy node: an unrelated hog on CPU 0 for the whole run.
+        with cpu_hog(0), Downstream() as down:
             server = AppServer(cg, tmp, "pool", daemon.http_traces_url,
                                ["--workers", str(WORKERS), "--downstream", down.url])
             try:

@@ -10,15 +10,13 @@ its own spans by the ``lab.run`` resource attribute its services carry.
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 from isoscope_lab import IsoscopeDaemon, daemon_available, daemon_for_lab
+from tests.busy import cpu_hog
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +44,7 @@ def busy_node() -> Iterator[None]:
     bars (right verdicts, ns within tolerance, no wrong blame on clean hops) must hold there too.
 
     It runs outside every lab cgroup on CPU 0 (the reclaim hop, whose oracle needs one CPU, is pinned
-    to CPU 1), so it is nobody's fault: a hop that runs on CPU 0 waits for it as it would for any
-    other tenant of the node, and its truth records that wait.
+    to CPU 1).
     """
-    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL,
-                           preexec_fn=lambda: os.sched_setaffinity(0, {0}))  # noqa: PLW1509
-    try:
+    with cpu_hog(0):
         yield
-    finally:
-        hog.kill()
-        hog.wait(timeout=10)
