@@ -612,26 +612,41 @@ def _blamed(span: SpanRecord) -> str:
     return blame.split(".", 1)[-1] if blame else ""
 
 
+def _truth_lower_bounds(values: dict[str, int]) -> dict[str, int]:
+    """The least each oracle value can be once the overlap the oracle counts twice is taken out.
+
+    A thread preempted while in memcg reclaim is counted by PSI (memory stall) and by
+    schedstat (run delay) alike, and nothing the service can read says how much of
+    its run delay fell inside reclaim: its run-queue truth may hold up to all of its
+    reclaim truth (which the product, by precedence, calls reclaim).
+    """
+    low = dict(values)
+    if values.get("memory_reclaim") and values.get("runqueue"):
+        low["runqueue"] = max(0, values["runqueue"] - values["memory_reclaim"])
+    return low
+
+
 def blame_agrees_with_truth(span: SpanRecord, threshold: float = 0.2) -> bool:
     """``isolation.blame`` is a verdict the span's oracle cannot tell apart from the expected one.
 
-    Components overlap: a thread preempted while in memcg reclaim is counted by
-    PSI (memory stall) and by schedstat (run delay) alike. When the oracle's
-    value for the blamed component is within the ns tolerance of the dominant
-    one, the oracle cannot order them and either verdict is right. Likewise a
-    span whose truth is within the tolerance of the blame threshold may be
-    blamed or not.
+    Components overlap (:func:`_truth_lower_bounds`). When the oracle's value for
+    the blamed component reaches the least any other component can be (or is
+    within the ns tolerance of it), the oracle cannot order them and either
+    verdict is right. Likewise a span whose truth is within the tolerance of the
+    blame threshold may be blamed or not.
     """
     comp = _blamed(span)
     values = _truth_values(span)
-    total = sum(values.values())
+    low = _truth_lower_bounds(values)
     limit = int(threshold * (span.duration_ns or 1))
     if not comp:
+        total = sum(low.values())
         return total < limit or within_tolerance(total, limit)
+    total = sum(values.values())
     if comp not in values or not (total >= limit or within_tolerance(total, limit)):
         return False
-    dominant = max(values.values())
-    return values[comp] == dominant or within_tolerance(values[comp], dominant)
+    rival = max((v for c, v in low.items() if c != comp), default=0)
+    return values[comp] >= rival or within_tolerance(values[comp], rival)
 
 
 def score(spans: Iterable[SpanRecord], threshold: float = 0.2) -> list[HopScore]:
