@@ -66,6 +66,9 @@ def oracle_note(run: ScenarioRun, h: HopScore) -> str:
         return "oracle: /proc/stat steal (10 ms ticks)"
     if h.fault == "virtio_io" and not _has_virtio_disk():
         return f"{NOT_VALIDATED}: no virtio disk"
+    if h.fault == "virtio_io" and h.device_spans:
+        return (f"oracle; disk's own read time {h.device_ms:.2f} ms (mean, {h.device_spans} spans with the disk "
+                f"to themselves): measured between it and the thread's read time on {h.device_bracketed_pct:.1f} %")
     return "oracle" if h.fault != "none" else ""
 
 
@@ -164,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         "followed in advance: it learns of a service from the connection its spans arrive on); the `relay` "
         "scenario goes through an OTLP relay and a daemon configured to trust it (`identity.relays`). "
         "Each span carries its own oracle (`test.truth.*`, read by the service from its thread's schedstat, "
-        "its cgroup's cpu.stat and memory.pressure, /proc/stat and timed O_DIRECT reads). "
+        "its cgroup's cpu.stat and memory.pressure, /proc/stat, timed O_DIRECT reads and the disk's own read time "
+        "from its /sys/dev/block stat file). "
         "**Every span is scored.** A span's expected verdict is the component its truth says dominated once the "
         "truth's stalls reach the threshold of its duration, no blame below. "
         "*Strict*: `isolation.blame` is exactly the expected verdict. *Tolerant*: a verdict the oracle cannot "

@@ -41,3 +41,22 @@ def test_no_blame_is_right_when_the_overlap_may_take_the_span_under_the_threshol
     # 12 ms reclaim + 12 ms run delay could be 12 ms in all (all preempted in reclaim): under 20 %.
     assert blame_agrees_with_truth(_span("", memory_reclaim=12, runqueue=12))
     assert not blame_agrees_with_truth(_span("", memory_reclaim=12, cpu_throttle=12))
+
+
+def test_virtio_ns_must_lie_between_the_disks_and_the_threads_read_time() -> None:
+    from isoscope_lab.scenario import bracketed, score
+
+    def io_span(measured_ms: float, device_ms: float | None, thread_ms: float) -> SpanRecord:
+        s = _span(virtio_io=thread_ms)
+        s.attrs.update({T.FAULT: "virtio_io", "isolation.l2.virtio_io.ns": int(measured_ms * MS),
+                        "isolation.overhead.ratio": 0.1})
+        if device_ms is not None:
+            s.attrs[T.DEVICE_READ] = int(device_ms * MS)
+        return s
+
+    assert bracketed(11 * MS, 10 * MS, 13 * MS)
+    assert bracketed(13_500_000, 10 * MS, 13 * MS)  # over the top, within ±2 ms
+    assert not bracketed(40 * MS, 10 * MS, 13 * MS)
+    assert not bracketed(int(7.5 * MS), 10 * MS, 13 * MS)
+    (h,) = score([io_span(11, 10, 13), io_span(30, 10, 13), io_span(12, None, 13)])
+    assert (h.device_spans, h.device_bracketed, h.device_ms) == (2, 1, 10.0)

@@ -168,6 +168,43 @@ def burn_cpu(cpu_ns: int) -> None:
             x += i * i
 
 
+@dataclass(frozen=True, slots=True)
+class WorkTruth:
+    """What one request's I/O took, by two independent measures.
+
+    Attributes:
+        io_ns: the thread's own measure: wall time in the timed ``O_DIRECT`` reads,
+            less the run-queue wait inside them.
+        device_ns: the disk's measure: its read time (``/sys/dev/block/M:m/stat``
+            field 4, the sum of the read requests' times from creation to
+            completion, in ms) over the request, when the disk completed exactly
+            this request's reads meanwhile; -1 when another reader shared the disk
+            or there was no I/O.
+    """
+
+    io_ns: int = 0
+    device_ns: int = -1
+
+
+def disk_stat_path(fd: int) -> str | None:
+    """``/sys/dev/block/M:m/stat`` of the block device an open file lives on (None if it has none)."""
+    st = os.fstat(fd)
+    path = f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/stat"
+    return path if os.path.exists(path) else None
+
+
+def read_disk_reads(stat_path: str | None) -> tuple[int, int] | None:
+    """(reads completed, ms spent reading) of a block device, from its ``stat`` file."""
+    if stat_path is None:
+        return None
+    try:
+        with open(stat_path, encoding="ascii") as fh:
+            fields = fh.read().split()
+        return int(fields[0]), int(fields[3])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 class RequestWork:
     """Per-request work of a service for its fault, with prepared state (files, buffers).
 
@@ -185,6 +222,7 @@ class RequestWork:
         self.peer_ip = peer_ip
         self._io_fd = -1
         self._io_blocks = 0
+        self._disk_stat: str | None = None
         self._buf: mmap.mmap | None = None
         self._mem_fd = -1
         self._mem_off = 0
@@ -195,6 +233,7 @@ class RequestWork:
         elif fault.kind == "virtio_io":
             self._io_fd, self._io_blocks = self._prepare_file("io.dat", fault.io_file_mb, direct=True)
             self._buf = mmap.mmap(-1, _BLOCK)  # page-aligned, as O_DIRECT requires
+            self._disk_stat = disk_stat_path(self._io_fd)
         elif fault.kind == "memory_reclaim":
             os.makedirs(data_dir, exist_ok=True)
             self._mem_fd = os.open(os.path.join(data_dir, "mem.dat"), os.O_RDWR | os.O_CREAT, 0o600)
@@ -216,12 +255,14 @@ class RequestWork:
         flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
         return os.open(path, flags), size // _BLOCK
 
-    def run(self) -> int:
-        """Do one request's work; returns ns spent in timed ``O_DIRECT`` reads (the I/O truth)."""
+    def run(self) -> WorkTruth:
+        """Do one request's work; returns what its I/O took (the I/O truth, see :class:`WorkTruth`)."""
         io_ns = 0
+        device_ns = -1
         burn_cpu(self.work_ns)
         kind = self.fault.kind
         if kind == "virtio_io" and self._buf is not None:
+            disk0 = read_disk_reads(self._disk_stat)
             for _ in range(self.fault.io_reads):
                 off = random.randrange(self._io_blocks) * _BLOCK
                 d0 = _schedstat()[1]
@@ -231,6 +272,10 @@ class RequestWork:
                 # Waiting for a CPU after the completion woke the thread is run-queue
                 # time, not the device's: the oracle leaves it out.
                 io_ns += max(0, (t1 - t0) - (_schedstat()[1] - d0))
+            disk1 = read_disk_reads(self._disk_stat)
+            if disk0 is not None and disk1 is not None and disk1[0] - disk0[0] == self.fault.io_reads:
+                # The disk completed our reads and no others meanwhile: its read time is ours.
+                device_ns = (disk1[1] - disk0[1]) * 1_000_000
         elif kind == "memory_reclaim":
             self._memory_churn()
         elif kind == "netns" and self._sock is not None and self.peer_ip:
@@ -240,7 +285,7 @@ class RequestWork:
                     self._sock.sendto(payload, (self.peer_ip, 9))
                 except OSError:
                     pass  # ICMP port unreachable reported back: the datagram crossed anyway
-        return io_ns
+        return WorkTruth(io_ns, device_ns)
 
     def _memory_churn(self) -> None:
         # Buffered writes leave dirty page cache charged to the hop's memcg; once the

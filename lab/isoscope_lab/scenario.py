@@ -529,6 +529,11 @@ class HopScore:
         thread_scope / process_scope: spans matched at thread / process precision.
         truth_ms, measured_ms: mean truth / measured ns of the fault's component over all spans.
         has_truth: False for a fault without a truth counter (``netns``).
+        device_spans: ``virtio_io`` hop: spans with the disk's own read time (the request had
+            the disk to itself, :data:`isoscope_lab.truth.DEVICE_READ`).
+        device_bracketed: of those, spans whose measured ``virtio_io`` ns lie between the disk's
+            read time and the reads' time on the thread (each within ±10 % / ±2 ms).
+        device_ms: mean disk read time over ``device_spans``.
     """
 
     service: str
@@ -547,6 +552,9 @@ class HopScore:
     truth_ms: float = 0.0
     measured_ms: float = 0.0
     has_truth: bool = True
+    device_spans: int = 0
+    device_bracketed: int = 0
+    device_ms: float = 0.0
 
     @property
     def eligible(self) -> int:
@@ -566,6 +574,10 @@ class HopScore:
         return 100.0 * self.within_tol / self.spans if self.spans else 0.0
 
     @property
+    def device_bracketed_pct(self) -> float:
+        return 100.0 * self.device_bracketed / self.device_spans if self.device_spans else 0.0
+
+    @property
     def false_blame_pct(self) -> float:
         return 100.0 * self.false_blame / self.spans if self.spans else 0.0
 
@@ -578,6 +590,12 @@ def within_tolerance(measured_ns: int, truth_ns: int, rel: float = 0.10, abs_ns:
     """``measured`` is within ±``rel`` of ``truth`` or within ±``abs_ns``."""
     diff = abs(measured_ns - truth_ns)
     return diff <= abs_ns or diff <= rel * truth_ns
+
+
+def bracketed(measured_ns: int, low_ns: int, high_ns: int) -> bool:
+    """``low ≤ measured ≤ high``, each bound within :func:`within_tolerance`."""
+    return ((measured_ns >= low_ns or within_tolerance(measured_ns, low_ns))
+            and (measured_ns <= high_ns or within_tolerance(measured_ns, high_ns)))
 
 
 def _truth_values(span: SpanRecord) -> dict[str, int]:
@@ -684,11 +702,19 @@ def score(spans: Iterable[SpanRecord], threshold: float = 0.2) -> list[HopScore]
         hs.stalled += int(truth_ns >= threshold * (s.duration_ns or 1))
         hs.within_tol += int(within_tolerance(measured, truth_ns))
         acc[0] += truth_ns
+        device_ns = s.attrs.get(T.DEVICE_READ)
+        if device_ns is not None:
+            device_ns = int(device_ns)
+            hs.device_spans += 1
+            hs.device_ms += device_ns / 1e6
+            hs.device_bracketed += int(bracketed(measured, device_ns, truth_ns))
     for svc, (t_ns, m_ns) in sums.items():
         hs = by_hop[svc]
         if hs.spans:
             hs.truth_ms = t_ns / hs.spans / 1e6
             hs.measured_ms = m_ns / hs.spans / 1e6
+        if hs.device_spans:
+            hs.device_ms /= hs.device_spans
     return sorted(by_hop.values(), key=lambda h: h.service)
 
 

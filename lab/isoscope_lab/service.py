@@ -56,7 +56,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 from isoscope.instrumentation import ThreadIdSpanProcessor
-from isoscope_lab.faults import Fault, RequestWork
+from isoscope_lab.faults import Fault, RequestWork, WorkTruth
 from isoscope_lab.truth import TruthRecorder
 
 logger = logging.getLogger(__name__)
@@ -252,8 +252,8 @@ class Hop:
                                       start_time=start)
         return span, start, before
 
-    def _finish(self, span: Any, before: Any, io_ns: int, status: int) -> int:
-        truth = self.truth.end(before, io_ns)
+    def _finish(self, span: Any, before: Any, io: WorkTruth, status: int) -> int:
+        truth = self.truth.end(before, io.io_ns, io.device_ns)
         end = time.time_ns()
         span.set_attributes(truth)
         span.set_attributes({HOP_ATTR: self.index, "http.response.status_code": status})
@@ -265,11 +265,11 @@ class Hop:
     def handle(self, headers: dict[str, str]) -> int:
         """Serve one ``/work`` request on the calling thread; returns the HTTP status."""
         span, _start, before = self._begin(headers)
-        io_ns = 0
+        io = WorkTruth()
         status = 200
         try:
             with trace.use_span(span, end_on_exit=False):
-                io_ns = self.work.run()
+                io = self.work.run()
                 if self.downstream is not None:
                     try:
                         status = self.call_downstream("/work")
@@ -277,17 +277,17 @@ class Hop:
                         span.record_exception(exc)
                         status = 502
         finally:
-            self._finish(span, before, io_ns, status)
+            self._finish(span, before, io, status)
         return status
 
     async def handle_async(self, headers: dict[str, str], down: _AsyncDownstream | None) -> int:
         """Serve one ``/work`` request on the event loop; the downstream call is awaited."""
         span, _start, before = self._begin(headers)
-        io_ns = 0
+        io = WorkTruth()
         status = 200
         try:
             with trace.use_span(span, end_on_exit=False):
-                io_ns = self.work.run()  # the hop's work blocks the loop, as CPU work does
+                io = self.work.run()  # the hop's work blocks the loop, as CPU work does
                 if down is not None:
                     out: dict[str, str] = {}
                     propagate.inject(out)
@@ -297,7 +297,7 @@ class Hop:
                         span.record_exception(exc)
                         status = 502
         finally:
-            self._finish(span, before, io_ns, status)
+            self._finish(span, before, io, status)
         return status
 
 

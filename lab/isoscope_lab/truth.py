@@ -22,7 +22,12 @@ Sources and the oracle's assumptions:
 * I/O time: the service times each ``O_DIRECT`` read itself (monotonic clock
   around ``pread``) minus the run-queue wait across the call (its thread's
   ``schedstat`` run delay: waiting for a CPU after the wake-up is run-queue
-  time); the caller passes the sum.
+  time); the caller passes the sum. Beside it, the disk's own figure: the
+  read time its ``stat`` file accounts over the request (the sum of its read
+  requests' times from creation to completion, ms resolution), kept only when
+  the disk completed exactly the request's reads meanwhile (no other reader).
+  The daemon's ``l2.virtio_io`` must lie between the two: at least what the
+  disk itself accounted, at most what the reads took the thread.
 * memory stall: the ``some`` total of the service cgroup's v2
   ``memory.pressure`` (PSI). With one runnable thread in the group, "some
   task stalled on memory" is that thread's time in reclaim (and in waiting
@@ -56,6 +61,8 @@ ONCPU = TRUTH_PREFIX + "oncpu_ns"
 FAULT = TRUTH_PREFIX + "fault"
 NR_THROTTLED = TRUTH_PREFIX + "nr_throttled"
 RECLAIM = TRUTH_PREFIX + "reclaim_ns"
+DEVICE_READ = TRUTH_PREFIX + "device_read_ns"
+"""The disk's read time over the request (present only where the request had the disk to itself)."""
 
 TRUTH_COMPONENT = {RUNQUEUE: "runqueue", THROTTLE: "cpu_throttle", IO: "virtio_io", STEAL: "steal",
                    RECLAIM: "memory_reclaim"}
@@ -163,8 +170,14 @@ class TruthRecorder:
         return TruthSnapshot(time.monotonic_ns(), oncpu, delay, read_thread_cpu(), read_steal_ticks(),
                              read_cpu_stat(self.cpu_dir), memstall)
 
-    def end(self, before: TruthSnapshot, io_ns: int = 0) -> dict[str, int | str]:
-        """Deltas since ``before`` as ``test.truth.*`` attributes (call right before the span ends)."""
+    def end(self, before: TruthSnapshot, io_ns: int = 0, device_read_ns: int = -1) -> dict[str, int | str]:
+        """Deltas since ``before`` as ``test.truth.*`` attributes (call right before the span ends).
+
+        Args:
+            before: :meth:`begin`'s snapshot.
+            io_ns: the request's timed ``O_DIRECT`` read time (less run-queue waits).
+            device_read_ns: the disk's read time over the request; negative: none (not written).
+        """
         oncpu, delay = read_thread_schedstat()
         cpu_end = read_thread_cpu()
         steal = read_steal_ticks()
@@ -176,7 +189,7 @@ class TruthRecorder:
         throttle = min(run_delay, d_thr) if d_nr > 0 or d_thr > 0 else 0
         cpus = {before.cpu, cpu_end}
         steal_ns = sum(steal.get(c, 0) - before.steal.get(c, 0) for c in cpus) * _NS_PER_TICK
-        return {
+        out: dict[str, int | str] = {
             RUN_DELAY: run_delay,
             ONCPU: oncpu - before.oncpu_ns,
             THROTTLE: throttle,
@@ -187,3 +200,6 @@ class TruthRecorder:
             RECLAIM: max(0, memstall - before.memstall_ns),
             FAULT: self.fault,
         }
+        if device_read_ns >= 0:
+            out[DEVICE_READ] = device_read_ns
+        return out

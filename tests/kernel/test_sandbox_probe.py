@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import os
 import subprocess
 import sys
 import time
@@ -69,8 +70,12 @@ def _start(script: str, seconds: float) -> tuple[subprocess.Popen, int]:
     return proc, int(words[1]) if len(words) > 1 else proc.pid
 
 
-def _sampled(load_probe, script: str) -> tuple[SandboxSplit, int, list, int]:
-    """Run ``script`` for a while with the probe on: (split, schedstat on-CPU ns, sandbox stalls, tid)."""
+def _sampled(load_probe, script: str) -> tuple[SandboxSplit, int, list, int, set[int]]:
+    """Run ``script`` for a while with the probe on.
+
+    Returns:
+        (split, schedstat on-CPU ns, sandbox stalls, the calling thread, every thread of the process).
+    """
     rp = load_probe(catalog.SANDBOX)
     tracker = SandboxTracker(rp.bpf, catalog.SANDBOX_SAMPLE_NS)
     proc, tid = _start(script, 8)
@@ -83,6 +88,7 @@ def _sampled(load_probe, script: str) -> tuple[SandboxSplit, int, list, int]:
         cpu1 = wasm.sample(proc.pid)[0]
         after = tracker.split(proc.pid)
         events = rp.drain()
+        threads = {int(t) for t in os.listdir(f"/proc/{proc.pid}/task")}
     finally:
         proc.kill()
         proc.wait(10)
@@ -91,7 +97,7 @@ def _sampled(load_probe, script: str) -> tuple[SandboxSplit, int, list, int]:
     split = SandboxSplit(proc.pid, "wasm", after.guest_ns - before.guest_ns, after.runtime_ns - before.runtime_ns,
                            after.other_ns - before.other_ns)
     stalls = [e for e in events if getattr(e, "pid", None) == proc.pid]
-    return split, cpu1 - cpu0, stalls, tid
+    return split, cpu1 - cpu0, stalls, tid, threads
 
 
 def test_map_layouts_match_the_header(load_probe):
@@ -103,7 +109,7 @@ def test_map_layouts_match_the_header(load_probe):
 
 
 def test_guest_loop_is_sampled_as_guest_code(load_probe):
-    split, oncpu, stalls, _tid = _sampled(load_probe, WORKLOAD)
+    split, oncpu, stalls, _tid, _threads = _sampled(load_probe, WORKLOAD)
     # Every sample is 1 ms of CPU: the samples add up to the threads' own on-CPU time.
     assert abs(split.total_ns - oncpu) <= 0.1 * oncpu + 20e6, (split, oncpu)
     assert split.guest_ns >= 0.8 * split.total_ns, split
@@ -112,13 +118,18 @@ def test_guest_loop_is_sampled_as_guest_code(load_probe):
 
 
 def test_wasi_host_calls_are_sampled_as_runtime_and_become_sandbox_stalls(load_probe):
-    split, oncpu, stalls, tid = _sampled(load_probe, WASI_WORKLOAD)
+    split, oncpu, stalls, tid, threads = _sampled(load_probe, WASI_WORKLOAD)
     assert abs(split.total_ns - oncpu) <= 0.1 * oncpu + 20e6, (split, oncpu)
     # fd_write runs in the runtime library (and in libc/the kernel under it): host time dominates.
     assert split.guest_ns <= 0.15 * split.total_ns, split
     assert split.runtime_ns >= 0.3 * split.total_ns, split
-    # Runtime samples cross as one-period sandbox stalls of the calling thread.
-    assert stalls and all(s.component == "sandbox" and s.tid == tid for s in stalls), stalls[:3]
+    # Runtime samples cross as one-period sandbox stalls of the thread that ran the runtime: the
+    # calling thread, almost always (wasmtime's WASI also keeps tokio worker threads, which may
+    # run part of a host call on a busy node; their samples are the sandbox's too).
+    assert stalls and all(s.component == "sandbox" and s.tid in threads for s in stalls), (
+        tid, threads, sorted({(s.component, s.tid) for s in stalls}))
+    on_caller = sum(s.tid == tid for s in stalls)
+    assert on_caller >= 0.9 * len(stalls), (on_caller, len(stalls), sorted({s.tid for s in stalls}))
     assert all(s.end_mono_ns - s.start_mono_ns == catalog.SANDBOX_SAMPLE_NS for s in stalls)
     runtime_in_window = len(stalls) * catalog.SANDBOX_SAMPLE_NS
     assert runtime_in_window >= 0.8 * split.runtime_ns, (runtime_in_window, split)
@@ -170,6 +181,7 @@ def test_a_gvisor_sentry_is_found_and_all_its_time_is_sandbox(load_probe):
         after = tracker.split(proc.pid)
         cpu1 = wasm.sample(proc.pid)[0]
         events = rp.drain()
+        threads = {int(t) for t in os.listdir(f"/proc/{proc.pid}/task")}
     finally:
         proc.kill()
         proc.wait(10)

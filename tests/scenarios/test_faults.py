@@ -102,8 +102,17 @@ def _assert_clean(run: ScenarioRun) -> None:
 def test_single_fault_is_blamed_on_its_hop(lab_daemon: IsoscopeDaemon, fault: str) -> None:
     run = _run(fault, lab_daemon)
     _assert_enriched(run)
-    _assert_faulted(_hop(run, fault))
+    h = _hop(run, fault)
+    _assert_faulted(h)
     _assert_clean(run)
+    if fault == "virtio_io":
+        # The second oracle, the disk's own read time: what the daemon puts on a span lies between
+        # it and the reads' time on the thread (requests that shared the disk with anyone are left out).
+        assert h.device_spans >= 0.5 * h.spans, f"{h.service}: only {h.device_spans}/{h.spans} had the disk alone"
+        assert h.device_bracketed_pct >= 90.0, (
+            f"{h.service}: measured between the disk's and the thread's read time on {h.device_bracketed}/"
+            f"{h.device_spans} spans (disk {h.device_ms:.2f} ms, thread {h.truth_ms:.2f} ms, "
+            f"measured {h.measured_ms:.2f} ms, means)")
 
 
 def test_netns_crossing_is_measured_on_its_hop(lab_daemon: IsoscopeDaemon) -> None:
