@@ -5,7 +5,8 @@
   OpenTelemetry SDK exporters (a: OTLP/gRPC, b: OTLP/HTTP) to ``isoscope run``
   which forwards to a recording OTLP backend. b burns CPU under a small CFS
   quota, so the kernel throttles it; b measures its own run delay from
-  ``/proc/thread-self/schedstat`` (the oracle).
+  ``/proc/thread-self/schedstat`` (the oracle). The measured calls run on a
+  busy node: an unrelated CPU hog spins on CPU 0 meanwhile.
 * A sender in its own PID namespace (``unshare --pid --fork --mount-proc``)
   whose ``process.pid`` is its namespace pid: the daemon must map it to the
   host process through ``NSpid``.
@@ -38,6 +39,7 @@ import requests
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from isoscope_lab.launcher import IsoscopeDaemon
+from tests.busy import cpu_hog
 from tests.cgroup_helpers import Cgroup, make_cgroup
 from tests.e2e.spans import attributes, received_spans
 from tests.e2e.flaskapp import ORIGINAL_ATTRIBUTES
@@ -220,8 +222,9 @@ def scenario(daemon: IsoscopeDaemon, backend: OtlpBackend, tmp_path_factory: pyt
         assert backend.wait_for_spans(4, timeout_s=30), "warm-up spans never reached the backend"
         app.cg_b.set_cpu_quota(QUOTA_US, PERIOD_US)
         throttled_before = v1_throttled_periods(app.cg_b)
-        for _ in range(REQUESTS):
-            app.call(BURN_MS)
+        with cpu_hog(0):  # a busy node: an unrelated hog on one CPU for the measured calls
+            for _ in range(REQUESTS):
+                app.call(BURN_MS)
         throttled = v1_throttled_periods(app.cg_b) - throttled_before
         app.cg_b.set_cpu_quota(None)
         app.stop_services()
