@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from isoscope_lab import daemon_for_lab  # noqa: E402
+from probe_harness import provenance, provenance_lines  # noqa: E402  (this folder is on sys.path)
 V2 = "/sys/fs/cgroup/unified" if os.path.isdir("/sys/fs/cgroup/unified/cgroup.procs") or os.path.exists(
     "/sys/fs/cgroup/unified/cgroup.procs") else "/sys/fs/cgroup"
 
@@ -50,7 +51,9 @@ def rss_kb(pid: int) -> int:
 
 
 def status(base: str) -> dict:
-    return json.load(urllib.request.urlopen(base + "/debug/status", timeout=5))
+    # Generous: with every thread of a 20,000-thread node followed, the daemon is saturated and its
+    # admin server answers late; the figures read here are counts, not latencies.
+    return json.load(urllib.request.urlopen(base + "/debug/status", timeout=60))
 
 
 def main() -> int:
@@ -60,6 +63,7 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=30.0, help="seconds of steady state before sampling")
     ap.add_argument("--markdown")
     args = ap.parse_args()
+    origin = provenance()
     tmp = tempfile.mkdtemp(prefix="isoscope-rss-")
     # watch_all: every thread is followed in the kernel and in the timeline (the worst case).
     lab = daemon_for_lab(os.path.join(tmp, "traces.jsonl"), config={"probes": {"watch_all": True}},
@@ -107,7 +111,8 @@ def main() -> int:
             print(f"{k:32s} {v}")
         if args.markdown:
             with open(args.markdown, "w") as f:
-                f.write("## Daemon memory (bench/rss.py)\n\n| figure | value |\n|---|---|\n")
+                f.write("## Daemon memory (bench/rss.py)\n\n" + "\n".join(provenance_lines(origin))
+                        + "\n\n| figure | value |\n|---|---|\n")
                 for k, v in rows.items():
                     f.write(f"| {k} | {v} |\n")
         return 0 if rows["verdict"] == "PASS" else 1
