@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from probe_harness import AttachedProbe, build_c  # noqa: E402
+from probe_harness import AttachedProbe, build_c, provenance, provenance_lines  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -145,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Sandbox probe sampling tax",
         "",
-        f"`bench/sample_tax.py`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: a CPU-bound loop pinned "
-        f"to CPU {args.cpu}, {args.seconds:.1f} s per run, median of {args.rounds} interleaved rounds; the sampling "
+        *provenance_lines(provenance()),
+        "",
+        f"A CPU-bound loop pinned to CPU {args.cpu}, {args.seconds:.1f} s per run, median of {args.rounds} interleaved rounds; the sampling "
         "program's own cost from the kernel's BPF run statistics over the same runs.",
         "",
         "| configuration | loop ns/iteration | vs. nothing attached | program ns per sample | CPU share at 1 kHz |",

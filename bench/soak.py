@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
 
 from isoscope_lab.launcher import IsoscopeDaemon  # noqa: E402
+from probe_harness import provenance, provenance_lines  # noqa: E402  (this folder is on sys.path)
 from tests.otlp_backend import OtlpBackend, make_payload, span_hex  # noqa: E402
 from tests.reliability.clients import GrpcClient, http_post  # noqa: E402
 
@@ -193,9 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         f"# Soak: {args.rate:,} spans/s for {elapsed / 60:.1f} min "
         f"({'probes on' if not args.no_probes else 'probes off'})",
         "",
-        f"Run: `{' '.join(['.venv/bin/python', 'bench/soak.py'] + (argv if argv is not None else sys.argv[1:]))}` "
-        f"on {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
-        f"Daemon ready after {startup_s:.1f} s; probes attached: {', '.join(probes) or 'none'}.",
+        *provenance_lines(provenance(None if argv is None else ["bench/soak.py", *argv])),
+        "",
+        f"On {os.cpu_count()} cores. Daemon ready after {startup_s:.1f} s; probes attached: "
+        f"{', '.join(probes) or 'none'}.",
         "",
         "| figure | value |",
         "|---|---|",
