@@ -314,6 +314,21 @@ TRACEPOINT_PROBE(vmscan, mm_vmscan_memcg_softlimit_reclaim_end)
 }
 #endif
 
+/* Send the current thread's pending group, if it has one. The pending count is
+ * read first (an inlined array lookup): while no group is pending anywhere,
+ * that is all a switch or an exit costs. */
+static inline __attribute__((always_inline)) void rc_flush_current(void)
+{
+	__u32 zero = 0;
+	__u64 *n = acc_pending.lookup(&zero);
+	if (!n || !*n)
+		return;
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct rc_acc *a = reclaim_acc.lookup(&tid);
+	if (a)
+		rc_flush(tid, a);
+}
+
 #if ISO_RECLAIM_FLUSH_ON_SLEEP
 /* TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next, unsigned int prev_state):
  * runs on the CPU where prev is still current. A thread going to an
@@ -321,30 +336,15 @@ TRACEPOINT_PROBE(vmscan, mm_vmscan_memcg_softlimit_reclaim_end)
 RAW_TRACEPOINT_PROBE(sched_switch)
 {
 	__u32 prev_state = (__u32)ctx->args[3];
-	if (!(prev_state & (RC_TASK_INTERRUPTIBLE | RC_TASK_DEAD)))
-		return 0;
-	__u32 zero = 0;
-	__u64 *n = acc_pending.lookup(&zero);
-	if (!n || !*n)
-		return 0;
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
-	struct rc_acc *a = reclaim_acc.lookup(&tid);
-	if (a)
-		rc_flush(tid, a);
+	if (prev_state & (RC_TASK_INTERRUPTIBLE | RC_TASK_DEAD))
+		rc_flush_current();
 	return 0;
 }
 #else
 /* TP_PROTO(struct task_struct *p, bool group_dead): runs in the exiting task. */
 RAW_TRACEPOINT_PROBE(sched_process_exit)
 {
-	__u32 zero = 0;
-	__u64 *n = acc_pending.lookup(&zero);
-	if (!n || !*n)
-		return 0;
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
-	struct rc_acc *a = reclaim_acc.lookup(&tid);
-	if (a)
-		rc_flush(tid, a);
+	rc_flush_current();
 	return 0;
 }
 #endif
