@@ -41,6 +41,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from isoscope_lab.launcher import IsoscopeDaemon
 from tests.busy import cpu_hog
 from tests.cgroup_helpers import Cgroup, make_cgroup
+from tests.files import wait_file
 from tests.e2e.spans import attributes, received_spans
 from tests.e2e.flaskapp import ORIGINAL_ATTRIBUTES
 from tests.otlp_backend import OtlpBackend
@@ -93,17 +94,6 @@ def v1_throttled_periods(cg: Cgroup) -> int:
         stat = Path(cg.v2_path, "cpu.stat").read_text()
     fields = dict(line.split() for line in stat.splitlines() if line.strip())
     return int(fields.get("nr_throttled", 0))
-
-
-def _wait_file(path: Path, proc: subprocess.Popen[Any], timeout_s: float) -> str:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if path.exists():
-            return path.read_text()
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
-        time.sleep(0.05)
-    raise TimeoutError(f"{path} not written within {timeout_s}s")
 
 
 def _stop(proc: subprocess.Popen[Any]) -> None:
@@ -164,13 +154,13 @@ class TwoServiceApp:
         self.proc_b = self.cg_b.spawn(base + ["--role", "b", "--otlp", "http", "--endpoint", daemon.http_traces_url,
                                               "--record", str(self.rec_b), "--ready-file", str(tmp / "b.port")],
                                       cwd=REPO_ROOT, stdout=log_b, stderr=log_b)
-        port_b = int(_wait_file(tmp / "b.port", self.proc_b, 60))
+        port_b = int(wait_file(tmp / "b.port", self.proc_b, 60))
         self.url_b = f"http://127.0.0.1:{port_b}"
         self.proc_a = self.cg_a.spawn(base + ["--role", "a", "--otlp", "grpc", "--endpoint", daemon.grpc_endpoint,
                                               "--downstream", self.url_b, "--record", str(self.rec_a),
                                               "--ready-file", str(tmp / "a.port")],
                                       cwd=REPO_ROOT, stdout=log_a, stderr=log_a)
-        self.url_a = f"http://127.0.0.1:{int(_wait_file(tmp / 'a.port', self.proc_a, 60))}"
+        self.url_a = f"http://127.0.0.1:{int(wait_file(tmp / 'a.port', self.proc_a, 60))}"
         log_a.close()
         log_b.close()
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 import logging
 import os
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -59,6 +58,7 @@ from isoscope_lab.launcher import IsoscopeDaemon
 from tests.busy import cpu_hog
 from tests.cgroup_helpers import Cgroup, make_cgroup
 from tests.e2e.spans import attributes, received_spans
+from tests.files import cold_file, wait_file
 from tests.otlp_backend import OtlpBackend
 
 logger = logging.getLogger(__name__)
@@ -170,18 +170,8 @@ server.serve_forever()
 @pytest.fixture(scope="module")
 def mapped_file() -> Iterator[str]:
     """A file of FILE_MB on disk, none of it in the page cache."""
-    path = f"/var/tmp/isoscope-e2e-reclaim-{os.getpid()}.dat"
-    chunk = os.urandom(1 << 20)
-    with open(path, "wb") as fh:
-        for _ in range(FILE_MB):
-            fh.write(chunk)
-        fh.flush()
-        os.fsync(fh.fileno())
-        os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    try:
+    with cold_file(f"/var/tmp/isoscope-e2e-reclaim-{os.getpid()}.dat", FILE_MB) as path:
         yield path
-    finally:
-        os.unlink(path)
 
 
 def _anon_bytes(cg: Cgroup) -> int:
@@ -192,17 +182,6 @@ def _anon_bytes(cg: Cgroup) -> int:
         stat, key = Path(cg.v2_path, "memory.stat"), "anon"
     fields = dict(line.split() for line in stat.read_text().splitlines() if line.strip())
     return int(fields[key])
-
-
-def _wait_file(path: Path, proc: subprocess.Popen[Any], timeout_s: float) -> str:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if path.exists():
-            return path.read_text()
-        if proc.poll() is not None:
-            raise RuntimeError(f"the service exited with {proc.returncode}")
-        time.sleep(0.05)
-    raise TimeoutError(f"{path} not written within {timeout_s}s")
 
 
 def test_short_reclaim_episodes_reach_spans(daemon: IsoscopeDaemon, backend: OtlpBackend, mapped_file: str,
@@ -219,7 +198,7 @@ def test_short_reclaim_episodes_reach_spans(daemon: IsoscopeDaemon, backend: Otl
             proc = cg.spawn([sys.executable, "-c", SERVICE, mapped_file, str(cpu), daemon.http_traces_url,
                              str(pressure), str(ready)], cwd=REPO_ROOT, stdout=out, stderr=out)
         try:
-            url = f"http://127.0.0.1:{int(_wait_file(ready, proc, 60))}/scan"
+            url = f"http://127.0.0.1:{int(wait_file(ready, proc, 60))}/scan"
         except (RuntimeError, TimeoutError) as exc:
             raise AssertionError(f"{exc}: {log.read_text(errors='replace')[-3000:]}") from exc
 

@@ -14,6 +14,7 @@ from isoscope.model import Stall
 from isoscope.probes import catalog
 from isoscope.probes.decode import RECLAIM_KINDS
 from tests.cgroup_helpers import make_cgroup
+from tests.files import cold_file
 from tests.kernel.conftest_sysprobes import load_probe  # noqa: F401
 
 pytestmark = pytest.mark.kernel
@@ -45,18 +46,8 @@ print(json.dumps({"tid": threading.get_native_id(), "t0": t0, "t1": t1}), flush=
 
 @pytest.fixture
 def big_file():
-    path = f"/var/tmp/isoscope-test-vmscan-{os.getpid()}.dat"
-    chunk = os.urandom(1 << 20)
-    with open(path, "wb") as fh:
-        for _ in range(FILE_SIZE >> 20):
-            fh.write(chunk)
-        fh.flush()
-        os.fsync(fh.fileno())
-        os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    try:
+    with cold_file(f"/var/tmp/isoscope-test-vmscan-{os.getpid()}.dat", FILE_SIZE >> 20) as path:
         yield path
-    finally:
-        os.unlink(path)
 
 
 def test_memcg_reclaim_is_attributed_to_the_reclaiming_process(load_probe, big_file):
