@@ -86,6 +86,17 @@ class _Reject(Exception):
         self.reason = reason
         self.headers = headers or {}
 
+    @classmethod
+    def busy(cls, bp: Backpressure, default: str) -> _Reject:
+        """503 for a retryable refusal downstream, with its Retry-After in whole seconds (at least 1)."""
+        return cls(503, code_pb2.UNAVAILABLE, str(bp) or default, "backpressure",
+                   {"Retry-After": str(max(1, math.ceil(bp.retry_after_s)))}, counted=True)
+
+    @classmethod
+    def failed(cls, message: str) -> _Reject:
+        """503 for a consumer that raised: the sender may retry in a second."""
+        return cls(503, code_pb2.UNAVAILABLE, message, "consumer_error", {"Retry-After": "1"}, counted=True)
+
 
 def _media_type(request: web.BaseRequest) -> str:
     return request.content_type.strip().lower()
@@ -404,12 +415,9 @@ class OtlpHttpReceiver:
         except RequestOverLimit as exc:
             raise _Reject(400, code_pb2.INVALID_ARGUMENT, str(exc), "limit", counted=True) from None
         except Backpressure as bp:
-            retry = max(1, math.ceil(bp.retry_after_s))
-            raise _Reject(503, code_pb2.UNAVAILABLE, str(bp) or "pipeline is full", "backpressure",
-                          {"Retry-After": str(retry)}, counted=True) from None
+            raise _Reject.busy(bp, "pipeline is full") from None
         except ConsumerFailed as exc:
-            raise _Reject(503, code_pb2.UNAVAILABLE, f"trace pipeline failed: {exc}",
-                          "consumer_error", {"Retry-After": "1"}, counted=True) from None
+            raise _Reject.failed(f"trace pipeline failed: {exc}") from None
 
 
     def _pass_through(self, signal: str, body: bytes, media: str) -> Any:
@@ -434,12 +442,9 @@ class OtlpHttpReceiver:
         try:
             return passthrough.accept(signal, body, count)
         except Backpressure as bp:
-            retry = max(1, math.ceil(bp.retry_after_s))
-            raise _Reject(503, code_pb2.UNAVAILABLE, str(bp) or "export queues are full", "backpressure",
-                          {"Retry-After": str(retry)}, counted=True) from None
+            raise _Reject.busy(bp, "export queues are full") from None
         except ConsumerFailed as exc:
-            raise _Reject(503, code_pb2.UNAVAILABLE, f"{signal} forwarding failed: {exc}",
-                          "consumer_error", {"Retry-After": "1"}, counted=True) from None
+            raise _Reject.failed(f"{signal} forwarding failed: {exc}") from None
 
 
 _LARGE_SHARE = 0.75
