@@ -190,6 +190,15 @@ def _emit_logs(exporter: Any) -> int:
     return 2
 
 
+_EXPORT_METHODS = {"metrics": "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
+                   "logs": "/opentelemetry.proto.collector.logs.v1.LogsService/Export"}
+
+
+def _raw_export(ch: grpc.Channel, signal: str) -> Any:
+    """``signal``'s OTLP Export method on ``ch``, sending and returning raw bytes (no client-side checks)."""
+    return ch.unary_unary(_EXPORT_METHODS[signal], request_serializer=None, response_deserializer=None)
+
+
 @pytest.mark.parametrize("signal", ["metrics", "logs"])
 @pytest.mark.parametrize("sdk_protocol", ["grpc", "http"])
 @pytest.mark.parametrize("forward_protocol", ["grpc", "http"])
@@ -321,8 +330,7 @@ def test_malformed_protobuf_is_refused_on_both_protocols(backend, chains):
     status = status_pb2.Status.FromString(r.content)
     assert "ExportMetricsServiceRequest" in status.message
     with grpc.insecure_channel(chain.grpc_addr) as ch:
-        call = ch.unary_unary("/opentelemetry.proto.collector.logs.v1.LogsService/Export",
-                              request_serializer=None, response_deserializer=None)
+        call = _raw_export(ch, "logs")
         with pytest.raises(grpc.RpcError) as err:
             call(junk, timeout=10)
     assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
@@ -360,8 +368,7 @@ def test_item_limits_refuse_the_whole_request(backend, chains):
     r = requests.post(f"{chain.http_base}/v1/metrics", data=json.dumps(doc), headers={"Content-Type": JS}, timeout=10)
     assert r.status_code == 400 and "max_data_points_per_request" in r.json()["message"]
     with grpc.insecure_channel(chain.grpc_addr) as ch:
-        call = ch.unary_unary("/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
-                              request_serializer=None, response_deserializer=None)
+        call = _raw_export(ch, "metrics")
         with pytest.raises(grpc.RpcError) as err:
             call(_metrics_request(11).SerializeToString(), timeout=10)
         assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
@@ -388,8 +395,7 @@ def test_backpressure_is_retryable_and_not_counted_as_received(backend, chains):
     assert r.status_code == 503 and r.headers["Retry-After"] == "2"
     assert chain.stats.counter("log_records_received_total", ("http",)) == 0
     with grpc.insecure_channel(chain.grpc_addr) as ch:
-        call = ch.unary_unary("/opentelemetry.proto.collector.logs.v1.LogsService/Export",
-                              request_serializer=None, response_deserializer=None)
+        call = _raw_export(ch, "logs")
         refusals["left"] = 1
         with pytest.raises(grpc.RpcError) as err:
             call(body, timeout=10)
@@ -411,8 +417,7 @@ def test_memory_reservation_applies_to_metrics(backend, chains):
     r = requests.post(f"{chain.http_base}/v1/metrics", data=body, headers={"Content-Type": PB}, timeout=10)
     assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
     with grpc.insecure_channel(chain.grpc_addr) as ch:
-        call = ch.unary_unary("/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
-                              request_serializer=None, response_deserializer=None)
+        call = _raw_export(ch, "metrics")
         with pytest.raises(grpc.RpcError) as err:
             call(body, timeout=10)
     assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -451,8 +456,7 @@ def test_without_forward_signal_metrics_and_logs_are_not_served():
         r = requests.post(f"{base}/v1/metrics", data=b"", headers={"Content-Type": PB}, timeout=10)
         assert r.status_code == 404
         with grpc.insecure_channel(addr) as ch:
-            call = ch.unary_unary("/opentelemetry.proto.collector.logs.v1.LogsService/Export",
-                                  request_serializer=None, response_deserializer=None)
+            call = _raw_export(ch, "logs")
             with pytest.raises(grpc.RpcError) as err:
                 call(b"", timeout=10)
         assert err.value.code() is grpc.StatusCode.UNIMPLEMENTED
