@@ -89,10 +89,12 @@ def test_attributor_scopes_and_steal_and_coverage() -> None:
     thread = att.breakdown(Workload("thread", tid=5, pid=5), 0, 10 * MS, drained_until=20 * MS)
     assert thread.component_ns == {"runqueue": 2 * MS, "steal": MS // 2}
     assert thread.coverage == 1.0
-    # process scope: the most held-back thread of the process
+    # process scope: the most held-back thread of the process (6). Neither thread was seen on a CPU
+    # at an edge, so a thread not seen at all is as plausible (half sure), and the kernel data is
+    # drained for half the window: 0.25.
     proc = att.breakdown(Workload("process", pid=5), 0, 10 * MS, drained_until=5 * MS)
     assert proc.component_ns == {"runqueue": 8 * MS}
-    assert proc.coverage == 0.5
+    assert proc.coverage == 0.25
     cont = att.breakdown(Workload("container", cgroup_id=9), 0, 10 * MS, drained_until=20 * MS)
     assert cont.component_ns["runqueue"] == 8 * MS
     nothing = att.breakdown(Workload("thread", tid=99, pid=99), 0, 10 * MS, drained_until=20 * MS)
@@ -315,3 +317,26 @@ def test_a_scope_whose_threads_were_not_seen_near_the_window_has_no_coverage() -
     assert tid == 0 and bd.coverage == 0.0
     (bd, tid), = att.join_many(Workload("process", pid=77), [(0, 10 * MS)], 10**12)
     assert tid == 0 and bd.coverage == 0.0 and bd.overhead_ratio() == 0.0
+
+
+def test_a_thread_never_seen_on_a_cpu_at_an_edge_is_no_surer_than_one_not_seen_at_all() -> None:
+    # An unwatched process (no on-CPU segments): its main thread waited 4 ms for a CPU during the
+    # first request, which another thread served and was never recorded (nothing held it back).
+    tl = Timeline()
+    tl.set_probe_up("sched", True, at_mono_ns=0)
+    tl.add_stall(Stall("runqueue", 2 * MS, 6 * MS, 5, 5, 9))
+    (bd, tid), = Attributor(tl).join_many(Workload("process", pid=5), [(1 * MS, 10 * MS)], 10**12)
+    assert tid == 5 and bd.component_ns == {"runqueue": 4 * MS}
+    assert bd.coverage == 0.5
+    # What it saw agrees with an empty breakdown (well under the agreement tolerance): full coverage,
+    # the answer is the same whichever thread served the span.
+    tl = Timeline()
+    tl.set_probe_up("sched", True, at_mono_ns=0)
+    tl.add_stall(Stall("runqueue", 2 * MS, 2 * MS + 50_000, 5, 5, 9))
+    (bd, tid), = Attributor(tl).join_many(Workload("process", pid=5), [(1 * MS, 10 * MS)], 10**12)
+    assert bd.component_ns == {"runqueue": 50_000} and bd.coverage == 1.0
+    # Seen on a CPU at an edge: that is evidence of serving, and the unseen threads do not compete.
+    tl.add_run(_run(5, 0.5, 1.5))
+    tl.add_stall(Stall("runqueue", 3 * MS, 7 * MS, 5, 5, 9))
+    (bd, tid), = Attributor(tl).join_many(Workload("process", pid=5), [(1 * MS, 10 * MS)], 10**12)
+    assert tid == 5 and bd.coverage == 1.0

@@ -38,6 +38,7 @@ import requests
 
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
+from isoscope.join.attribution import AGREE_FRACTION, AGREE_MIN_NS
 from isoscope_lab.launcher import IsoscopeDaemon
 from tests.busy import cpu_hog
 from tests.cgroup_helpers import Cgroup, make_cgroup
@@ -260,8 +261,12 @@ def test_every_original_attribute_is_kept(scenario: Scenario) -> None:
 def test_contract_attributes_with_thread_scope(scenario: Scenario) -> None:
     in_vm = " hypervisor" in Path("/proc/cpuinfo").read_text()
     # The warm-up call is the first the daemon hears of these processes: its request threads (one
-    # per request) have exited before their spans arrive and the kernel recorded nothing of them
-    # yet, so their thread.id cannot be proven. They must then say so: process scope, coverage 0.
+    # per request) have exited before their spans arrive and, unless one was held back long enough
+    # to be recorded, their thread.id cannot be proven. Such a span is at process scope, and it must
+    # not be sure of another thread's stalls: on a busy node the kernel may well have recorded a
+    # wait of some other thread of the process (not watched yet: no on-CPU segments say which ran),
+    # so either coverage is at most one half or the layer time it reports is within the agreement
+    # tolerance of nothing (then it does not matter which thread served).
     first = min(scenario.sent, key=lambda sid: scenario.got[sid][1].start_time_unix_nano)
     warm_up = scenario.sent[first]["trace_id"]
     problems = []
@@ -272,8 +277,12 @@ def test_contract_attributes_with_thread_scope(scenario: Scenario) -> None:
             problems.append((rec["name"], "missing", absent))
             continue
         if rec["trace_id"] == warm_up and attrs["isolation.scope"] != "thread":
-            if (attrs["isolation.scope"], attrs["isolation.coverage"]) != ("process", 0.0):
-                problems.append((rec["name"], "warm-up", attrs["isolation.scope"], attrs["isolation.coverage"]))
+            span = scenario.got[sid][1]
+            layer_ns = sum(attrs[f"isolation.l{n}.ns"] for n in range(5))
+            tolerance = max(AGREE_FRACTION * (span.end_time_unix_nano - span.start_time_unix_nano), AGREE_MIN_NS)
+            if attrs["isolation.scope"] != "process" or (attrs["isolation.coverage"] > 0.5 and layer_ns > tolerance):
+                problems.append((rec["name"], "warm-up", attrs["isolation.scope"], attrs["isolation.coverage"],
+                                 layer_ns))
             continue
         if attrs["isolation.scope"] != "thread":
             problems.append((rec["name"], "scope", attrs["isolation.scope"]))

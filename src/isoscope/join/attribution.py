@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 from typing import Iterable, Protocol
 
-from isoscope.join.timeline import EDGE_UNKNOWN, PRECEDENCE, RANK_OF, RANKED, resolve
+from isoscope.join.timeline import EDGE_NEAR, EDGE_UNKNOWN, PRECEDENCE, RANK_OF, RANKED, resolve
 from isoscope.model import COMPONENT_LAYER, KERNEL, Breakdown, RunSegment, Stall, Workload
 
 __all__ = ["PRECEDENCE", "Attributor", "StallSource", "StealSource", "select_thread", "thread_breakdown"]
@@ -110,13 +110,20 @@ def select_thread(evidence: dict[int, tuple[dict[str, int], int, int]],
         thread was; off a CPU rules a thread out there). Among the best ranked,
         the most held back is chosen (the conservative answer when the data
         cannot tell them apart), and the confidence is the share of them whose
-        breakdown agrees with it.
+        breakdown agrees with it. When none of the best ranked was seen on a
+        CPU at either edge, nothing sets them apart from a thread the timeline
+        has not seen near the window (an unwatched process's serving thread that
+        was never held back long enough to be recorded): such a thread, with an
+        empty breakdown, counts as one more of them.
     """
     if not evidence:
         return 0, {}, 0.0
     best = max(s + e for _, s, e in evidence.values())
     tied = [(tid, comp) for tid, (comp, s, e) in evidence.items() if s + e == best]
     tid, comp = max(tied, key=lambda tc: (_overhead(tc[1]), -tc[0]))
+    seen_on_cpu = any(max(s, e) >= EDGE_NEAR for _, s, e in evidence.values() if s + e == best)
+    if not seen_on_cpu:
+        tied.append((0, {}))
     if len(tied) == 1:
         return tid, comp, 1.0
     tol = max(int(duration_ns * AGREE_FRACTION), AGREE_MIN_NS)
