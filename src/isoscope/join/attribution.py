@@ -26,6 +26,7 @@ kernel's).
 
 from __future__ import annotations
 
+import bisect
 import logging
 from typing import Iterable, Protocol
 
@@ -178,9 +179,15 @@ class Attributor:
         else:
             out, confidence = self._join_scope(workload, windows)
         if self.steal is not None:
+            # Most windows hold no steal on any CPU: then no thread's on-CPU segments need reading.
+            # One look covers the batch's ordinary windows when none of them can hold any.
+            short = [w for w in windows if w[1] - w[0] <= BATCH_WINDOW_MAX_NS]
+            short_steal = bool(short) and self.steal.node_steal_ns(min(w[0] for w in short),
+                                                                   max(w[1] for w in short)) > 0
             for (start, end), (bd, t) in zip(windows, out):
-                # Most windows hold no steal on any CPU: then no thread's on-CPU segments need reading.
-                if not t or self.steal.node_steal_ns(start, end) <= 0:
+                if not t or (not short_steal and end - start <= BATCH_WINDOW_MAX_NS):
+                    continue
+                if self.steal.node_steal_ns(start, end) <= 0:
                     continue
                 runs = self.timeline.runs(start, end, t)
                 if runs:
@@ -239,6 +246,11 @@ class Attributor:
         return {t: (thread_breakdown(stalls, start, end).component_ns, EDGE_UNKNOWN, EDGE_UNKNOWN)
                 for t, stalls in found.items() if stalls}
 
+    def batch_stalls(self, bounds: dict[int, tuple[int, int]]) -> "BatchStalls":
+        """A reader of :meth:`stalls` for one batch: each thread's stalls are read once, over
+        ``bounds[tid]`` (the smallest interval holding the thread's windows in the batch)."""
+        return BatchStalls(self, bounds)
+
     def stalls(self, tid: int, start: int, end: int, limit: int = MAX_CHILD_STALLS) -> list[Stall]:
         """The stalls of thread ``tid`` overlapping ``[start, end]`` (for child spans).
 
@@ -252,3 +264,67 @@ class Attributor:
         lo = max(start, end - ttl) if ttl else start
         return [s for s in self.timeline.query(lo, end, tid=tid, limit=limit).get(tid, ())
                 if min(s.end_mono_ns, end) > max(s.start_mono_ns, lo)]
+
+
+BATCH_WINDOW_MAX_NS = 10_000_000_000
+"""Windows longer than this are not read through a batch's shared read (:class:`BatchStalls`): a
+forged or long-poll window would make every other window of its thread pay for its range."""
+BATCH_STALLS_MAX = 8 * MAX_CHILD_STALLS
+"""A thread whose stalls over the batch's windows exceed this is read window by window instead."""
+
+
+class BatchStalls:
+    """:meth:`Attributor.stalls` for the windows of one batch, one read per thread.
+
+    The spans of a batch are mostly recent and many share a thread (a request
+    of an SDK holds the last seconds of its process), so their windows overlap;
+    reading (and building) the thread's stalls once for all of them and slicing
+    per window gives the same stalls as a read per window. Windows longer than
+    :data:`BATCH_WINDOW_MAX_NS`, threads without bounds and threads with more
+    than :data:`BATCH_STALLS_MAX` stalls in the range are read per window.
+
+    Args:
+        attributor: whose :meth:`Attributor.stalls` answers.
+        bounds: per thread, ``(lo, hi)`` covering every window that will be asked for.
+    """
+
+    def __init__(self, attributor: Attributor, bounds: dict[int, tuple[int, int]]) -> None:
+        self._attributor = attributor
+        self._bounds = bounds
+        # tid → (stalls sorted by end, their ends, the longest one's length), or None: read per window
+        self._read: dict[int, tuple[list[Stall], list[int], int] | None] = {}
+
+    def __call__(self, tid: int, start: int, end: int) -> list[Stall]:
+        """The stalls of ``tid`` overlapping ``[start, end]`` (at most the last :data:`MAX_CHILD_STALLS`)."""
+        got = self._read.get(tid, _UNREAD)
+        if got is _UNREAD:
+            got = self._read[tid] = self._read_thread(tid)
+        bounds = self._bounds.get(tid)
+        if (got is None or bounds is None or end - start > BATCH_WINDOW_MAX_NS
+                or start < bounds[0] or end > bounds[1]):
+            return self._attributor.stalls(tid, start, end)
+        stalls, ends, max_dur = got
+        # As the timeline's own read does: the records overlapping the window (the last
+        # MAX_CHILD_STALLS of them), then those with time inside it.
+        i = bisect.bisect_right(ends, start)
+        k = bisect.bisect_right(ends, end + max_dur, lo=i)
+        near = [s for s in stalls[i:k] if s.start_mono_ns < end]
+        if len(near) > MAX_CHILD_STALLS:
+            near = near[-MAX_CHILD_STALLS:]
+        return [s for s in near if min(s.end_mono_ns, end) > max(s.start_mono_ns, start)]
+
+    def _read_thread(self, tid: int) -> tuple[list[Stall], list[int], int] | None:
+        bounds = self._bounds.get(tid)
+        ttl = getattr(self._attributor.timeline, "ttl_ns", 0)
+        if bounds is None or (ttl and bounds[1] - bounds[0] > ttl):
+            return None  # the read would be clipped to its last TTL, unlike a read per window
+        # Every record overlapping the range, those of no length included (as a read per window sees them).
+        stalls = self._attributor.timeline.query(bounds[0], bounds[1], tid=tid,
+                                                 limit=BATCH_STALLS_MAX + 1).get(tid, [])
+        if len(stalls) > BATCH_STALLS_MAX:
+            return None
+        return stalls, [s.end_mono_ns for s in stalls], max((s.end_mono_ns - s.start_mono_ns for s in stalls),
+                                                            default=0)
+
+
+_UNREAD = object()

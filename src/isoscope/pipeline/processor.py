@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from isoscope.host import cgroupfs
-from isoscope.join.attribution import Attributor
+from isoscope.join.attribution import BATCH_WINDOW_MAX_NS, Attributor
 from isoscope.join.neighbors import CgroupNamer
 from isoscope.kernel.clock import MonoWallClock
 from isoscope.config import AttributionConfig
@@ -33,7 +33,7 @@ from isoscope.pipeline.enrich import (add_attributes, add_resource_attributes, c
                                       span_neighbor_attributes_wire, SpanIds, workload_attributes,
                                       workload_attributes_wire)
 from isoscope.metadata.resolver import WorkloadResolver, resource_identity
-from isoscope.model import Backpressure, Breakdown, Stats, TraceBatch, Workload
+from isoscope.model import Backpressure, Breakdown, Stall, Stats, TraceBatch, Workload
 
 logger = logging.getLogger(__name__)
 
@@ -349,27 +349,38 @@ class EnrichPipeline:
         if unresolved:
             self.stats.inc("enrichment_failures_total", ("unresolved",), unresolved)
         joined: list[tuple[Breakdown, int] | None] = [None] * n
+        # Per thread, the interval holding its (not overly long) windows: its stalls are then read
+        # once for the batch's neighbour lists and child spans.
+        bounds: dict[int, tuple[int, int]] = {}
         for wl, windows, slots in groups.values():
             try:
                 out = self.attributor.join_many(wl, windows, drained)
             except Exception:
                 self._failed("join", len(windows))
                 continue
-            for i, r in zip(slots, out):
+            for i, r, (start, end) in zip(slots, out, windows):
                 joined[i] = r
-        return self._write(batch, order, joined, cfg, may_conflict, offset)
+                tid = r[1]
+                if tid and end - start <= BATCH_WINDOW_MAX_NS:
+                    b = bounds.get(tid)
+                    bounds[tid] = (start, end) if b is None else (min(b[0], start), max(b[1], end))
+        return self._write(batch, order, joined, cfg, may_conflict, offset, self.attributor.batch_stalls(bounds))
 
     def _write(self, batch: TraceBatch, order: list[tuple[Any, str, list[_Pending]]],
                joined: list[tuple[Breakdown, int] | None], cfg: AttributionConfig, may_conflict: bool,
-               offset: int | None = None) -> int:
-        """Write the joined breakdowns (and child spans) onto the spans, in their order."""
+               offset: int | None = None, stalls_of: Callable[[int, int, int], list[Stall]] | None = None) -> int:
+        """Write the joined breakdowns (and child spans) onto the spans, in their order.
+
+        ``stalls_of(tid, start, end)`` reads a thread's stalls in a window (default: one read each).
+        """
         mode = self.child_mode()
         max_children = cfg.max_child_spans if mode != "off" else 0
         blame = cfg.blame_threshold
         min_stall_ns = self.min_stall_ns
         to_unix = self.clock.to_unix
         neighbor_name = self.neighbor_name
-        stalls_of = self.attributor.stalls
+        if stalls_of is None:
+            stalls_of = self.attributor.stalls
         observer = self._observer
         wants_children = self._wants_children
         scope_cache: dict[int, Any] = {}
