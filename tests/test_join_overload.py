@@ -22,9 +22,11 @@ from isoscope.config import AttributionConfig
 from isoscope.join.attribution import Attributor
 from isoscope.join.timeline import Timeline
 from isoscope.kernel.clock import MonoWallClock
+from isoscope.host.memguard import MemoryGuard
 from isoscope.model import Backpressure, Stats, TraceBatch, Workload, iter_spans
 from isoscope.pipeline.processor import EnrichPipeline
 from isoscope.receivers.otlp import OtlpHttpReceiver
+from isoscope.receivers.otlp.limits import held_estimate
 
 PB = {"Content-Type": "application/x-protobuf"}
 
@@ -69,15 +71,34 @@ def stack():
                           attributor=Attributor(Timeline()), clock=MonoWallClock(), drained_until=lambda: 0,
                           cfg=cfg, stats=stats, output=out)
     pipe.start()
-    receiver = OtlpHttpReceiver(pipe, stats, "127.0.0.1:0")
+    guard = MemoryGuard(None, max_inflight_bytes=64 << 20)
+    receiver = OtlpHttpReceiver(pipe, stats, "127.0.0.1:0", memory=guard)
     url = f"http://{receiver.start()}/v1/traces"
-    yield pipe, out, stats, url
+    yield pipe, out, stats, url, guard
     receiver.shutdown(1.0)
     pipe.shutdown(0.1)
 
 
+def test_a_held_batch_keeps_its_share_of_the_memory_budget_until_it_is_exported(stack) -> None:
+    pipe, out, stats, url, guard = stack
+    held_body = _request("held", 8)
+    assert requests.post(url, data=held_body, headers=PB, timeout=10).status_code == 200
+    # The receiver has answered, but the parsed batch is still in the daemon (held for the join):
+    # its share of the reservation stays taken; the rest (body, decoding) was returned.
+    assert pipe.held() == 1
+    assert guard.reserved_bytes == held_estimate(len(held_body)) > 0
+    # A batch past the hold capacity goes straight to the exporters: nothing of it stays reserved.
+    assert requests.post(url, data=_request("over", 8), headers=PB, timeout=10).status_code == 200
+    assert out.span_names() == {f"over-{i}" for i in range(8)}
+    assert guard.reserved_bytes == held_estimate(len(held_body))
+    # Shutting down forwards the held batch: the budget is whole again.
+    pipe.shutdown(5.0)
+    assert {f"held-{i}" for i in range(8)} <= out.span_names()
+    assert guard.reserved_bytes == 0
+
+
 def test_batches_past_the_hold_capacity_are_forwarded_unenriched(stack) -> None:
-    pipe, out, stats, url = stack
+    pipe, out, stats, url, _ = stack
     held = requests.post(url, data=_request("held", 8), headers=PB, timeout=10)
     assert held.status_code == 200
     assert pipe.held() == 1 and not out.batches  # waiting for kernel data that never comes
@@ -93,7 +114,7 @@ def test_batches_past_the_hold_capacity_are_forwarded_unenriched(stack) -> None:
 
 
 def test_full_export_queues_still_refuse_a_bypassing_batch(stack) -> None:
-    pipe, out, stats, url = stack
+    pipe, out, stats, url, _ = stack
     assert requests.post(url, data=_request("held", 8), headers=PB, timeout=10).status_code == 200
     out.full = True
     refused = requests.post(url, data=_request("over", 8), headers=PB, timeout=10)

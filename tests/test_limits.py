@@ -18,9 +18,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 
 from isoscope import otlpjson
 from isoscope.host.memguard import MemoryExhausted, MemoryGuard
-from isoscope.model import Stats, TraceBatch
+from isoscope.model import Backpressure, Stats, TraceBatch
 from isoscope.receivers.otlp import OtlpGrpcReceiver, OtlpHttpReceiver
-from isoscope.receivers.otlp.limits import BoundedDecoder, RequestLimits, RequestOverLimit
+from isoscope.receivers.otlp.limits import BoundedDecoder, RequestLimits, RequestOverLimit, held_estimate
 from isoscope.receivers.otlp.validate import validate_request
 from tests.otlp_backend import make_request
 
@@ -36,6 +36,9 @@ class Recorder:
         self.batches: list[TraceBatch] = []
 
     def consume(self, batch: TraceBatch) -> None:
+        # The end of the line, like an exporter queue that has serialized the batch: the copy kept
+        # for the assertions is not the daemon's memory to account for.
+        batch.release_memory()
         self.batches.append(batch)
 
     def span_ids(self) -> list[int]:
@@ -226,6 +229,41 @@ def test_grpc_resource_exhausted_with_retry_info_when_the_inflight_budget_is_tak
         held.release()
         call(make_request([1]).SerializeToString(), timeout=10)
         assert rec.span_ids() == [1] and guard.reserved_bytes == 0
+    finally:
+        ch.close()
+        r.shutdown(1.0)
+
+
+def test_grpc_batch_carries_its_share_of_the_reservation_and_a_refused_one_returns_it():
+    class Holder:
+        """A consumer that keeps the batch (as the join's hold queue does), or refuses it."""
+
+        def __init__(self) -> None:
+            self.batches: list[TraceBatch] = []
+            self.refuse = False
+
+        def consume(self, batch: TraceBatch) -> None:
+            if self.refuse:
+                raise Backpressure("full", retry_after_s=1.0)
+            self.batches.append(batch)
+
+    holder, stats = Holder(), Stats()
+    guard = MemoryGuard(None, max_inflight_bytes=64 << 20)
+    r = OtlpGrpcReceiver(holder, stats, "127.0.0.1:0", memory=guard, resolve_peers=False)
+    r.start()
+    ch = grpc.insecure_channel(f"127.0.0.1:{r.port}")
+    try:
+        call = ch.unary_unary(EXPORT, request_serializer=None, response_deserializer=None)
+        raw = make_request([1, 2, 3]).SerializeToString()
+        call(raw, timeout=10)
+        assert guard.reserved_bytes == held_estimate(len(raw)) > 0  # held with the batch
+        holder.batches[0].release_memory()
+        assert guard.reserved_bytes == 0
+        holder.refuse = True
+        with pytest.raises(grpc.RpcError) as exc:
+            call(raw, timeout=10)
+        assert exc.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert guard.reserved_bytes == 0  # no batch kept it
     finally:
         ch.close()
         r.shutdown(1.0)

@@ -350,6 +350,12 @@ class Breakdown:
 # Spans in flight
 # ---------------------------------------------------------------------------
 
+class Releasable(Protocol):
+    """Something held for a batch that must be given back (a memory reservation)."""
+
+    def release(self) -> None: ...
+
+
 @dataclass(slots=True)
 class TraceBatch:
     """One received OTLP trace export request travelling through the pipeline.
@@ -364,6 +370,9 @@ class TraceBatch:
         received_mono_ns: when it was received (CLOCK_MONOTONIC).
         peer_relay: the sender is a trusted relay (configured, or authenticated as one): its spans
             may name the workload they come from.
+        memory: the share of the request's memory reservation that covers the batch while it is
+            held, joined and serialized (anything with ``release()``); released once the batch
+            has been handed to the exporters (:meth:`release_memory`), or when it is freed.
     """
 
     request: Any
@@ -373,13 +382,21 @@ class TraceBatch:
     peer_addr: str = ""
     received_mono_ns: int = 0
     peer_relay: bool = False
+    memory: Releasable | None = None
+
+    def release_memory(self) -> None:
+        """Return the batch's memory reservation, if it holds one (idempotent)."""
+        memory, self.memory = self.memory, None
+        if memory is not None:
+            memory.release()
 
 
 class TraceConsumer(Protocol):
     """Anything that takes trace batches: the pipeline, an exporter, a queue."""
 
     def consume(self, batch: TraceBatch) -> None:
-        """Take ownership of ``batch``. Raise ``Backpressure`` when full."""
+        """Take ownership of ``batch`` (and of its memory reservation: :meth:`TraceBatch.release_memory`
+        once the parsed batch is no longer held). Raise ``Backpressure`` when full."""
         ...
 
 

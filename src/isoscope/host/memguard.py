@@ -125,11 +125,30 @@ class Reservation:
         """
         self.nbytes += self._guard._take(nbytes, self.nbytes, self._share)
 
+    def split(self, nbytes: int) -> "Reservation":
+        """Move up to ``nbytes`` of this reservation into a new one (nothing is reserved anew).
+
+        A receiver keeps what a request costs while it is parsed and hands the rest,
+        with the parsed batch, to the pipeline, which releases it once the batch has
+        gone to the exporters.
+        """
+        moved = max(0, min(int(nbytes), self.nbytes))
+        self.nbytes -= moved
+        return Reservation(self._guard, moved, self._share)
+
     def release(self) -> None:
         """Return everything reserved (idempotent)."""
         n, self.nbytes = self.nbytes, 0
         if n:
             self._guard._give(n)
+
+    def __del__(self) -> None:
+        # A reservation whose owner forgot it (a batch dropped on an unexpected path) is
+        # returned when it is freed, so a lost release can never shrink the budget for good.
+        try:
+            self.release()
+        except Exception:  # interpreter shutdown
+            pass
 
     def __enter__(self) -> "Reservation":
         return self

@@ -204,7 +204,10 @@ class EnrichPipeline:
         the delivery backpressure (they refuse when *they* are full), and the
         spans are counted as ``enrichment_failures_total{stage="overload"}``.
         """
-        self._output(batch)
+        try:
+            self._output(batch)
+        finally:
+            batch.release_memory()
         self.stats.inc("enrichment_failures_total", ("overload",), batch.span_count)
         now = time.monotonic()
         if now - self._overload_logged >= 10.0:
@@ -269,6 +272,10 @@ class EnrichPipeline:
             self.stats.inc("spans_dropped_total", ("output_error",), batch.span_count)
             logger.exception("handing a batch to the exporters failed")
             return
+        finally:
+            # Serialized into the exporters' queues (bounded by their own byte limits): the parsed
+            # batch is no longer the daemon's to hold, nor is its share of the request's reservation.
+            batch.release_memory()
         if held.spool_key is not None and self._spool is not None:
             self._spool.remove(held.spool_key)
 

@@ -16,7 +16,10 @@ Each call reserves an estimate of its memory cost in the daemon's
 refusal, and a large message arriving while the large-message slots are all
 taken, is ``RESOURCE_EXHAUSTED`` with a ``RetryInfo`` (which makes it
 retryable for OTLP clients). Large messages can occupy at most half of the
-workers, so small ones from other senders are always served.
+workers, so small ones from other senders are always served. The parsed batch
+keeps a share of the reservation (:func:`~isoscope.receivers.otlp.limits.held_estimate`)
+until the pipeline has handed it to the exporters: the join's hold queue is
+inside the memory budget too.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from grpc_status import rpc_status
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from isoscope.exporters.signals import TRACES, spec
-from isoscope.host.memguard import MemoryExhausted, MemoryGuard, process_guard
+from isoscope.host.memguard import MemoryExhausted, MemoryGuard, Reservation, process_guard
 from isoscope.model import Backpressure, Stats, TraceConsumer
 from isoscope.receivers.otlp.ingest import ConsumerFailed, Ingestor, Peer
 from isoscope.receivers.otlp.limits import (
@@ -42,6 +45,7 @@ from isoscope.receivers.otlp.limits import (
     DEFAULT_MAX_GRPC_MESSAGE_BYTES,
     RequestLimits,
     RequestOverLimit,
+    held_estimate,
     memory_estimate,
 )
 from isoscope.metadata.peer import PeerResolver, split_peer
@@ -162,7 +166,7 @@ class OtlpGrpcReceiver:
             if self._passthrough is not None:
                 for signal in PASS_THROUGH_SIGNALS:
                     handlers.append(grpc.method_handlers_generic_handler(spec(signal).grpc_service, {
-                        METHOD: self._handler(lambda raw, ctx, s=signal: self._export_signal_reserved(s, raw, ctx))}))
+                        METHOD: self._handler(lambda raw, ctx, _r, s=signal: self._export_signal_reserved(s, raw, ctx))}))
             server.add_generic_rpc_handlers(tuple(handlers))
             creds = self._security.grpc_credentials() if self._security is not None else None
             try:
@@ -189,13 +193,13 @@ class OtlpGrpcReceiver:
         if server is not None:
             server.stop(grace_s).wait(grace_s + 1.0)
 
-    def _handler(self, reserved: Callable[[bytes, grpc.ServicerContext], Any]) -> grpc.RpcMethodHandler:
+    def _handler(self, reserved: Callable[[bytes, grpc.ServicerContext, Reservation], Any]) -> grpc.RpcMethodHandler:
         return grpc.unary_unary_rpc_method_handler(
             lambda raw, context: self._export(raw, context, reserved),
             request_deserializer=None, response_serializer=lambda m: m.SerializeToString())
 
     def _export(self, raw: bytes, context: grpc.ServicerContext,
-                reserved: Callable[[bytes, grpc.ServicerContext], Any]) -> Any:
+                reserved: Callable[[bytes, grpc.ServicerContext, Reservation], Any]) -> Any:
         large = len(raw) > self._large_bytes
         if large and not self._large_slots.acquire(blocking=False):
             self._ingest.reject("memory_limit")
@@ -208,25 +212,27 @@ class OtlpGrpcReceiver:
                 self._ingest.reject("memory_limit")
                 context.abort_with_status(_retry_status(str(exc), exc.retry_after_s, code_pb2.RESOURCE_EXHAUSTED))
             with reservation:
-                return reserved(raw, context)
+                return reserved(raw, context, reservation)
         finally:
             if large:
                 self._large_slots.release()
 
-    def _export_reserved(self, raw: bytes, context: grpc.ServicerContext) -> Any:
+    def _export_reserved(self, raw: bytes, context: grpc.ServicerContext, reservation: Reservation) -> Any:
         try:
             request = ExportTraceServiceRequest.FromString(raw)
         except DecodeError as exc:
             self._ingest.reject("malformed")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"cannot decode ExportTraceServiceRequest: {exc}")
+        # The batch keeps its share of the reservation until it has been exported.
+        held = reservation.split(held_estimate(len(raw)))
         del raw
         peer = None
         parsed = split_peer(context.peer() or "")
         if parsed is not None:
             peer = Peer(parsed[0], parsed[1], self._port)
         try:
-            return self._ingest.ingest(request, peer)
+            return self._ingest.ingest(request, peer, memory=held)
         except RequestOverLimit as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Backpressure as bp:

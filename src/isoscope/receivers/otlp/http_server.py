@@ -22,7 +22,8 @@ workers everyone else needs.
 Every request reserves an estimate of its memory cost in the daemon's
 :class:`~isoscope.host.memguard.MemoryGuard` as soon as its headers arrive
 (and more while a compressed body inflates); when the reservation is refused
-the answer is 429 with ``Retry-After``, which OTLP clients retry.
+the answer is 429 with ``Retry-After``, which OTLP clients retry. A parsed
+trace batch keeps a share of it until it has been handed to the exporters.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from isoscope.receivers.otlp.limits import (
     RequestLimits,
     RequestOverLimit,
     UnsupportedEncoding,
+    held_estimate,
     memory_estimate,
 )
 from isoscope.metadata.peer import PeerResolver
@@ -409,9 +411,12 @@ class OtlpHttpReceiver:
                           f"cannot decode ExportTraceServiceRequest: {exc}", "malformed") from None
         except RequestOverLimit as exc:
             raise _Reject(400, code_pb2.INVALID_ARGUMENT, str(exc), "limit") from None
+        # The batch keeps its share of the reservation until it has been exported (OTLP/JSON is
+        # about twice the size of the protobuf the batch becomes).
+        held = reservation.split(held_estimate(len(body) // 2 if media == JSON else len(body)))
         del body
         try:
-            return self._ingest.ingest(request, peer, checker.rejected)
+            return self._ingest.ingest(request, peer, checker.rejected, memory=held)
         except RequestOverLimit as exc:
             raise _Reject(400, code_pb2.INVALID_ARGUMENT, str(exc), "limit", counted=True) from None
         except Backpressure as bp:

@@ -16,7 +16,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from isoscope.model import Backpressure, Stats, TraceBatch, TraceConsumer
+from isoscope.model import Backpressure, Releasable, Stats, TraceBatch, TraceConsumer
 from isoscope.metadata.peer import PeerResolver, format_addr
 from isoscope.receivers.otlp.limits import RequestLimits, RequestOverLimit
 from isoscope.receivers.otlp.validate import validate_request
@@ -67,7 +67,7 @@ class Ingestor:
         self._stats.inc("requests_rejected_total", (self._protocol, reason))
 
     def ingest(self, request: ExportTraceServiceRequest, peer: Peer | None,
-               dropped: Counter[str] | None = None) -> ExportTraceServiceResponse:
+               dropped: Counter[str] | None = None, memory: Releasable | None = None) -> ExportTraceServiceResponse:
         """Process one parsed request.
 
         ``spans_received_total`` counts spans once the request is settled
@@ -79,6 +79,9 @@ class Ingestor:
             peer: the sender, if known.
             dropped: spans already removed while decoding (reason → count),
                 reported with the others through partial success.
+            memory: a memory reservation (``release()``) for the batch's life in the
+                pipeline; ingest owns it: it travels with the batch, or is released
+                here when no batch is handed on.
 
         Raises:
             RequestOverLimit: the request is over a per-request limit; it was
@@ -86,6 +89,18 @@ class Ingestor:
             Backpressure: the consumer is full; nothing was counted as received.
             ConsumerFailed: the consumer broke; the client should retry.
         """
+        consumed = False
+        try:
+            response, consumed = self._ingest(request, peer, dropped, memory)
+            return response
+        finally:
+            if not consumed and memory is not None:
+                memory.release()  # no batch took it
+
+    def _ingest(self, request: ExportTraceServiceRequest, peer: Peer | None, dropped: Counter[str] | None,
+                memory: Releasable | None) -> tuple[ExportTraceServiceResponse, bool]:
+        """:meth:`ingest`; also says whether a batch (with ``memory``) went to the consumer."""
+        consumed = False
         try:
             result = validate_request(request, self.limits)
         except RequestOverLimit:
@@ -101,7 +116,7 @@ class Ingestor:
         if result.accepted_spans:
             batch = TraceBatch(request=result.accepted, protocol=self._protocol,
                                span_count=result.accepted_spans,
-                               received_mono_ns=time.monotonic_ns())
+                               received_mono_ns=time.monotonic_ns(), memory=memory)
             if peer is not None:
                 batch.peer_addr = format_addr(peer.ip, peer.port)
                 # Loopback or not: the peer resolver finds the socket in the sender's own network
@@ -111,12 +126,15 @@ class Ingestor:
             try:
                 self._consumer.consume(batch)
             except Backpressure:
+                batch.memory = None  # refused: the caller's release returns it
                 self.reject("backpressure")
                 raise
             except Exception as exc:
+                batch.memory = None
                 logger.exception("trace consumer failed")
                 self.reject("consumer_error")
                 raise ConsumerFailed(str(exc)) from exc
+            consumed = True
         if result.received_spans:
             self._stats.inc("spans_received_total", (self._protocol,), result.received_spans)
         response = ExportTraceServiceResponse()
@@ -124,4 +142,4 @@ class Ingestor:
             self._stats.inc("spans_dropped_total", ("invalid",), result.rejected)
             response.partial_success.rejected_spans = result.rejected
             response.partial_success.error_message = result.message
-        return response
+        return response, consumed

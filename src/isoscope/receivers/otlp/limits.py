@@ -39,6 +39,19 @@ _COST_FACTOR = {"application/json": 12}
 _COST_FACTOR_DEFAULT = 8
 
 
+HELD_COST_FACTOR = 4
+"""A parsed batch held for the join, with its child spans and its serialized copy for the exporters,
+costs about this many times its protobuf size (see :func:`held_estimate`)."""
+
+
+def held_estimate(decoded_bytes: int) -> int:
+    """The part of a request's reservation that stays with its batch until it is exported.
+
+    The rest (the body's chunks, decompression, JSON decoding) is over once the receiver answers.
+    """
+    return decoded_bytes * HELD_COST_FACTOR
+
+
 def memory_estimate(decoded_bytes: int, media: str = "application/x-protobuf") -> int:
     """Estimated peak memory of decoding and processing ``decoded_bytes`` of a request body.
 
