@@ -89,7 +89,9 @@ def serve(sched_probe: SchedProbe, svc: Cgroup, hog_pids: list[int]) -> tuple[li
         watch.remove_cgroup(svc.id)
     windows = json.loads(out)
     lo, hi = windows[0][0], windows[-1][1]
-    stalls = [s for s in sched_probe.stalls({proc.pid}, lo, hi) if s.component == "runqueue"]
+    # Waits that crossed one by one carry the split; the thread's short waits cross summed, without one.
+    stalls = [s for s in sched_probe.stalls({proc.pid}, lo, hi)
+              if s.component == "runqueue" and "sched.summary" not in (s.details or {})]
     return windows, stalls, proc.pid
 
 

@@ -7,6 +7,8 @@ same interval as the probe's per-thread counters.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import time
 from typing import Any, Iterator
 
@@ -120,6 +122,69 @@ def test_run_segments_match_on_cpu_time(sched_probe: SchedProbe) -> None:
         want = on1[t] - on0[t]
         assert want > 0.2e9
         assert abs(got - want) <= 0.05 * want, (t, got, want)
+
+
+PING_PONG = r"""
+import os, sys, time
+role, f1, f2, secs = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+if role == "a":
+    w = os.open(f1, os.O_WRONLY); r = os.open(f2, os.O_RDONLY)
+    os.write(w, b"x")
+else:
+    r = os.open(f1, os.O_RDONLY); w = os.open(f2, os.O_WRONLY)
+end = time.monotonic() + secs
+clock = time.perf_counter_ns
+while os.read(r, 1) and time.monotonic() < end:
+    os.write(w, b"x")
+    # Work on after waking the other: it waits for the CPU until this one blocks (tens of us).
+    t = clock()
+    while clock() - t < WORK_NS:
+        pass
+"""
+
+
+def test_short_waits_of_a_watched_thread_reach_its_records(sched_probe: SchedProbe, tmp_path) -> None:
+    """Two processes ping-ponging over pipes on one CPU, each working 40 us after waking the other:
+    every wake-up waits tens of microseconds for the CPU, far below the per-record threshold, and
+    that is almost all of their run_delay. Summed per thread in the kernel, their records still add
+    up to schedstat's run_delay. (An untouched ping-pong switches ~50,000 times a second per
+    thread: its on-CPU segment records alone then overflow the ring buffer; see the probe.)"""
+    f1, f2 = tmp_path / "f1", tmp_path / "f2"
+    os.mkfifo(f1)
+    os.mkfifo(f2)
+    cg = make_cgroup(unique_name("short-waits"), v1_controllers=("cpu",))
+    cgid = cg.id
+    watch = WatchSet(sched_probe.manager.loaded_modules)
+    watch.add_cgroup(cgid)
+    try:
+        procs = [cg.spawn([sys.executable, "-c", PING_PONG.replace("WORK_NS", "40_000"), role, str(f1), str(f2),
+                           str(WINDOW_S + 2.0)]) for role in "ab"]
+        tids = [p.pid for p in procs]
+        for t in tids:
+            os.sched_setaffinity(t, {TEST_CPU})
+        time.sleep(0.5)  # past interpreter start-up, pinned, watched
+        w = measure(sched_probe, tids, WINDOW_S)
+        time.sleep(0.2)  # groups pending at the end of the window are sent within its 1 ms
+        sched_probe.drain()
+        for p in procs:
+            p.wait(timeout=10)
+    finally:
+        watch.remove_cgroup(cgid)
+        cg.remove()
+    stalls = sched_probe.stalls(set(tids), w.start_ns, w.end_ns)
+    logger.info("lost %s", [list(map(int, v)) for v in sched_probe.bpf[b"lost_events"].values()])
+    for t in tids:
+        mine = [s for s in stalls if s.tid == t and s.component in ("runqueue", "cpu_throttle")]
+        summed = [s for s in mine if s.details.get("sched.summary") == "short_waits"]
+        got = sum(s.duration_ns for s in mine)
+        short = sum(s.duration_ns for s in summed)
+        want = w.run_delay[t]
+        logger.info("tid %d: run_delay %.1f ms, records %.1f ms (of which %d summaries, %.1f ms), probe %s",
+                    t, want / 1e6, got / 1e6, len(summed), short / 1e6, w.probe[t])
+        assert want > 20e6, f"tid {t} hardly waited ({want} ns): the scenario did not happen"
+        assert summed, f"tid {t}: no summary record"
+        assert all(s.duration_ns < 2_000_000 and s.cgroup_id == cgid for s in summed)
+        assert abs(got - want) <= 0.1 * want, (t, got, want)
 
 
 def test_exited_threads_leave_no_state(sched_probe: SchedProbe) -> None:

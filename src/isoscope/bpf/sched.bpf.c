@@ -52,6 +52,22 @@
  * sum to the wait exactly. detail = throttle method (ISO_SCHED_M_*),
  * detail2 = the whole wait in ns.
  *
+ * Short waits (watched threads): a wait below ISO_WATCHED_MIN_STALL_NS is not
+ * a record of its own -- a thread woken a hundred thousand times a second
+ * would flood the ring -- but its run-queue part is summed in the thread's
+ * entry and crosses as ONE runqueue record per group (detail =
+ * ISO_SCHED_M_SUMMARY, detail2 = waits summed), as the vmscan probe does for
+ * reclaim episodes. A group holds the short waits that ended within
+ * ISO_RUNQ_SUMMARY_WINDOW_NS of its first one's start and crosses as the
+ * compact interval [last end - sum, last end]: its length is the summed wait
+ * exactly and it lies inside [first start, last end], so it is misplaced by
+ * at most the window. It is sent before any longer record of the thread (so
+ * the two never overlap), when a wait ends outside its window, and when the
+ * thread goes to sleep holding at least ISO_RUNQ_SUMMARY_FLUSH_NS or a group
+ * older than the window (the end of a request: what it waited crosses before
+ * its span reaches the join; a span can miss at most the flush amount at its
+ * end), and at exit. Waits of unwatched threads are only in the aggregates.
+ *
  * Aggregates (always, for every thread): per-thread cumulative counters in
  * `tasks` (deleted at exit), per-cgroup totals in `cgroup_totals` and
  * per-cgroup log2 histograms of whole waits in `runq_hist` (LRU, bounded).
@@ -117,6 +133,11 @@ struct iso_sched_task {
 	__s32 wait_cpu;
 	__u32 wait_flags;    /* ISO_SCHED_F_* of the current wait */
 	__u32 watched;       /* is_watched() as of watch_checked */
+	__u64 short_first;   /* pending group of short waits: first one's start */
+	__u64 short_last;    /* its last one's end */
+	__u64 short_ns;      /* their summed run-queue ns */
+	__u32 short_n;       /* how many (0: no group pending) */
+	__s32 short_cpu;     /* CPU of the last one */
 };
 
 struct iso_sched_cgroup {
@@ -149,6 +170,14 @@ struct iso_cpu_idle {
  * segments start at most this much late. */
 #ifndef ISO_SCHED_WATCH_RECHECK_NS
 #define ISO_SCHED_WATCH_RECHECK_NS 10000000ull
+#endif
+/* Short waits summed into one record (see above): the group's span, and what a going-to-sleep
+ * thread must hold for its group to be sent at once. */
+#ifndef ISO_RUNQ_SUMMARY_WINDOW_NS
+#define ISO_RUNQ_SUMMARY_WINDOW_NS 1000000ull
+#endif
+#ifndef ISO_RUNQ_SUMMARY_FLUSH_NS
+#define ISO_RUNQ_SUMMARY_FLUSH_NS 20000ull
 #endif
 
 BPF_RINGBUF_OUTPUT(events, ISO_RINGBUF_PAGES);
@@ -280,6 +309,31 @@ static inline __attribute__((always_inline)) void emit_part(__u32 component, __u
 	e->detail = method;
 	e->detail2 = wait;
 	events.ringbuf_submit(e, 0);
+}
+
+/* Send the thread's pending group of short waits, if any, as one compact runqueue record. */
+static inline __attribute__((always_inline)) void runq_flush(struct iso_sched_task *st)
+{
+	if (!st->short_n)
+		return;
+	emit_part(ISO_C_RUNQUEUE, st->short_last - st->short_ns, st->short_last, st, st->short_cpu,
+		  ISO_SCHED_M_SUMMARY, st->short_n);
+	st->short_n = 0;
+	st->short_ns = 0;
+}
+
+/* Add a short wait's run-queue part [start, end] to the thread's group (sending an expired group first). */
+static inline __attribute__((always_inline)) void runq_sum(struct iso_sched_task *st, __s32 cpu,
+							  __u64 start, __u64 end)
+{
+	if (st->short_n && end - st->short_first > ISO_RUNQ_SUMMARY_WINDOW_NS)
+		runq_flush(st);
+	if (!st->short_n)
+		st->short_first = start;
+	st->short_last = end;
+	st->short_ns += end - start;
+	st->short_n++;
+	st->short_cpu = cpu;
 }
 
 #if ISO_SCHED_NEIGHBORS
@@ -464,13 +518,17 @@ static inline __attribute__((always_inline)) void wait_end(__u64 key, __s32 cpu,
 		runq_hist.update(&hk, &one);
 	}
 
-	if (wait < ISO_WATCHED_MIN_STALL_NS)
-		return;
 	/* The watched decision cached at the thread's last switch-out (at most
 	 * ISO_SCHED_WATCH_RECHECK_NS old) spares the lookups for watched threads. */
 	int watched = st->watched;
+	if (wait < ISO_WATCHED_MIN_STALL_NS) {
+		if (watched && runq)
+			runq_sum(st, cpu, start + thr, now);
+		return;
+	}
 	if (wait < ISO_MIN_STALL_NS && !watched && !is_watched(st->tgid, cgid))
 		return;
+	runq_flush(st);   /* before this wait's records: the group's interval ends before it began */
 	if (thr)
 		emit_part(ISO_C_CPU_THROTTLE, start, start + thr, st, cpu, method, wait);
 	if (!runq)
@@ -585,6 +643,10 @@ RAW_TRACEPOINT_PROBE(sched_switch)
 				}
 			}
 			st->run_start = 0;
+			if (st->short_n && prev_state != 0 &&
+			    (st->short_ns >= ISO_RUNQ_SUMMARY_FLUSH_NS || now - st->short_first > ISO_RUNQ_SUMMARY_WINDOW_NS ||
+			     (prev_state & ISO_TASK_DEAD)))
+				runq_flush(st);   /* going to sleep (or exiting): the request's waits cross now */
 			if (prev_state & ISO_TASK_DEAD) {
 				/* Last switch of an exiting task: it may have been woken after
 				 * sched_process_exit (sleeping in the exit path), recreating state. */
@@ -654,6 +716,9 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
 	if (c)
 		__sync_fetch_and_add(c, 1);
 	__u64 key = (__u64)p;
+	struct iso_sched_task *st = tasks.lookup(&key);
+	if (st)
+		runq_flush(st);
 	tasks.delete(&key);
 	return 0;
 }

@@ -63,7 +63,10 @@ SCHED_THROTTLE_METHODS: Mapping[int, str] = {
 # than a dictionary per record. detail2 (the length of the whole wait a split
 # record came from) is not kept: the record's own interval is what joins use.
 _SCHED_DETAILS: Mapping[int, Mapping[str, str]] = {
-    code: MappingProxyType({"sched.throttle_method": name}) for code, name in SCHED_THROTTLE_METHODS.items()}
+    **{code: MappingProxyType({"sched.throttle_method": name}) for code, name in SCHED_THROTTLE_METHODS.items()},
+    # A watched thread's short waits summed into one compact interval (how many is not kept either).
+    _C["ISO_SCHED_M_SUMMARY"]: MappingProxyType({"sched.summary": "short_waits"}),
+}
 
 
 def _sched_details(detail: int, detail2: int) -> Mapping[str, str]:

@@ -136,6 +136,7 @@ struct iso_total {
 #define ISO_SCHED_M_TASK_FLAG  1u   /* task_struct.throttled seen at switch-out (exact, 6.18+) */
 #define ISO_SCHED_M_IDLE       2u   /* CPU idle while the preempted thread waited (inferred) */
 #define ISO_SCHED_M_KPROBE     3u   /* throttle_cfs_rq/unthrottle_cfs_rq events */
+#define ISO_SCHED_M_SUMMARY    4u   /* not one wait: a watched thread's short waits summed (detail2 = how many) */
 
 /* ---- sched probe: who ran on the CPU while a watched thread waited (bpf/sched.bpf.c) ---- */
 #define ISO_NB_TOP            3     /* named contributors per wait record */
