@@ -201,3 +201,67 @@ def test_exited_threads_leave_no_state(sched_probe: SchedProbe) -> None:
         cg.remove()
     time.sleep(0.05)
     assert not any(sched_probe.entry(t) is not None for t in tids)
+
+
+
+READER = r"""
+import mmap, os, random, sys, time
+path, secs = sys.argv[1], float(sys.argv[2])
+fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+blocks = os.fstat(fd).st_size // 4096
+buf = mmap.mmap(-1, 4096)  # page-aligned, as O_DIRECT requires
+end = time.monotonic() + secs
+while time.monotonic() < end:
+    t = time.perf_counter_ns()
+    while time.perf_counter_ns() - t < 200_000:
+        pass
+    for _ in range(20):
+        os.preadv(fd, [buf], random.randrange(blocks) * 4096)
+"""
+
+
+@pytest.mark.parametrize("hog", [False, True], ids=["idle-cpu", "with-hog"])
+def test_disk_reader_records_match_run_delay(sched_probe: SchedProbe, tmp_path, hog: bool) -> None:
+    """A watched thread doing O_DIRECT reads is woken by every completion. On an otherwise idle CPU
+    each wake-up takes microseconds to run (the IRQ, leaving idle, in a VM the halt exit): no
+    other task ran, schedstat counts no run delay, and neither may its records (summed, those
+    microseconds once read as 200 ms of run-queue contention in 2 s). Beside a busy loop on the
+    same CPU its waits are real, and its records add up to run_delay."""
+    data = tmp_path / "io.dat"
+    with open(data, "wb") as fh:
+        for _ in range(64):
+            fh.write(os.urandom(1 << 20))
+        fh.flush()
+        os.fsync(fh.fileno())
+    cg = make_cgroup(unique_name("reader"), v1_controllers=("cpu",))
+    cgid = cg.id
+    hog_cg = make_cgroup(unique_name("reader-hog"), v1_controllers=("cpu",)) if hog else None
+    watch = WatchSet(sched_probe.manager.loaded_modules)
+    watch.add_cgroup(cgid)
+    try:
+        if hog_cg is not None:
+            busy_procs(hog_cg, 1, secs=WINDOW_S + 3.0)
+        proc = cg.spawn([sys.executable, "-c", READER, str(data), str(WINDOW_S + 2.0)])
+        os.sched_setaffinity(proc.pid, {TEST_CPU})
+        time.sleep(0.5)
+        w = measure(sched_probe, [proc.pid], WINDOW_S)
+        time.sleep(0.2)
+        sched_probe.drain()
+        proc.wait(timeout=10)
+    finally:
+        watch.remove_cgroup(cgid)
+        cg.remove()
+        if hog_cg is not None:
+            hog_cg.remove()
+    t = proc.pid
+    mine = [s for s in sched_probe.stalls({t}, w.start_ns, w.end_ns) if s.component in ("runqueue", "cpu_throttle")]
+    got = sum(s.duration_ns for s in mine)
+    summed = sum(s.duration_ns for s in mine if s.details.get("sched.summary") == "short_waits")
+    want = w.run_delay[t]
+    logger.info("reader (hog=%s): run_delay %.2f ms, records %.2f ms (summaries %.2f ms), probe counters %s",
+                hog, want / 1e6, got / 1e6, summed / 1e6, w.probe[t])
+    if hog:
+        assert want > 0.2 * WINDOW_S * 1e9, "the busy loop did not hold the reader back"
+        assert abs(got - want) <= 0.05 * want, (got, want)
+    else:
+        assert got <= want + max(2_000_000, 0.1 * want), (got, want)
