@@ -224,9 +224,9 @@ while time.monotonic() < end:
 def test_disk_reader_records_match_run_delay(sched_probe: SchedProbe, tmp_path, hog: bool) -> None:
     """A watched thread doing O_DIRECT reads is woken by every completion. On an otherwise idle CPU
     each wake-up takes microseconds to run (the IRQ, leaving idle, in a VM the halt exit): no
-    other task ran, schedstat counts no run delay, and neither may its records (summed, those
-    microseconds once read as 200 ms of run-queue contention in 2 s). Beside a busy loop on the
-    same CPU its waits are real, and its records add up to run_delay."""
+    other task ran, schedstat counts no run delay, and neither may its records or counters
+    (they once read as 200 ms of run-queue contention in 2 s). Beside a busy loop on the same
+    CPU its waits are real, and its records add up to run_delay."""
     data = tmp_path / "io.dat"
     with open(data, "wb") as fh:
         for _ in range(64):
@@ -265,3 +265,5 @@ def test_disk_reader_records_match_run_delay(sched_probe: SchedProbe, tmp_path, 
         assert abs(got - want) <= 0.05 * want, (got, want)
     else:
         assert got <= want + max(2_000_000, 0.1 * want), (got, want)
+        # The thread's own counters (and so the cgroup's totals and the layer metrics) alike.
+        assert sum(w.probe[t]) <= want + max(2_000_000, 0.1 * want), (w.probe[t], want)
