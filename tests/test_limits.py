@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import grpc
 import pytest
@@ -137,13 +138,21 @@ def http_env():
 @pytest.fixture
 def grpc_env():
     rec, stats = Recorder(), Stats()
-    r = OtlpGrpcReceiver(rec, stats, "127.0.0.1:0", limits=SMALL, memory=MemoryGuard(None), resolve_peers=False)
+    with grpc_export(rec, stats, MemoryGuard(None), limits=SMALL) as call:
+        yield rec, stats, call
+
+
+@contextlib.contextmanager
+def grpc_export(consumer: Any, stats: Stats, guard: MemoryGuard, **kwargs: Any) -> Iterator[Any]:
+    """A real gRPC receiver in front of ``consumer``; yields a raw Export call."""
+    r = OtlpGrpcReceiver(consumer, stats, "127.0.0.1:0", memory=guard, resolve_peers=False, **kwargs)
     r.start()
     ch = grpc.insecure_channel(f"127.0.0.1:{r.port}")
-    call = ch.unary_unary(EXPORT, request_serializer=None, response_deserializer=None)
-    yield rec, stats, call
-    ch.close()
-    r.shutdown(1.0)
+    try:
+        yield ch.unary_unary(EXPORT, request_serializer=None, response_deserializer=None)
+    finally:
+        ch.close()
+        r.shutdown(1.0)
 
 
 @pytest.mark.parametrize("media", [PB, JSON])
@@ -214,13 +223,9 @@ def test_http_429_with_retry_after_when_the_inflight_budget_is_taken():
 
 
 def test_grpc_resource_exhausted_with_retry_info_when_the_inflight_budget_is_taken():
-    rec, stats = Recorder(), Stats()
+    rec = Recorder()
     guard = MemoryGuard(None, max_inflight_bytes=1 << 20)
-    r = OtlpGrpcReceiver(rec, stats, "127.0.0.1:0", memory=guard, resolve_peers=False)
-    r.start()
-    ch = grpc.insecure_channel(f"127.0.0.1:{r.port}")
-    try:
-        call = ch.unary_unary(EXPORT, request_serializer=None, response_deserializer=None)
+    with grpc_export(rec, Stats(), guard) as call:
         held = guard.reserve(1 << 20)
         with pytest.raises(grpc.RpcError) as exc:
             call(make_request([1]).SerializeToString(), timeout=10)
@@ -229,9 +234,6 @@ def test_grpc_resource_exhausted_with_retry_info_when_the_inflight_budget_is_tak
         held.release()
         call(make_request([1]).SerializeToString(), timeout=10)
         assert rec.span_ids() == [1] and guard.reserved_bytes == 0
-    finally:
-        ch.close()
-        r.shutdown(1.0)
 
 
 def test_grpc_batch_carries_its_share_of_the_reservation_and_a_refused_one_returns_it():
@@ -247,13 +249,9 @@ def test_grpc_batch_carries_its_share_of_the_reservation_and_a_refused_one_retur
                 raise Backpressure("full", retry_after_s=1.0)
             self.batches.append(batch)
 
-    holder, stats = Holder(), Stats()
+    holder = Holder()
     guard = MemoryGuard(None, max_inflight_bytes=64 << 20)
-    r = OtlpGrpcReceiver(holder, stats, "127.0.0.1:0", memory=guard, resolve_peers=False)
-    r.start()
-    ch = grpc.insecure_channel(f"127.0.0.1:{r.port}")
-    try:
-        call = ch.unary_unary(EXPORT, request_serializer=None, response_deserializer=None)
+    with grpc_export(holder, Stats(), guard) as call:
         raw = make_request([1, 2, 3]).SerializeToString()
         call(raw, timeout=10)
         assert guard.reserved_bytes == held_estimate(len(raw)) > 0  # held with the batch
@@ -264,9 +262,6 @@ def test_grpc_batch_carries_its_share_of_the_reservation_and_a_refused_one_retur
             call(raw, timeout=10)
         assert exc.value.code() is grpc.StatusCode.UNAVAILABLE
         assert guard.reserved_bytes == 0  # no batch kept it
-    finally:
-        ch.close()
-        r.shutdown(1.0)
 
 
 # -- the memory guard's reservations ----------------------------------------------------
