@@ -368,3 +368,78 @@ def test_spans_with_endless_windows_over_busy_threads_cost_no_more_than_others(l
     # Every attack span was forwarded, joined with its own threads' data.
     assert wait_until(lambda: sum(1 for s in backend.span_ids() if s.startswith("00000000042c")) >= sent * 0.9, 60)
     assert d.metric("isoscope_spans_enriched_total") >= sent
+
+
+def _unknown_containers_request(first_id: int, n: int) -> bytes:
+    """One span under each of ``n`` resources naming a container id that no cgroup on the node has."""
+    req = ExportTraceServiceRequest()
+    now = time.time_ns()
+    for k in range(n):
+        rs = req.resource_spans.add()
+        for key, value in (("service.name", "claims"), ("container.id", os.urandom(32).hex())):
+            kv = rs.resource.attributes.add()
+            kv.key, kv.value.string_value = key, value
+        span = rs.scope_spans.add().spans.add()
+        span.trace_id, span.span_id = b"\x07" * 16, (first_id + k).to_bytes(8, "big")
+        span.name, span.start_time_unix_nano, span.end_time_unix_nano = "claim", now - 1_000_000, now
+    return req.SerializeToString()
+
+
+def test_thousands_of_unknown_container_ids_do_not_hold_up_honest_senders(limited_daemon, backend):
+    """2,000 unknown container ids per request, back to back: each is answered from the container index
+    (negative results included), not by a walk of the cgroup tree, so honest senders stay served."""
+    d, cg = limited_daemon("container-ids", probes=True)
+    acked: list[int] = []
+
+    def attacker(stop: threading.Event) -> None:
+        first = 0x0C0C_0000_0000
+        while not stop.is_set():
+            payload = _unknown_containers_request(first, 2000)
+            status, _, _ = http_post(d.http_traces_url, payload, timeout_s=60)
+            if status == 200:
+                acked.extend(range(first, first + 2000))
+            first += 2000
+
+    _attack(d, cg, backend, attacker)
+    assert len(acked) >= 10 * 2000, f"only {len(acked) // 2000} attack requests were acknowledged"
+    # Unenriched or not, every acknowledged span of the attack was forwarded.
+    want = {span_hex(i) for i in acked}
+    assert wait_until(lambda: want <= set(backend.span_ids()), 60), "acknowledged attack spans lost"
+
+
+def test_thousand_idle_connections_to_the_admin_port_leave_readyz_answering(limited_daemon, backend):
+    """Idle connections to the metrics/admin port cost no thread each and are capped: /readyz (the
+    kubelet's probe) keeps answering, and honest senders stay served."""
+    import socket
+
+    d, cg = limited_daemon("admin-idle", probes=False)
+    host, port = d.metrics_base.removeprefix("http://").rsplit(":", 1)
+    socks: list[socket.socket] = []
+    ready: list[float] = []
+    ready_failures: list[str] = []
+
+    def attacker(stop: threading.Event) -> None:
+        while not stop.is_set() and len(socks) < 1000:
+            try:
+                socks.append(socket.create_connection((host, int(port)), timeout=5))
+            except OSError:
+                time.sleep(0.01)  # refused or reset past the cap: keep trying, as an attacker would
+        while not stop.is_set():
+            t0 = time.monotonic()
+            try:
+                code, why = d.readyz(timeout_s=5.0)
+            except OSError as exc:
+                code, why = 0, repr(exc)
+            ready.append(time.monotonic() - t0)
+            if code != 200:
+                ready_failures.append(f"{code} {why}")
+            time.sleep(0.2)
+
+    try:
+        _attack(d, cg, backend, attacker)
+    finally:
+        for s in socks:
+            s.close()
+    assert len(socks) >= 500, f"only {len(socks)} connections were opened"
+    assert len(ready) >= 10 and not ready_failures, ready_failures[:5]
+    assert max(ready) < 1.0, f"/readyz took up to {max(ready):.2f} s"
