@@ -102,7 +102,11 @@ def test_debug_status_shows_probes_queues_and_tracked_workloads(daemon_factory, 
     assert {p["name"] for p in st["probes"]} >= {"sched", "syscalls", "vmscan", "block", "lifecycle"}
     assert all({"attached", "reason", "attach_points", "lost_events"} <= set(p) for p in st["probes"])
     assert "enrich" in st["queues"] and len(st["queues"]) >= 2
-    assert st["timeline"]["threads"] >= 1 and st["timeline"]["records"] >= 1
     assert st["watched"]["tgids"] >= 1  # the sender is followed in the kernel from its first span
+    # Followed, its threads' on-CPU segments reach the timeline (this test's process sleeps and
+    # wakes while it polls). Nothing else need be there: on a quiet node no other thread waits long
+    # enough to be recorded.
+    assert wait_until(lambda: d.status()["timeline"]["threads"] >= 1, 15), d.status()["timeline"]
+    assert d.status()["timeline"]["records"] >= 1
     assert st["kernel"]["features"]["raw_tracepoint"] is True
     assert set(st["listen"]) == {"otlp_grpc", "otlp_http", "metrics"}
