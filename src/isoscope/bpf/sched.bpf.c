@@ -145,7 +145,7 @@ struct iso_sched_task {
 	__u64 short_first;   /* pending group of short waits: first one's start */
 	__u64 short_last;    /* its last one's end */
 	__u64 short_ns;      /* their summed run-queue ns */
-	__u32 short_n;       /* how many (0: no group pending) */
+	__u32 short_n;       /* how many (0: no group pending; the other short_* are then stale) */
 	__s32 short_cpu;     /* CPU of the last one */
 };
 
@@ -328,7 +328,6 @@ static inline __attribute__((always_inline)) void runq_flush(struct iso_sched_ta
 	emit_part(ISO_C_RUNQUEUE, st->short_last - st->short_ns, st->short_last, st, st->short_cpu,
 		  ISO_SCHED_M_SUMMARY, st->short_n);
 	st->short_n = 0;
-	st->short_ns = 0;
 }
 
 /* Add a short wait's run-queue part [start, end] to the thread's group (sending an expired group first). */
@@ -337,8 +336,10 @@ static inline __attribute__((always_inline)) void runq_sum(struct iso_sched_task
 {
 	if (st->short_n && end - st->short_first > ISO_RUNQ_SUMMARY_WINDOW_NS)
 		runq_flush(st);
-	if (!st->short_n)
+	if (!st->short_n) {
 		st->short_first = start;
+		st->short_ns = 0;
+	}
 	st->short_last = end;
 	st->short_ns += end - start;
 	st->short_n++;
@@ -661,11 +662,11 @@ RAW_TRACEPOINT_PROBE(sched_switch)
 			}
 			st->run_start = 0;
 			if (st->short_n && prev_state != 0) {
-				/* Going to sleep (or exiting): the group ends here. */
+				/* Going to sleep (or exiting): the group ends here, sent or dropped. */
 				if (st->short_ns >= ISO_RUNQ_SUMMARY_MIN_NS)
 					runq_flush(st);
-				st->short_n = 0;
-				st->short_ns = 0;
+				else
+					st->short_n = 0;
 			}
 			if (prev_state & ISO_TASK_DEAD) {
 				/* Last switch of an exiting task: it may have been woken after

@@ -375,10 +375,11 @@ class EnrichPipeline:
 
     def _write(self, batch: TraceBatch, order: list[tuple[Any, str, list[_Pending]]],
                joined: list[tuple[Breakdown, int] | None], cfg: AttributionConfig, may_conflict: bool,
-               offset: int | None = None, stalls_of: Callable[[int, int, int], list[Stall]] | None = None) -> int:
+               offset: int | None, stalls_of: Callable[[int, int, int], list[Stall]]) -> int:
         """Write the joined breakdowns (and child spans) onto the spans, in their order.
 
-        ``stalls_of(tid, start, end)`` reads a thread's stalls in a window (default: one read each).
+        ``stalls_of(tid, start, end)`` reads a thread's stalls in a window (the batch's
+        :class:`~isoscope.join.attribution.BatchStalls`).
         """
         mode = self.child_mode()
         max_children = cfg.max_child_spans if mode != "off" else 0
@@ -386,8 +387,6 @@ class EnrichPipeline:
         min_stall_ns = self.min_stall_ns
         to_unix = self.clock.to_unix
         neighbor_name = self.neighbor_name
-        if stalls_of is None:
-            stalls_of = self.attributor.stalls
         observer = self._observer
         wants_children = self._wants_children
         scope_cache: dict[int, Any] = {}
